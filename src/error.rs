@@ -1,0 +1,56 @@
+//! The crate's one error type. Foreign errors convert here, at one point.
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An exception thrown inside MLX, caught at the C++ boundary.
+    #[error("MLX error: {0}")]
+    Mlx(String),
+    /// A file or model that does not exist where it was looked for.
+    #[error("{0}")]
+    NotFound(String),
+    /// A model whose files are present but unreadable or inconsistent.
+    #[error("invalid model at {path}: {msg}")]
+    InvalidModel { path: PathBuf, msg: String },
+    /// A `model_type` with no implementation.
+    #[error("unsupported model_type {model_type:?}; supported: {supported}")]
+    UnsupportedArchitecture { model_type: String, supported: String },
+    #[error("tokenizer error: {0}")]
+    Tokenizer(String),
+    #[error("chat template error: {0}")]
+    Template(String),
+    /// A caller passed a value outside what the API accepts.
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("JSON error: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn invalid_model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
+        Error::InvalidModel { path: path.into(), msg: msg.into() }
+    }
+}
+
+impl From<tokenizers::Error> for Error {
+    fn from(e: tokenizers::Error) -> Self {
+        Error::Tokenizer(e.to_string())
+    }
+}
+
+impl From<minijinja::Error> for Error {
+    fn from(e: minijinja::Error) -> Self {
+        // Include the causes: minijinja keeps the useful detail there.
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            msg.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        Error::Template(msg)
+    }
+}

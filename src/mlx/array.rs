@@ -1,0 +1,277 @@
+//! `Array`: an owned handle on an `mlx::core::array`. Cloning shares the
+//! underlying buffer (as in MLX); dropping releases this handle.
+use std::ffi::CStr;
+use std::os::raw::c_int;
+use std::ptr::{self, NonNull};
+
+use super::ffi::{self, Arr};
+use crate::error::{Error, Result};
+
+/// MLX element types, numbered as `mlx::core::Dtype::Val`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(i32)]
+pub enum Dtype {
+    Bool = 0,
+    Uint8 = 1,
+    Uint16 = 2,
+    Uint32 = 3,
+    Uint64 = 4,
+    Int8 = 5,
+    Int16 = 6,
+    Int32 = 7,
+    Int64 = 8,
+    Float16 = 9,
+    Float32 = 10,
+    Float64 = 11,
+    Bfloat16 = 12,
+    Complex64 = 13,
+}
+
+impl Dtype {
+    pub fn from_code(code: i32) -> Result<Dtype> {
+        use Dtype::*;
+        const ALL: [Dtype; 14] = [
+            Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Float16, Float32, Float64,
+            Bfloat16, Complex64,
+        ];
+        ALL.get(code as usize).copied().ok_or_else(|| Error::Mlx(format!("unknown dtype code {code}")))
+    }
+
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        use Dtype::*;
+        match self {
+            Bool | Uint8 | Int8 => 1,
+            Uint16 | Int16 | Float16 | Bfloat16 => 2,
+            Uint32 | Int32 | Float32 => 4,
+            Uint64 | Int64 | Float64 | Complex64 => 8,
+        }
+    }
+
+    /// The name used by safetensors, numpy and MLX's Python API.
+    pub fn name(self) -> &'static str {
+        use Dtype::*;
+        match self {
+            Bool => "bool",
+            Uint8 => "uint8",
+            Uint16 => "uint16",
+            Uint32 => "uint32",
+            Uint64 => "uint64",
+            Int8 => "int8",
+            Int16 => "int16",
+            Int32 => "int32",
+            Int64 => "int64",
+            Float16 => "float16",
+            Float32 => "float32",
+            Float64 => "float64",
+            Bfloat16 => "bfloat16",
+            Complex64 => "complex64",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Result<Dtype> {
+        (0..14)
+            .map(|c| Dtype::from_code(c).unwrap())
+            .find(|d| d.name() == name)
+            .ok_or_else(|| Error::InvalidArgument(format!("unknown dtype {name:?}")))
+    }
+
+    pub fn is_float(self) -> bool {
+        matches!(self, Dtype::Float16 | Dtype::Float32 | Dtype::Float64 | Dtype::Bfloat16)
+    }
+}
+
+/// Host element types that arrays can be built from and copied into.
+pub trait Element: Copy + Default {
+    const DTYPE: Dtype;
+}
+macro_rules! element {
+    ($t:ty, $d:ident) => {
+        impl Element for $t {
+            const DTYPE: Dtype = Dtype::$d;
+        }
+    };
+}
+element!(bool, Bool);
+element!(u8, Uint8);
+element!(u32, Uint32);
+element!(i32, Int32);
+element!(i64, Int64);
+element!(f32, Float32);
+
+pub struct Array(NonNull<ffi::mlxd_array>);
+
+// MLX arrays are reference-counted graph nodes; a handle may move between
+// threads (the GIL is released around compute), and MLX's own scheduler
+// already evaluates them off the creating thread.
+unsafe impl Send for Array {}
+unsafe impl Sync for Array {}
+
+pub(crate) fn last_error() -> Error {
+    let msg = unsafe { CStr::from_ptr(ffi::mlxd_last_error()) };
+    Error::Mlx(msg.to_string_lossy().into_owned())
+}
+
+pub(crate) fn check(rc: c_int) -> Result<()> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(last_error())
+    }
+}
+
+/// Runs one shim call that produces an array.
+pub(crate) fn make(f: impl FnOnce(*mut Arr) -> c_int) -> Result<Array> {
+    let mut out: Arr = ptr::null_mut();
+    check(f(&mut out))?;
+    Ok(unsafe { Array::from_raw(out) })
+}
+
+impl Array {
+    /// Takes ownership of a handle returned by the shim.
+    ///
+    /// # Safety
+    /// `raw` must be a live handle that nothing else frees.
+    pub(crate) unsafe fn from_raw(raw: Arr) -> Array {
+        Array(NonNull::new(raw).expect("MLX returned a null array"))
+    }
+
+    pub(crate) fn raw(&self) -> ffi::CArr {
+        self.0.as_ptr()
+    }
+
+    pub(crate) fn opt_raw(a: Option<&Array>) -> ffi::CArr {
+        a.map_or(ptr::null(), |a| a.raw())
+    }
+
+    /// An array holding a copy of `data`, of the given shape.
+    pub fn from_slice<T: Element>(data: &[T], shape: &[i32]) -> Result<Array> {
+        let n: i64 = shape.iter().map(|&d| d as i64).product();
+        if shape.iter().any(|&d| d < 0) || n as usize != data.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} elements cannot have shape {shape:?}",
+                data.len()
+            )));
+        }
+        unsafe { Self::from_bytes_unchecked(data.as_ptr().cast(), shape, T::DTYPE) }
+    }
+
+    /// An array of `dtype` from raw little-endian bytes (bfloat16 included).
+    pub fn from_bytes(bytes: &[u8], shape: &[i32], dtype: Dtype) -> Result<Array> {
+        let n: i64 = shape.iter().map(|&d| d as i64).product();
+        if shape.iter().any(|&d| d < 0) || n as usize * dtype.size() != bytes.len() {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes cannot hold {} of shape {shape:?}",
+                bytes.len(),
+                dtype.name()
+            )));
+        }
+        unsafe { Self::from_bytes_unchecked(bytes.as_ptr().cast(), shape, dtype) }
+    }
+
+    unsafe fn from_bytes_unchecked(data: *const std::ffi::c_void, shape: &[i32], dtype: Dtype) -> Result<Array> {
+        make(|o| ffi::mlxd_from_data(o, data, shape.as_ptr(), shape.len() as c_int, dtype as c_int))
+    }
+
+    pub fn scalar(v: f64, dtype: Dtype) -> Result<Array> {
+        make(|o| unsafe { ffi::mlxd_scalar(o, v, dtype as c_int) })
+    }
+
+    pub fn zeros(shape: &[i32], dtype: Dtype) -> Result<Array> {
+        make(|o| unsafe { ffi::mlxd_zeros(o, shape.as_ptr(), shape.len() as c_int, dtype as c_int) })
+    }
+
+    pub fn full(shape: &[i32], v: f64, dtype: Dtype) -> Result<Array> {
+        make(|o| unsafe { ffi::mlxd_full(o, shape.as_ptr(), shape.len() as c_int, v, dtype as c_int) })
+    }
+
+    pub fn arange(start: f64, stop: f64, step: f64, dtype: Dtype) -> Result<Array> {
+        make(|o| unsafe { ffi::mlxd_arange(o, start, stop, step, dtype as c_int) })
+    }
+
+    pub fn ndim(&self) -> usize {
+        unsafe { ffi::mlxd_ndim(self.raw()) as usize }
+    }
+
+    pub fn shape(&self) -> Vec<i32> {
+        let mut s = vec![0; self.ndim()];
+        unsafe { ffi::mlxd_shape(self.raw(), s.as_mut_ptr()) };
+        s
+    }
+
+    /// The size of axis `axis` (negative counts from the end).
+    pub fn dim(&self, axis: i32) -> i32 {
+        let s = self.shape();
+        let i = if axis < 0 { s.len() as i32 + axis } else { axis };
+        s[i as usize]
+    }
+
+    pub fn dtype(&self) -> Dtype {
+        Dtype::from_code(unsafe { ffi::mlxd_dtype(self.raw()) }).expect("MLX dtype")
+    }
+
+    pub fn size(&self) -> usize {
+        unsafe { ffi::mlxd_size(self.raw()) }
+    }
+
+    pub fn nbytes(&self) -> usize {
+        unsafe { ffi::mlxd_nbytes(self.raw()) }
+    }
+
+    pub fn eval(&self) -> Result<()> {
+        eval(&[self])
+    }
+
+    /// Evaluates and copies the elements out, converting to `T`'s dtype.
+    pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
+        let a = if self.dtype() == T::DTYPE { self.clone() } else { self.astype(T::DTYPE)? };
+        let mut v = vec![T::default(); a.size()];
+        check(unsafe { ffi::mlxd_to_host(a.raw(), v.as_mut_ptr().cast(), v.len() * std::mem::size_of::<T>()) })?;
+        Ok(v)
+    }
+
+    /// Evaluates and copies the raw bytes out, in the array's own dtype.
+    pub fn to_bytes(&self) -> Result<Vec<u8>> {
+        let mut v = vec![0u8; self.nbytes()];
+        check(unsafe { ffi::mlxd_to_host(self.raw(), v.as_mut_ptr().cast(), v.len()) })?;
+        Ok(v)
+    }
+
+    /// The single element of a one-element array.
+    pub fn item<T: Element>(&self) -> Result<T> {
+        if self.size() != 1 {
+            return Err(Error::InvalidArgument(format!("item() of an array of shape {:?}", self.shape())));
+        }
+        Ok(self.to_vec::<T>()?[0])
+    }
+}
+
+impl Clone for Array {
+    fn clone(&self) -> Array {
+        unsafe { Array::from_raw(ffi::mlxd_clone(self.raw())) }
+    }
+}
+
+impl Drop for Array {
+    fn drop(&mut self) {
+        unsafe { ffi::mlxd_free(self.0.as_ptr()) }
+    }
+}
+
+impl std::fmt::Debug for Array {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Array({:?}, {})", self.shape(), self.dtype().name())
+    }
+}
+
+/// Evaluates several arrays together.
+pub fn eval(arrays: &[&Array]) -> Result<()> {
+    let raws: Vec<Arr> = arrays.iter().map(|a| a.raw() as Arr).collect();
+    check(unsafe { ffi::mlxd_eval(raws.as_ptr(), raws.len()) })
+}
+
+/// Schedules evaluation and returns at once (MLX's `async_eval`).
+pub fn async_eval(arrays: &[&Array]) -> Result<()> {
+    let raws: Vec<Arr> = arrays.iter().map(|a| a.raw() as Arr).collect();
+    check(unsafe { ffi::mlxd_async_eval(raws.as_ptr(), raws.len()) })
+}

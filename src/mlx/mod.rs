@@ -1,0 +1,92 @@
+//! The MLX binding: a C++ shim over MLX's C++ API (`shim.cpp`) and safe
+//! Rust wrappers around it. Errors thrown by MLX come back as `Error::Mlx`.
+mod array;
+mod ffi;
+pub mod io;
+pub mod ops;
+
+pub use array::{async_eval, eval, Array, Dtype, Element};
+pub use ops::{random, Mask};
+
+/// The version string of the MLX library in use.
+pub fn version() -> String {
+    unsafe { std::ffi::CStr::from_ptr(ffi::mlxd_version()) }.to_string_lossy().into_owned()
+}
+
+/// Bytes MLX holds in live arrays.
+pub fn active_memory() -> usize {
+    unsafe { ffi::mlxd_active_memory() }
+}
+
+/// The high-water mark of `active_memory` since the last reset.
+pub fn peak_memory() -> usize {
+    unsafe { ffi::mlxd_peak_memory() }
+}
+
+/// Bytes MLX keeps in its buffer cache for reuse.
+pub fn cache_memory() -> usize {
+    unsafe { ffi::mlxd_cache_memory() }
+}
+
+pub fn reset_peak_memory() {
+    unsafe { ffi::mlxd_reset_peak_memory() }
+}
+
+/// Returns cached buffers to the system.
+pub fn clear_cache() {
+    unsafe { ffi::mlxd_clear_cache() }
+}
+
+/// Whether MLX computes on a GPU (Metal or CUDA) by default.
+pub fn default_device_is_gpu() -> bool {
+    unsafe { ffi::mlxd_default_device_is_gpu() != 0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_ops() {
+        let a = Array::from_slice(&[1.0f32, 2.0, 3.0, 4.0], &[2, 2]).unwrap();
+        assert_eq!(a.shape(), vec![2, 2]);
+        assert_eq!(a.dtype(), Dtype::Float32);
+        let b = a.matmul(&a.t().unwrap()).unwrap();
+        assert_eq!(b.to_vec::<f32>().unwrap(), vec![5.0, 11.0, 11.0, 25.0]);
+        let s = a.sum(ops::ALL_AXES, false).unwrap();
+        assert_eq!(s.item::<f32>().unwrap(), 10.0);
+        let bf = a.astype(Dtype::Bfloat16).unwrap();
+        assert_eq!(bf.to_bytes().unwrap().len(), 8);
+        let parts = a.split(&[1], 1).unwrap();
+        assert_eq!(parts[1].to_vec::<f32>().unwrap(), vec![2.0, 4.0]);
+    }
+
+    #[test]
+    fn errors_propagate_instead_of_aborting() {
+        let a = Array::from_slice(&[1.0f32, 2.0, 3.0], &[3]).unwrap();
+        let b = Array::from_slice(&[1.0f32, 2.0], &[2]).unwrap();
+        let err = a.matmul(&b.reshape(&[2, 1]).unwrap()).unwrap_err();
+        assert!(matches!(err, crate::Error::Mlx(_)), "{err}");
+        let err = a.reshape(&[2, 2]).unwrap_err();
+        assert!(err.to_string().contains("reshape") || err.to_string().contains("Cannot"), "{err}");
+        assert!(Array::from_slice(&[1.0f32; 3], &[2, 2]).is_err());
+        // The binding still works after an error.
+        assert_eq!(a.add(&a).unwrap().to_vec::<f32>().unwrap(), vec![2.0, 4.0, 6.0]);
+    }
+
+    #[test]
+    fn memory_is_released_on_drop() {
+        // 64 MiB, far above what the other tests allocate concurrently.
+        const BYTES: usize = 64 << 20;
+        let before = active_memory();
+        let big = Array::arange(0.0, (BYTES / 4) as f64, 1.0, Dtype::Float32).unwrap();
+        big.eval().unwrap();
+        let copy = big.clone();
+        assert!(active_memory() >= before + BYTES - (1 << 20));
+        drop(big);
+        // A clone shares the buffer: it stays alive until the last handle goes.
+        assert!(active_memory() >= before + BYTES - (1 << 20));
+        drop(copy);
+        assert!(active_memory() < before + BYTES / 2);
+    }
+}

@@ -1,0 +1,355 @@
+// A thin C ABI over MLX's C++ API. Every fallible call catches C++
+// exceptions and returns non-zero, leaving the message for mlxd_last_error,
+// so that no exception ever unwinds into Rust.
+#include <cstring>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "mlx/mlx.h"
+
+namespace mx = mlx::core;
+using arr = mx::array;
+
+namespace {
+thread_local std::string last_error;
+
+#define GUARD(...)                           \
+  try {                                      \
+    __VA_ARGS__;                                  \
+    return 0;                                \
+  } catch (const std::exception& e) {        \
+    last_error = e.what();                   \
+    return 1;                                \
+  } catch (...) {                            \
+    last_error = "unknown error inside MLX"; \
+    return 1;                                \
+  }
+
+mx::Dtype to_dtype(int code) {
+  switch (code) {
+    case 0: return mx::bool_;
+    case 1: return mx::uint8;
+    case 2: return mx::uint16;
+    case 3: return mx::uint32;
+    case 4: return mx::uint64;
+    case 5: return mx::int8;
+    case 6: return mx::int16;
+    case 7: return mx::int32;
+    case 8: return mx::int64;
+    case 9: return mx::float16;
+    case 10: return mx::float32;
+    case 11: return mx::float64;
+    case 12: return mx::bfloat16;
+    case 13: return mx::complex64;
+  }
+  throw std::invalid_argument("unknown dtype code " + std::to_string(code));
+}
+
+int from_dtype(mx::Dtype d) { return static_cast<int>(d.val()); }
+
+mx::Shape to_shape(const int* s, int n) { return mx::Shape(s, s + n); }
+
+arr* box(arr a) { return new arr(std::move(a)); }
+
+std::optional<arr> opt(const arr* a) {
+  return a ? std::optional<arr>(*a) : std::nullopt;
+}
+}  // namespace
+
+extern "C" {
+
+typedef void (*array_cb)(void* ctx, const char* name, arr* a);
+typedef void (*string_cb)(void* ctx, const char* key, const char* value);
+typedef void (*strings_cb)(void* ctx, const char* key, const char** values, size_t n);
+
+const char* mlxd_last_error() { return last_error.c_str(); }
+const char* mlxd_version() {
+  static std::string v = mx::version();
+  return v.c_str();
+}
+
+void mlxd_free(arr* a) { delete a; }
+arr* mlxd_clone(const arr* a) { return new arr(*a); }
+
+int mlxd_from_data(arr** out, const void* data, const int* shape, int ndim, int dtype) {
+  GUARD({
+    auto dt = to_dtype(dtype);
+    auto sh = to_shape(shape, ndim);
+    size_t n = 1;
+    for (auto d : sh) n *= d;
+    // Copy so the caller's memory may go away; MLX frees the copy (or its
+    // own device copy of it) through the deleter.
+    char* copy = new char[n * dt.size() + 1];
+    if (n) std::memcpy(copy, data, n * dt.size());
+    *out = box(arr(copy, sh, dt, [](void* p) { delete[] static_cast<char*>(p); }));
+  })
+}
+int mlxd_scalar(arr** out, double v, int dtype) {
+  GUARD(*out = box(arr(static_cast<float>(v), to_dtype(dtype))))
+}
+int mlxd_zeros(arr** out, const int* shape, int ndim, int dtype) {
+  GUARD(*out = box(mx::zeros(to_shape(shape, ndim), to_dtype(dtype))))
+}
+int mlxd_full(arr** out, const int* shape, int ndim, double v, int dtype) {
+  GUARD(*out = box(mx::full(to_shape(shape, ndim), arr(static_cast<float>(v)), to_dtype(dtype))))
+}
+int mlxd_arange(arr** out, double start, double stop, double step, int dtype) {
+  GUARD(*out = box(mx::arange(start, stop, step, to_dtype(dtype))))
+}
+
+int mlxd_ndim(const arr* a) { return static_cast<int>(a->ndim()); }
+void mlxd_shape(const arr* a, int* out) {
+  for (size_t i = 0; i < a->ndim(); ++i) out[i] = a->shape(i);
+}
+int mlxd_dtype(const arr* a) { return from_dtype(a->dtype()); }
+size_t mlxd_size(const arr* a) { return a->size(); }
+size_t mlxd_nbytes(const arr* a) { return a->nbytes(); }
+
+int mlxd_eval(arr* const* as, size_t n) {
+  GUARD({
+    std::vector<arr> v;
+    for (size_t i = 0; i < n; ++i) v.push_back(*as[i]);
+    mx::eval(v);
+  })
+}
+int mlxd_async_eval(arr* const* as, size_t n) {
+  GUARD({
+    std::vector<arr> v;
+    for (size_t i = 0; i < n; ++i) v.push_back(*as[i]);
+    mx::async_eval(v);
+  })
+}
+// Evaluates `a` and copies its elements, row-major, into `out` (nbytes long).
+int mlxd_to_host(const arr* a, void* out, size_t nbytes) {
+  GUARD({
+    arr c = mx::contiguous(*a);
+    c.eval();
+    if (c.nbytes() != nbytes) throw std::invalid_argument("to_host: size mismatch");
+    if (nbytes) std::memcpy(out, c.data<char>(), nbytes);
+  })
+}
+
+enum Binary {
+  ADD, SUB, MUL, DIV, MAXIMUM, MINIMUM, POWER, LESS, LESS_EQUAL, GREATER,
+  GREATER_EQUAL, EQUAL, LOGICAL_AND, LOGICAL_OR, MATMUL
+};
+int mlxd_binary(arr** out, int op, const arr* a, const arr* b) {
+  GUARD({
+    switch (op) {
+      case ADD: *out = box(mx::add(*a, *b)); break;
+      case SUB: *out = box(mx::subtract(*a, *b)); break;
+      case MUL: *out = box(mx::multiply(*a, *b)); break;
+      case DIV: *out = box(mx::divide(*a, *b)); break;
+      case MAXIMUM: *out = box(mx::maximum(*a, *b)); break;
+      case MINIMUM: *out = box(mx::minimum(*a, *b)); break;
+      case POWER: *out = box(mx::power(*a, *b)); break;
+      case LESS: *out = box(mx::less(*a, *b)); break;
+      case LESS_EQUAL: *out = box(mx::less_equal(*a, *b)); break;
+      case GREATER: *out = box(mx::greater(*a, *b)); break;
+      case GREATER_EQUAL: *out = box(mx::greater_equal(*a, *b)); break;
+      case EQUAL: *out = box(mx::equal(*a, *b)); break;
+      case LOGICAL_AND: *out = box(mx::logical_and(*a, *b)); break;
+      case LOGICAL_OR: *out = box(mx::logical_or(*a, *b)); break;
+      case MATMUL: *out = box(mx::matmul(*a, *b)); break;
+      default: throw std::invalid_argument("unknown binary op");
+    }
+  })
+}
+
+enum Unary { NEG, EXP, LOG, SIGMOID, SQRT, RSQRT, ABS, LOGICAL_NOT, COS, SIN, CONTIGUOUS, SQUARE };
+int mlxd_unary(arr** out, int op, const arr* a) {
+  GUARD({
+    switch (op) {
+      case NEG: *out = box(mx::negative(*a)); break;
+      case EXP: *out = box(mx::exp(*a)); break;
+      case LOG: *out = box(mx::log(*a)); break;
+      case SIGMOID: *out = box(mx::sigmoid(*a)); break;
+      case SQRT: *out = box(mx::sqrt(*a)); break;
+      case RSQRT: *out = box(mx::rsqrt(*a)); break;
+      case ABS: *out = box(mx::abs(*a)); break;
+      case LOGICAL_NOT: *out = box(mx::logical_not(*a)); break;
+      case COS: *out = box(mx::cos(*a)); break;
+      case SIN: *out = box(mx::sin(*a)); break;
+      case CONTIGUOUS: *out = box(mx::contiguous(*a)); break;
+      case SQUARE: *out = box(mx::square(*a)); break;
+      default: throw std::invalid_argument("unknown unary op");
+    }
+  })
+}
+
+enum Reduce { SUM, MAX, MIN, LOGSUMEXP, ARGMAX, MEAN };
+// axis == INT32_MIN reduces over every axis.
+int mlxd_reduce(arr** out, int op, const arr* a, int axis, bool keepdims) {
+  GUARD({
+    bool all = axis == INT32_MIN;
+    std::vector<int> axes;
+    if (all) {
+      for (size_t i = 0; i < a->ndim(); ++i) axes.push_back(static_cast<int>(i));
+    } else {
+      axes.push_back(axis);
+    }
+    switch (op) {
+      case SUM: *out = box(mx::sum(*a, axes, keepdims)); break;
+      case MAX: *out = box(mx::max(*a, axes, keepdims)); break;
+      case MIN: *out = box(mx::min(*a, axes, keepdims)); break;
+      case LOGSUMEXP: *out = box(mx::logsumexp(*a, axes, keepdims)); break;
+      case MEAN: *out = box(mx::mean(*a, axes, keepdims)); break;
+      case ARGMAX:
+        *out = box(all ? mx::argmax(*a, keepdims) : mx::argmax(*a, axis, keepdims));
+        break;
+      default: throw std::invalid_argument("unknown reduction");
+    }
+  })
+}
+
+int mlxd_astype(arr** out, const arr* a, int dtype) {
+  GUARD(*out = box(mx::astype(*a, to_dtype(dtype))))
+}
+int mlxd_reshape(arr** out, const arr* a, const int* shape, int n) {
+  GUARD(*out = box(mx::reshape(*a, to_shape(shape, n))))
+}
+int mlxd_transpose(arr** out, const arr* a, const int* axes, int n) {
+  GUARD(*out = box(mx::transpose(*a, std::vector<int>(axes, axes + n))))
+}
+int mlxd_swapaxes(arr** out, const arr* a, int a1, int a2) {
+  GUARD(*out = box(mx::swapaxes(*a, a1, a2)))
+}
+int mlxd_expand_dims(arr** out, const arr* a, int axis) {
+  GUARD(*out = box(mx::expand_dims(*a, axis)))
+}
+int mlxd_squeeze(arr** out, const arr* a, int axis) {
+  GUARD(*out = box(mx::squeeze(*a, axis)))
+}
+int mlxd_concatenate(arr** out, arr* const* as, size_t n, int axis) {
+  GUARD({
+    std::vector<arr> v;
+    for (size_t i = 0; i < n; ++i) v.push_back(*as[i]);
+    *out = box(mx::concatenate(v, axis));
+  })
+}
+// Splits at `indices` (n of them) along `axis`; `outs` has room for n + 1.
+int mlxd_split(arr** outs, const arr* a, const int* indices, int n, int axis) {
+  GUARD({
+    auto parts = mx::split(*a, mx::Shape(indices, indices + n), axis);
+    for (size_t i = 0; i < parts.size(); ++i) outs[i] = box(parts[i]);
+  })
+}
+int mlxd_slice(arr** out, const arr* a, const int* start, const int* stop, const int* strides, int n) {
+  GUARD(*out = box(mx::slice(*a, to_shape(start, n), to_shape(stop, n), to_shape(strides, n))))
+}
+int mlxd_slice_update(arr** out, const arr* src, const arr* upd, const int* start, const int* stop, int n) {
+  GUARD(*out = box(mx::slice_update(*src, *upd, to_shape(start, n), to_shape(stop, n))))
+}
+int mlxd_take(arr** out, const arr* a, const arr* idx, int axis) {
+  GUARD(*out = box(mx::take(*a, *idx, axis)))
+}
+int mlxd_take_along_axis(arr** out, const arr* a, const arr* idx, int axis) {
+  GUARD(*out = box(mx::take_along_axis(*a, *idx, axis)))
+}
+int mlxd_put_along_axis(arr** out, const arr* a, const arr* idx, const arr* vals, int axis) {
+  GUARD(*out = box(mx::put_along_axis(*a, *idx, *vals, axis)))
+}
+int mlxd_where(arr** out, const arr* c, const arr* x, const arr* y) {
+  GUARD(*out = box(mx::where(*c, *x, *y)))
+}
+int mlxd_softmax(arr** out, const arr* a, int axis, bool precise) {
+  GUARD(*out = box(mx::softmax(*a, std::vector<int>{axis}, precise)))
+}
+int mlxd_argpartition(arr** out, const arr* a, int kth, int axis) {
+  GUARD(*out = box(mx::argpartition(*a, kth, axis)))
+}
+int mlxd_sort(arr** out, const arr* a, int axis) { GUARD(*out = box(mx::sort(*a, axis))) }
+int mlxd_cumsum(arr** out, const arr* a, int axis, bool reverse, bool inclusive) {
+  GUARD(*out = box(mx::cumsum(*a, axis, reverse, inclusive)))
+}
+int mlxd_addmm(arr** out, const arr* c, const arr* a, const arr* b) {
+  GUARD(*out = box(mx::addmm(*c, *a, *b)))
+}
+
+int mlxd_quantized_matmul(arr** out, const arr* x, const arr* w, const arr* scales, const arr* biases,
+                          bool transpose, int group_size, int bits) {
+  GUARD(*out = box(mx::quantized_matmul(*x, *w, *scales, opt(biases), transpose, group_size, bits)))
+}
+int mlxd_dequantize(arr** out, const arr* w, const arr* scales, const arr* biases, int group_size, int bits) {
+  GUARD(*out = box(mx::dequantize(*w, *scales, opt(biases), group_size, bits)))
+}
+int mlxd_quantize(arr** w_out, arr** s_out, arr** b_out, const arr* w, int group_size, int bits) {
+  GUARD({
+    auto q = mx::quantize(*w, group_size, bits);
+    *w_out = box(q.at(0));
+    *s_out = box(q.at(1));
+    *b_out = q.size() > 2 ? box(q.at(2)) : nullptr;
+  })
+}
+
+int mlxd_rms_norm(arr** out, const arr* x, const arr* w, float eps) {
+  GUARD(*out = box(mx::fast::rms_norm(*x, opt(w), eps)))
+}
+int mlxd_rope(arr** out, const arr* x, int dims, bool traditional, bool has_base, float base, float scale,
+              int offset, const arr* freqs) {
+  GUARD({
+    std::optional<float> b = has_base ? std::optional<float>(base) : std::nullopt;
+    *out = box(mx::fast::rope(*x, dims, traditional, b, scale, offset, opt(freqs)));
+  })
+}
+int mlxd_sdpa(arr** out, const arr* q, const arr* k, const arr* v, float scale, const char* mask_mode,
+              const arr* mask) {
+  GUARD(*out = box(mx::fast::scaled_dot_product_attention(*q, *k, *v, scale, mask_mode, opt(mask))))
+}
+
+int mlxd_random_key(arr** out, uint64_t seed) { GUARD(*out = box(mx::random::key(seed))) }
+int mlxd_random_split(arr** a, arr** b, const arr* key) {
+  GUARD({
+    auto p = mx::random::split(*key);
+    *a = box(p.first);
+    *b = box(p.second);
+  })
+}
+int mlxd_categorical(arr** out, const arr* logits, int axis, const arr* key) {
+  GUARD(*out = box(mx::random::categorical(*logits, axis, opt(key))))
+}
+
+size_t mlxd_active_memory() { return mx::get_active_memory(); }
+size_t mlxd_peak_memory() { return mx::get_peak_memory(); }
+size_t mlxd_cache_memory() { return mx::get_cache_memory(); }
+void mlxd_reset_peak_memory() { mx::reset_peak_memory(); }
+void mlxd_clear_cache() { mx::clear_cache(); }
+int mlxd_default_device_is_gpu() { return mx::default_device() == mx::Device::gpu ? 1 : 0; }
+
+int mlxd_load_safetensors(const char* path, void* ctx, array_cb on_array, string_cb on_meta) {
+  GUARD({
+    auto loaded = mx::load_safetensors(std::string(path));
+    for (auto& [k, v] : loaded.first) on_array(ctx, k.c_str(), box(v));
+    for (auto& [k, v] : loaded.second) on_meta(ctx, k.c_str(), v.c_str());
+  })
+}
+int mlxd_save_safetensors(const char* path, const char* const* names, arr* const* as, size_t n) {
+  GUARD({
+    std::unordered_map<std::string, arr> m;
+    for (size_t i = 0; i < n; ++i) m.insert({names[i], *as[i]});
+    mx::save_safetensors(std::string(path), m);
+  })
+}
+// GGUF metadata comes back through three callbacks: arrays (numbers), strings
+// and lists of strings.
+int mlxd_load_gguf(const char* path, void* ctx, array_cb on_array, array_cb on_meta_array,
+                   string_cb on_meta_string, strings_cb on_meta_strings) {
+  GUARD({
+    auto loaded = mx::load_gguf(std::string(path));
+    for (auto& [k, v] : loaded.first) on_array(ctx, k.c_str(), box(v));
+    for (auto& [k, v] : loaded.second) {
+      if (auto a = std::get_if<arr>(&v)) {
+        on_meta_array(ctx, k.c_str(), box(*a));
+      } else if (auto s = std::get_if<std::string>(&v)) {
+        on_meta_string(ctx, k.c_str(), s->c_str());
+      } else if (auto l = std::get_if<std::vector<std::string>>(&v)) {
+        std::vector<const char*> ptrs;
+        for (auto& s : *l) ptrs.push_back(s.c_str());
+        on_meta_strings(ctx, k.c_str(), ptrs.data(), ptrs.size());
+      }
+    }
+  })
+}
+
+}  // extern "C"

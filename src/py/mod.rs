@@ -1,0 +1,18 @@
+//! The Python bindings (`mlx_dist._core`), one file per Python-facing
+//! concept. Errors map to Python exceptions here, in one place.
+use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::PyErr;
+
+use crate::error::Error;
+
+impl From<Error> for PyErr {
+    fn from(e: Error) -> PyErr {
+        let msg = e.to_string();
+        match e {
+            Error::NotFound(_) => PyFileNotFoundError::new_err(msg),
+            Error::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            Error::Mlx(_) | Error::Io(_) => PyRuntimeError::new_err(msg),
+            _ => PyValueError::new_err(msg),
+        }
+    }
+}
