@@ -70,7 +70,11 @@ fn main() {
     // Installed wheels find libmlx beside themselves in site-packages; test
     // binaries and in-tree builds find it where it was built against. At run
     // time from Python, `import mlx.core` has loaded it already.
-    let origin = if target_os == "macos" { "@loader_path" } else { "$ORIGIN" };
+    let origin = if target_os == "macos" {
+        "@loader_path"
+    } else {
+        "$ORIGIN"
+    };
     println!("cargo:rustc-link-arg=-Wl,-rpath,{origin}/../mlx/lib");
     println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
     println!("cargo:rustc-env=MLX_DIST_MLX_DIR={}", mlx.display());

@@ -14,7 +14,10 @@ pub enum Error {
     InvalidModel { path: PathBuf, msg: String },
     /// A `model_type` with no implementation.
     #[error("unsupported model_type {model_type:?}; supported: {supported}")]
-    UnsupportedArchitecture { model_type: String, supported: String },
+    UnsupportedArchitecture {
+        model_type: String,
+        supported: String,
+    },
     #[error("tokenizer error: {0}")]
     Tokenizer(String),
     #[error("chat template error: {0}")]
@@ -32,7 +35,10 @@ pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
     pub fn invalid_model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
-        Error::InvalidModel { path: path.into(), msg: msg.into() }
+        Error::InvalidModel {
+            path: path.into(),
+            msg: msg.into(),
+        }
     }
 }
 

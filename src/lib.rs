@@ -1,23 +1,51 @@
 //! mlx-dist: run one language model across several machines with MLX.
 //!
 //! The table of contents:
+/// The per-layer KV cache of a sequence.
+pub mod cache;
 pub mod error;
+/// Token generation: the step loop, stop rules and response records.
+pub mod generate;
 /// The binding to MLX's C++ API.
 pub mod mlx;
+/// Architectures and the `model_type` registry.
+pub mod models;
+/// Logits processors and samplers.
+pub mod sample;
+/// Tokenization, chat templates and streaming detokenization.
+pub mod tokenizer;
+/// Finding models and reading their weights.
+pub mod weights;
 
 #[cfg(feature = "python")]
 mod py;
 
 pub use error::{Error, Result};
 
+/// The Python extension module `mlx_dist._core`.
 #[cfg(feature = "python")]
 #[pyo3::pymodule]
 mod _core {
     use pyo3::prelude::*;
 
+    #[pymodule_export]
+    use crate::py::generate::{PyGeneration, PyLogprobs};
+    #[pymodule_export]
+    use crate::py::memory;
+    #[pymodule_export]
+    use crate::py::model::{convert, load, PyModel};
+    #[pymodule_export]
+    use crate::py::tokenizer::PyTokenizer;
+
     /// The version of the MLX library mlx-dist runs on.
     #[pyfunction]
     fn mlx_version() -> String {
         crate::mlx::version()
+    }
+
+    /// The `model_type`s mlx-dist can run.
+    #[pyfunction]
+    fn supported_model_types() -> Vec<&'static str> {
+        crate::models::supported_model_types()
     }
 }

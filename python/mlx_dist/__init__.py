@@ -1,9 +1,25 @@
-"""mlx-dist: run one large language model across several machines with MLX."""
+"""mlx-dist: run one large language model across several machines with MLX.
+
+The Python API follows mlx-lm's: ``load`` -> ``(model, tokenizer)``, then
+``generate`` / ``stream_generate`` with the same names and arguments.
+"""
 
 # Importing mlx.core first loads libmlx, which the native extension links to.
 import mlx.core  # noqa: F401
 
 from mlx_dist import _core  # noqa: E402
+from mlx_dist.generate import GenerationResponse, generate, stream_generate  # noqa: E402
+from mlx_dist.sample_utils import make_logits_processors, make_sampler  # noqa: E402
+from mlx_dist.utils import Model, TokenizerWrapper, load  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["_core"]
+__all__ = [
+    "GenerationResponse",
+    "Model",
+    "TokenizerWrapper",
+    "generate",
+    "load",
+    "make_logits_processors",
+    "make_sampler",
+    "stream_generate",
+]

@@ -31,10 +31,12 @@ impl Dtype {
     pub fn from_code(code: i32) -> Result<Dtype> {
         use Dtype::*;
         const ALL: [Dtype; 14] = [
-            Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Float16, Float32, Float64,
-            Bfloat16, Complex64,
+            Bool, Uint8, Uint16, Uint32, Uint64, Int8, Int16, Int32, Int64, Float16, Float32,
+            Float64, Bfloat16, Complex64,
         ];
-        ALL.get(code as usize).copied().ok_or_else(|| Error::Mlx(format!("unknown dtype code {code}")))
+        ALL.get(code as usize)
+            .copied()
+            .ok_or_else(|| Error::Mlx(format!("unknown dtype code {code}")))
     }
 
     /// Bytes per element.
@@ -77,7 +79,10 @@ impl Dtype {
     }
 
     pub fn is_float(self) -> bool {
-        matches!(self, Dtype::Float16 | Dtype::Float32 | Dtype::Float64 | Dtype::Bfloat16)
+        matches!(
+            self,
+            Dtype::Float16 | Dtype::Float32 | Dtype::Float64 | Dtype::Bfloat16
+        )
     }
 }
 
@@ -169,8 +174,20 @@ impl Array {
         unsafe { Self::from_bytes_unchecked(bytes.as_ptr().cast(), shape, dtype) }
     }
 
-    unsafe fn from_bytes_unchecked(data: *const std::ffi::c_void, shape: &[i32], dtype: Dtype) -> Result<Array> {
-        make(|o| ffi::mlxd_from_data(o, data, shape.as_ptr(), shape.len() as c_int, dtype as c_int))
+    unsafe fn from_bytes_unchecked(
+        data: *const std::ffi::c_void,
+        shape: &[i32],
+        dtype: Dtype,
+    ) -> Result<Array> {
+        make(|o| {
+            ffi::mlxd_from_data(
+                o,
+                data,
+                shape.as_ptr(),
+                shape.len() as c_int,
+                dtype as c_int,
+            )
+        })
     }
 
     pub fn scalar(v: f64, dtype: Dtype) -> Result<Array> {
@@ -178,11 +195,15 @@ impl Array {
     }
 
     pub fn zeros(shape: &[i32], dtype: Dtype) -> Result<Array> {
-        make(|o| unsafe { ffi::mlxd_zeros(o, shape.as_ptr(), shape.len() as c_int, dtype as c_int) })
+        make(|o| unsafe {
+            ffi::mlxd_zeros(o, shape.as_ptr(), shape.len() as c_int, dtype as c_int)
+        })
     }
 
     pub fn full(shape: &[i32], v: f64, dtype: Dtype) -> Result<Array> {
-        make(|o| unsafe { ffi::mlxd_full(o, shape.as_ptr(), shape.len() as c_int, v, dtype as c_int) })
+        make(|o| unsafe {
+            ffi::mlxd_full(o, shape.as_ptr(), shape.len() as c_int, v, dtype as c_int)
+        })
     }
 
     pub fn arange(start: f64, stop: f64, step: f64, dtype: Dtype) -> Result<Array> {
@@ -202,7 +223,11 @@ impl Array {
     /// The size of axis `axis` (negative counts from the end).
     pub fn dim(&self, axis: i32) -> i32 {
         let s = self.shape();
-        let i = if axis < 0 { s.len() as i32 + axis } else { axis };
+        let i = if axis < 0 {
+            s.len() as i32 + axis
+        } else {
+            axis
+        };
         s[i as usize]
     }
 
@@ -224,9 +249,19 @@ impl Array {
 
     /// Evaluates and copies the elements out, converting to `T`'s dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
-        let a = if self.dtype() == T::DTYPE { self.clone() } else { self.astype(T::DTYPE)? };
+        let a = if self.dtype() == T::DTYPE {
+            self.clone()
+        } else {
+            self.astype(T::DTYPE)?
+        };
         let mut v = vec![T::default(); a.size()];
-        check(unsafe { ffi::mlxd_to_host(a.raw(), v.as_mut_ptr().cast(), v.len() * std::mem::size_of::<T>()) })?;
+        check(unsafe {
+            ffi::mlxd_to_host(
+                a.raw(),
+                v.as_mut_ptr().cast(),
+                v.len() * std::mem::size_of::<T>(),
+            )
+        })?;
         Ok(v)
     }
 
@@ -240,7 +275,10 @@ impl Array {
     /// The single element of a one-element array.
     pub fn item<T: Element>(&self) -> Result<T> {
         if self.size() != 1 {
-            return Err(Error::InvalidArgument(format!("item() of an array of shape {:?}", self.shape())));
+            return Err(Error::InvalidArgument(format!(
+                "item() of an array of shape {:?}",
+                self.shape()
+            )));
         }
         Ok(self.to_vec::<T>()?[0])
     }

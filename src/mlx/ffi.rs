@@ -11,9 +11,14 @@ pub type Arr = *mut mlxd_array;
 pub type CArr = *const mlxd_array;
 
 pub type ArrayCb = unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char, a: Arr);
-pub type StringCb = unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, value: *const c_char);
-pub type StringsCb =
-    unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, values: *const *const c_char, n: usize);
+pub type StringCb =
+    unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, value: *const c_char);
+pub type StringsCb = unsafe extern "C" fn(
+    ctx: *mut c_void,
+    key: *const c_char,
+    values: *const *const c_char,
+    n: usize,
+);
 
 extern "C" {
     pub fn mlxd_last_error() -> *const c_char;
@@ -21,10 +26,22 @@ extern "C" {
     pub fn mlxd_free(a: Arr);
     pub fn mlxd_clone(a: CArr) -> Arr;
 
-    pub fn mlxd_from_data(out: *mut Arr, data: *const c_void, shape: *const c_int, ndim: c_int, dtype: c_int) -> c_int;
+    pub fn mlxd_from_data(
+        out: *mut Arr,
+        data: *const c_void,
+        shape: *const c_int,
+        ndim: c_int,
+        dtype: c_int,
+    ) -> c_int;
     pub fn mlxd_scalar(out: *mut Arr, v: f64, dtype: c_int) -> c_int;
     pub fn mlxd_zeros(out: *mut Arr, shape: *const c_int, ndim: c_int, dtype: c_int) -> c_int;
-    pub fn mlxd_full(out: *mut Arr, shape: *const c_int, ndim: c_int, v: f64, dtype: c_int) -> c_int;
+    pub fn mlxd_full(
+        out: *mut Arr,
+        shape: *const c_int,
+        ndim: c_int,
+        v: f64,
+        dtype: c_int,
+    ) -> c_int;
     pub fn mlxd_arange(out: *mut Arr, start: f64, stop: f64, step: f64, dtype: c_int) -> c_int;
 
     pub fn mlxd_ndim(a: CArr) -> c_int;
@@ -47,26 +64,94 @@ extern "C" {
     pub fn mlxd_expand_dims(out: *mut Arr, a: CArr, axis: c_int) -> c_int;
     pub fn mlxd_squeeze(out: *mut Arr, a: CArr, axis: c_int) -> c_int;
     pub fn mlxd_concatenate(out: *mut Arr, a: *const Arr, n: usize, axis: c_int) -> c_int;
-    pub fn mlxd_split(outs: *mut Arr, a: CArr, indices: *const c_int, n: c_int, axis: c_int) -> c_int;
-    pub fn mlxd_slice(out: *mut Arr, a: CArr, start: *const c_int, stop: *const c_int, strides: *const c_int, n: c_int) -> c_int;
-    pub fn mlxd_slice_update(out: *mut Arr, src: CArr, upd: CArr, start: *const c_int, stop: *const c_int, n: c_int) -> c_int;
+    pub fn mlxd_split(
+        outs: *mut Arr,
+        a: CArr,
+        indices: *const c_int,
+        n: c_int,
+        axis: c_int,
+    ) -> c_int;
+    pub fn mlxd_slice(
+        out: *mut Arr,
+        a: CArr,
+        start: *const c_int,
+        stop: *const c_int,
+        strides: *const c_int,
+        n: c_int,
+    ) -> c_int;
+    pub fn mlxd_slice_update(
+        out: *mut Arr,
+        src: CArr,
+        upd: CArr,
+        start: *const c_int,
+        stop: *const c_int,
+        n: c_int,
+    ) -> c_int;
     pub fn mlxd_take(out: *mut Arr, a: CArr, idx: CArr, axis: c_int) -> c_int;
     pub fn mlxd_take_along_axis(out: *mut Arr, a: CArr, idx: CArr, axis: c_int) -> c_int;
-    pub fn mlxd_put_along_axis(out: *mut Arr, a: CArr, idx: CArr, vals: CArr, axis: c_int) -> c_int;
+    pub fn mlxd_put_along_axis(out: *mut Arr, a: CArr, idx: CArr, vals: CArr, axis: c_int)
+        -> c_int;
     pub fn mlxd_where(out: *mut Arr, c: CArr, x: CArr, y: CArr) -> c_int;
     pub fn mlxd_softmax(out: *mut Arr, a: CArr, axis: c_int, precise: bool) -> c_int;
     pub fn mlxd_argpartition(out: *mut Arr, a: CArr, kth: c_int, axis: c_int) -> c_int;
     pub fn mlxd_sort(out: *mut Arr, a: CArr, axis: c_int) -> c_int;
-    pub fn mlxd_cumsum(out: *mut Arr, a: CArr, axis: c_int, reverse: bool, inclusive: bool) -> c_int;
+    pub fn mlxd_cumsum(
+        out: *mut Arr,
+        a: CArr,
+        axis: c_int,
+        reverse: bool,
+        inclusive: bool,
+    ) -> c_int;
     pub fn mlxd_addmm(out: *mut Arr, c: CArr, a: CArr, b: CArr) -> c_int;
 
-    pub fn mlxd_quantized_matmul(out: *mut Arr, x: CArr, w: CArr, scales: CArr, biases: CArr, transpose: bool, group_size: c_int, bits: c_int) -> c_int;
-    pub fn mlxd_dequantize(out: *mut Arr, w: CArr, scales: CArr, biases: CArr, group_size: c_int, bits: c_int) -> c_int;
-    pub fn mlxd_quantize(w: *mut Arr, s: *mut Arr, b: *mut Arr, a: CArr, group_size: c_int, bits: c_int) -> c_int;
+    pub fn mlxd_quantized_matmul(
+        out: *mut Arr,
+        x: CArr,
+        w: CArr,
+        scales: CArr,
+        biases: CArr,
+        transpose: bool,
+        group_size: c_int,
+        bits: c_int,
+    ) -> c_int;
+    pub fn mlxd_dequantize(
+        out: *mut Arr,
+        w: CArr,
+        scales: CArr,
+        biases: CArr,
+        group_size: c_int,
+        bits: c_int,
+    ) -> c_int;
+    pub fn mlxd_quantize(
+        w: *mut Arr,
+        s: *mut Arr,
+        b: *mut Arr,
+        a: CArr,
+        group_size: c_int,
+        bits: c_int,
+    ) -> c_int;
 
     pub fn mlxd_rms_norm(out: *mut Arr, x: CArr, w: CArr, eps: f32) -> c_int;
-    pub fn mlxd_rope(out: *mut Arr, x: CArr, dims: c_int, traditional: bool, has_base: bool, base: f32, scale: f32, offset: c_int, freqs: CArr) -> c_int;
-    pub fn mlxd_sdpa(out: *mut Arr, q: CArr, k: CArr, v: CArr, scale: f32, mask_mode: *const c_char, mask: CArr) -> c_int;
+    pub fn mlxd_rope(
+        out: *mut Arr,
+        x: CArr,
+        dims: c_int,
+        traditional: bool,
+        has_base: bool,
+        base: f32,
+        scale: f32,
+        offset: c_int,
+        freqs: CArr,
+    ) -> c_int;
+    pub fn mlxd_sdpa(
+        out: *mut Arr,
+        q: CArr,
+        k: CArr,
+        v: CArr,
+        scale: f32,
+        mask_mode: *const c_char,
+        mask: CArr,
+    ) -> c_int;
 
     pub fn mlxd_random_key(out: *mut Arr, seed: u64) -> c_int;
     pub fn mlxd_random_split(a: *mut Arr, b: *mut Arr, key: CArr) -> c_int;
@@ -79,7 +164,24 @@ extern "C" {
     pub fn mlxd_clear_cache();
     pub fn mlxd_default_device_is_gpu() -> c_int;
 
-    pub fn mlxd_load_safetensors(path: *const c_char, ctx: *mut c_void, on_array: ArrayCb, on_meta: StringCb) -> c_int;
-    pub fn mlxd_save_safetensors(path: *const c_char, names: *const *const c_char, arrays: *const Arr, n: usize) -> c_int;
-    pub fn mlxd_load_gguf(path: *const c_char, ctx: *mut c_void, on_array: ArrayCb, on_meta_array: ArrayCb, on_meta_string: StringCb, on_meta_strings: StringsCb) -> c_int;
+    pub fn mlxd_load_safetensors(
+        path: *const c_char,
+        ctx: *mut c_void,
+        on_array: ArrayCb,
+        on_meta: StringCb,
+    ) -> c_int;
+    pub fn mlxd_save_safetensors(
+        path: *const c_char,
+        names: *const *const c_char,
+        arrays: *const Arr,
+        n: usize,
+    ) -> c_int;
+    pub fn mlxd_load_gguf(
+        path: *const c_char,
+        ctx: *mut c_void,
+        on_array: ArrayCb,
+        on_meta_array: ArrayCb,
+        on_meta_string: StringCb,
+        on_meta_strings: StringsCb,
+    ) -> c_int;
 }

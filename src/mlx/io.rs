@@ -38,13 +38,19 @@ unsafe extern "C" fn on_string(ctx: *mut c_void, key: *const c_char, value: *con
 }
 unsafe extern "C" fn on_meta_array(ctx: *mut c_void, key: *const c_char, a: Arr) {
     let c = &mut *(ctx as *mut Collected);
-    c.meta.insert(cstr(key), GgufValue::Array(Array::from_raw(a)));
+    c.meta
+        .insert(cstr(key), GgufValue::Array(Array::from_raw(a)));
 }
 unsafe extern "C" fn on_meta_string(ctx: *mut c_void, key: *const c_char, value: *const c_char) {
     let c = &mut *(ctx as *mut Collected);
     c.meta.insert(cstr(key), GgufValue::String(cstr(value)));
 }
-unsafe extern "C" fn on_meta_strings(ctx: *mut c_void, key: *const c_char, values: *const *const c_char, n: usize) {
+unsafe extern "C" fn on_meta_strings(
+    ctx: *mut c_void,
+    key: *const c_char,
+    values: *const *const c_char,
+    n: usize,
+) {
     let c = &mut *(ctx as *mut Collected);
     let v = (0..n).map(|i| cstr(*values.add(i))).collect();
     c.meta.insert(cstr(key), GgufValue::Strings(v));
@@ -60,17 +66,27 @@ pub fn load_safetensors(path: &Path) -> Result<(HashMap<String, Array>, HashMap<
     let p = c_path(path)?;
     let mut c = Collected::default();
     check(unsafe {
-        ffi::mlxd_load_safetensors(p.as_ptr(), (&mut c as *mut Collected).cast(), on_array, on_string)
+        ffi::mlxd_load_safetensors(
+            p.as_ptr(),
+            (&mut c as *mut Collected).cast(),
+            on_array,
+            on_string,
+        )
     })?;
     Ok((c.arrays, c.strings))
 }
 
 pub fn save_safetensors(path: &Path, arrays: &[(&str, &Array)]) -> Result<()> {
     let p = c_path(path)?;
-    let names: Vec<CString> = arrays.iter().map(|(n, _)| CString::new(*n).unwrap()).collect();
+    let names: Vec<CString> = arrays
+        .iter()
+        .map(|(n, _)| CString::new(*n).unwrap())
+        .collect();
     let name_ptrs: Vec<*const c_char> = names.iter().map(|n| n.as_ptr()).collect();
     let raws: Vec<Arr> = arrays.iter().map(|(_, a)| a.raw() as Arr).collect();
-    check(unsafe { ffi::mlxd_save_safetensors(p.as_ptr(), name_ptrs.as_ptr(), raws.as_ptr(), raws.len()) })
+    check(unsafe {
+        ffi::mlxd_save_safetensors(p.as_ptr(), name_ptrs.as_ptr(), raws.as_ptr(), raws.len())
+    })
 }
 
 /// Loads the tensors and metadata of a GGUF file. Q4_0, Q4_1 and Q8_0

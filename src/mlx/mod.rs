@@ -10,7 +10,9 @@ pub use ops::{random, Mask};
 
 /// The version string of the MLX library in use.
 pub fn version() -> String {
-    unsafe { std::ffi::CStr::from_ptr(ffi::mlxd_version()) }.to_string_lossy().into_owned()
+    unsafe { std::ffi::CStr::from_ptr(ffi::mlxd_version()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// Bytes MLX holds in live arrays.
@@ -68,10 +70,16 @@ mod tests {
         let err = a.matmul(&b.reshape(&[2, 1]).unwrap()).unwrap_err();
         assert!(matches!(err, crate::Error::Mlx(_)), "{err}");
         let err = a.reshape(&[2, 2]).unwrap_err();
-        assert!(err.to_string().contains("reshape") || err.to_string().contains("Cannot"), "{err}");
+        assert!(
+            err.to_string().contains("reshape") || err.to_string().contains("Cannot"),
+            "{err}"
+        );
         assert!(Array::from_slice(&[1.0f32; 3], &[2, 2]).is_err());
         // The binding still works after an error.
-        assert_eq!(a.add(&a).unwrap().to_vec::<f32>().unwrap(), vec![2.0, 4.0, 6.0]);
+        assert_eq!(
+            a.add(&a).unwrap().to_vec::<f32>().unwrap(),
+            vec![2.0, 4.0, 6.0]
+        );
     }
 
     #[test]

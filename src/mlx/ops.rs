@@ -210,14 +210,25 @@ impl Array {
     pub fn slice(&self, start: &[i32], stop: &[i32], strides: &[i32]) -> Result<Array> {
         let n = start.len() as c_int;
         make(|o| unsafe {
-            ffi::mlxd_slice(o, self.raw(), start.as_ptr(), stop.as_ptr(), strides.as_ptr(), n)
+            ffi::mlxd_slice(
+                o,
+                self.raw(),
+                start.as_ptr(),
+                stop.as_ptr(),
+                strides.as_ptr(),
+                n,
+            )
         })
     }
 
     /// `a[..., start:stop, ...]` along one axis.
     pub fn slice_axis(&self, axis: i32, start: i32, stop: i32) -> Result<Array> {
         let shape = self.shape();
-        let ax = if axis < 0 { shape.len() as i32 + axis } else { axis } as usize;
+        let ax = if axis < 0 {
+            shape.len() as i32 + axis
+        } else {
+            axis
+        } as usize;
         let mut lo = vec![0; shape.len()];
         let mut hi = shape.clone();
         lo[ax] = start;
@@ -229,7 +240,14 @@ impl Array {
     pub fn slice_update(&self, update: &Array, start: &[i32], stop: &[i32]) -> Result<Array> {
         let n = start.len() as c_int;
         make(|o| unsafe {
-            ffi::mlxd_slice_update(o, self.raw(), update.raw(), start.as_ptr(), stop.as_ptr(), n)
+            ffi::mlxd_slice_update(
+                o,
+                self.raw(),
+                update.raw(),
+                start.as_ptr(),
+                stop.as_ptr(),
+                n,
+            )
         })
     }
 
@@ -240,7 +258,9 @@ impl Array {
         make(|o| unsafe { ffi::mlxd_take_along_axis(o, self.raw(), indices.raw(), axis) })
     }
     pub fn put_along_axis(&self, indices: &Array, values: &Array, axis: i32) -> Result<Array> {
-        make(|o| unsafe { ffi::mlxd_put_along_axis(o, self.raw(), indices.raw(), values.raw(), axis) })
+        make(|o| unsafe {
+            ffi::mlxd_put_along_axis(o, self.raw(), indices.raw(), values.raw(), axis)
+        })
     }
     pub fn softmax(&self, axis: i32, precise: bool) -> Result<Array> {
         make(|o| unsafe { ffi::mlxd_softmax(o, self.raw(), axis, precise) })
@@ -259,9 +279,18 @@ impl Array {
     pub fn split(&self, indices: &[i32], axis: i32) -> Result<Vec<Array>> {
         let mut outs: Vec<Arr> = vec![std::ptr::null_mut(); indices.len() + 1];
         super::array::check(unsafe {
-            ffi::mlxd_split(outs.as_mut_ptr(), self.raw(), indices.as_ptr(), indices.len() as c_int, axis)
+            ffi::mlxd_split(
+                outs.as_mut_ptr(),
+                self.raw(),
+                indices.as_ptr(),
+                indices.len() as c_int,
+                axis,
+            )
         })?;
-        Ok(outs.into_iter().map(|p| unsafe { Array::from_raw(p) }).collect())
+        Ok(outs
+            .into_iter()
+            .map(|p| unsafe { Array::from_raw(p) })
+            .collect())
     }
 }
 
@@ -302,16 +331,35 @@ pub fn quantized_matmul(
     })
 }
 
-pub fn dequantize(w: &Array, scales: &Array, biases: Option<&Array>, group_size: i32, bits: i32) -> Result<Array> {
+pub fn dequantize(
+    w: &Array,
+    scales: &Array,
+    biases: Option<&Array>,
+    group_size: i32,
+    bits: i32,
+) -> Result<Array> {
     make(|o| unsafe {
-        ffi::mlxd_dequantize(o, w.raw(), scales.raw(), Array::opt_raw(biases), group_size, bits)
+        ffi::mlxd_dequantize(
+            o,
+            w.raw(),
+            scales.raw(),
+            Array::opt_raw(biases),
+            group_size,
+            bits,
+        )
     })
 }
 
 /// Affine quantization: `(weight, scales, biases)`.
 pub fn quantize(w: &Array, group_size: i32, bits: i32) -> Result<(Array, Array, Array)> {
-    let (mut q, mut s, mut b): (Arr, Arr, Arr) = (std::ptr::null_mut(), std::ptr::null_mut(), std::ptr::null_mut());
-    super::array::check(unsafe { ffi::mlxd_quantize(&mut q, &mut s, &mut b, w.raw(), group_size, bits) })?;
+    let (mut q, mut s, mut b): (Arr, Arr, Arr) = (
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+        std::ptr::null_mut(),
+    );
+    super::array::check(unsafe {
+        ffi::mlxd_quantize(&mut q, &mut s, &mut b, w.raw(), group_size, bits)
+    })?;
     unsafe { Ok((Array::from_raw(q), Array::from_raw(s), Array::from_raw(b))) }
 }
 
@@ -353,7 +401,13 @@ pub enum Mask<'a> {
 }
 
 /// `mx.fast.scaled_dot_product_attention`.
-pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32, mask: Mask) -> Result<Array> {
+pub fn scaled_dot_product_attention(
+    q: &Array,
+    k: &Array,
+    v: &Array,
+    scale: f32,
+    mask: Mask,
+) -> Result<Array> {
     let (mode, arr) = match mask {
         Mask::None => ("", None),
         Mask::Causal => ("causal", None),
@@ -361,7 +415,15 @@ pub fn scaled_dot_product_attention(q: &Array, k: &Array, v: &Array, scale: f32,
     };
     let mode = CString::new(mode).unwrap();
     make(|o| unsafe {
-        ffi::mlxd_sdpa(o, q.raw(), k.raw(), v.raw(), scale, mode.as_ptr(), Array::opt_raw(arr))
+        ffi::mlxd_sdpa(
+            o,
+            q.raw(),
+            k.raw(),
+            v.raw(),
+            scale,
+            mode.as_ptr(),
+            Array::opt_raw(arr),
+        )
     })
 }
 

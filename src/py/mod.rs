@@ -10,9 +10,25 @@ impl From<Error> for PyErr {
         let msg = e.to_string();
         match e {
             Error::NotFound(_) => PyFileNotFoundError::new_err(msg),
-            Error::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => PyFileNotFoundError::new_err(msg),
+            Error::Io(ref io) if io.kind() == std::io::ErrorKind::NotFound => {
+                PyFileNotFoundError::new_err(msg)
+            }
             Error::Mlx(_) | Error::Io(_) => PyRuntimeError::new_err(msg),
             _ => PyValueError::new_err(msg),
         }
     }
+}
+
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+
+/// Memory figures of MLX, in bytes: (active, peak, cache).
+#[pyo3::pyfunction]
+pub fn memory() -> (usize, usize, usize) {
+    (
+        crate::mlx::active_memory(),
+        crate::mlx::peak_memory(),
+        crate::mlx::cache_memory(),
+    )
 }

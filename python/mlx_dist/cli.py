@@ -1,0 +1,108 @@
+"""The ``mlx-dist`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", "-m", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temp", type=float, default=0.0, help="sampling temperature (0: greedy)")
+    p.add_argument("--top-p", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import mlx_dist
+
+    model, tokenizer = mlx_dist.load(args.model)
+    prompt = args.prompt
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if tokenizer.has_chat_template and not args.ignore_chat_template:
+        messages = []
+        if args.system_prompt:
+            messages.append({"role": "system", "content": args.system_prompt})
+        messages.append({"role": "user", "content": prompt})
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    sampler = mlx_dist.make_sampler(args.temp, args.top_p, args.min_p, top_k=args.top_k)
+    response = None
+    for response in mlx_dist.stream_generate(
+        model, tokenizer, prompt, max_tokens=args.max_tokens, sampler=sampler, seed=args.seed
+    ):
+        print(response.text, end="", flush=True)
+    print()
+    if response is not None:
+        print("=" * 10, file=sys.stderr)
+        print(
+            f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec",
+            file=sys.stderr,
+        )
+        print(
+            f"Generation: {response.generation_tokens} tokens, "
+            f"{response.generation_tps:.3f} tokens-per-sec",
+            file=sys.stderr,
+        )
+        print(f"Peak memory: {response.peak_memory:.3f} GB", file=sys.stderr)
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from mlx_dist import _core
+    from mlx_dist.demo import demo_model_path
+
+    src = args.model or str(demo_model_path())
+    _core.convert(src, args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from mlx_dist.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="mlx-dist", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt")
+    g.add_argument("--model", default=None, help="model path, .gguf file or cached repo id (default: demo)")
+    g.add_argument("--prompt", "-p", default="What is the capital of France?", help="prompt ('-': stdin)")
+    g.add_argument("--system-prompt", default=None)
+    g.add_argument("--ignore-chat-template", action="store_true", help="send the prompt as raw text")
+    _add_sampling(g)
+    g.set_defaults(func=_generate)
+
+    c = sub.add_parser("convert", help="write a model (e.g. a GGUF file) in the MLX directory layout")
+    c.add_argument("--model", default=None, help="model to convert (default: the demo model)")
+    c.add_argument("--out", required=True, help="output directory")
+    c.set_defaults(func=_convert)
+
+    b = sub.add_parser("bench", help="prompt and decode speed of mlx-dist and mlx-lm, side by side")
+    b.add_argument("--model", default=None, help="model to measure (default: the demo model)")
+    b.add_argument(
+        "--random-shape",
+        default=None,
+        help="instead of --model, a random-weight model of this shape (e.g. qwen3-1.7b, tiny)",
+    )
+    b.add_argument("--bits", type=int, default=None, help="quantize the random model to this many bits")
+    b.add_argument("--prompt-tokens", type=int, default=512)
+    b.add_argument("--gen-tokens", type=int, default=128)
+    b.add_argument("--repeats", type=int, default=3)
+    b.set_defaults(func=_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"mlx-dist: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""Loading models: ``load`` returns mlx-lm-style ``(model, tokenizer)``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import mlx.core as mx
+import numpy as np
+
+from mlx_dist import _core
+
+
+class Model:
+    """A loaded model. Calling it on token ids returns the logits of a full
+    forward pass (no cache), shaped ``[1, L, vocab]``, as an ``mx.array``."""
+
+    def __init__(self, core: _core.Model):
+        self._core = core
+        self.config: dict[str, Any] = json.loads(core.config_json)
+
+    @property
+    def model_type(self) -> str:
+        return self._core.model_type
+
+    @property
+    def path(self) -> str:
+        return self._core.path
+
+    @property
+    def nbytes(self) -> int:
+        return self._core.nbytes
+
+    def __call__(self, inputs) -> mx.array:
+        ids = _token_list(inputs)
+        data, shape = self._core.logits(ids)
+        return mx.array(np.frombuffer(data, dtype=np.float32).reshape(shape))
+
+    def __repr__(self) -> str:
+        return f"Model({self.model_type}, {self._core.num_layers} layers, {self.path!r})"
+
+
+class TokenizerWrapper:
+    """The tokenizer, with the Hugging Face/mlx-lm methods generation needs."""
+
+    def __init__(self, core: _core.Tokenizer):
+        self._core = core
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._core.encode(text, add_special_tokens)
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self._core.decode(_token_list(ids), skip_special_tokens)
+
+    def apply_chat_template(
+        self,
+        messages: list[dict],
+        tools: list[dict] | None = None,
+        add_generation_prompt: bool = True,
+        tokenize: bool = True,
+        **kwargs,
+    ):
+        """Renders the chat template; returns token ids unless ``tokenize=False``
+        (as Hugging Face tokenizers do)."""
+        text = self._core.apply_chat_template(
+            json.dumps(messages),
+            add_generation_prompt,
+            json.dumps(tools) if tools is not None else None,
+            json.dumps(kwargs) if kwargs else None,
+        )
+        if not tokenize:
+            return text
+        return self._core.encode(text, False)
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        return self._core.eos_token_ids
+
+    @property
+    def eos_token_id(self) -> int | None:
+        ids = self._core.eos_token_ids
+        return ids[0] if ids else None
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._core.bos_token
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._core.eos_token
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._core.chat_template
+
+    @property
+    def has_chat_template(self) -> bool:
+        return self._core.chat_template is not None
+
+    @property
+    def vocab_size(self) -> int:
+        return self._core.vocab_size
+
+    def convert_tokens_to_ids(self, token: str) -> int | None:
+        return self._core.token_to_id(token)
+
+    def save(self, path: str) -> None:
+        self._core.save(str(path))
+
+
+def _token_list(ids) -> list[int]:
+    if isinstance(ids, mx.array):
+        ids = ids.reshape(-1).tolist()
+    elif isinstance(ids, np.ndarray):
+        ids = ids.reshape(-1).tolist()
+    return [int(t) for t in ids]
+
+
+def load(path_or_repo: str | None = None, **kwargs) -> tuple[Model, TokenizerWrapper]:
+    """Loads a model and its tokenizer from a local directory (MLX/Hugging Face
+    layout), a ``.gguf`` file, or a Hugging Face repo id found in the local
+    cache. With no argument, the built-in demo model (SmolLM2-135M-Instruct)."""
+    unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"}
+    if unknown:
+        raise TypeError(f"load() got unexpected arguments: {sorted(unknown)}")
+    if kwargs.get("adapter_path"):
+        raise ValueError("adapters are not supported by mlx-dist")
+    if path_or_repo is None:
+        from mlx_dist.demo import demo_model_path
+
+        path_or_repo = str(demo_model_path())
+    model, tokenizer = _core.load(str(path_or_repo), not kwargs.get("lazy", False))
+    return Model(model), TokenizerWrapper(tokenizer)

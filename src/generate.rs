@@ -1,0 +1,348 @@
+//! Generation in mlx-lm's three layers: `TokenGenerator` (one token per
+//! step, with mlx-lm's chunked prefill and its one-step-ahead async
+//! evaluation), `Generation` (text, stop conditions and timings: the records
+//! `stream_generate` yields), and the Python `generate` on top.
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::cache::KvCache;
+use crate::error::{Error, Result};
+use crate::mlx::{self, async_eval, Array, Dtype};
+use crate::models::Model;
+use crate::sample::Sampler;
+use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
+
+/// mlx-lm's default prefill chunk.
+pub const DEFAULT_PREFILL_STEP: usize = 2048;
+
+/// Produces token ids (and their log-probabilities) one at a time.
+pub struct TokenGenerator {
+    model: Arc<Model>,
+    cache: Vec<KvCache>,
+    sampler: Sampler,
+    /// Prompt and generated tokens, kept only when a logits processor needs them.
+    history: Vec<u32>,
+    /// The step computed ahead: (token, logprobs).
+    next: Option<(Array, Array)>,
+}
+
+impl TokenGenerator {
+    /// Prefills `prompt` and schedules the first token.
+    pub fn new(
+        model: Arc<Model>,
+        prompt: &[u32],
+        sampler: Sampler,
+        prefill_step: usize,
+    ) -> Result<TokenGenerator> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("the prompt is empty".into()));
+        }
+        let vocab = model.args.vocab_size as u32;
+        if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "prompt token {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let step = prefill_step.max(1);
+        let mut g = TokenGenerator {
+            cache: model.make_cache(),
+            model,
+            sampler,
+            history: Vec::new(),
+            next: None,
+        };
+        // Everything but the last token goes through in chunks, cache only.
+        let (head, last) = prompt.split_at(prompt.len() - 1);
+        for chunk in head.chunks(step) {
+            let ids = Array::from_slice(&to_i32(chunk), &[1, chunk.len() as i32])?;
+            let h = g.model.embed(&ids)?;
+            g.model.forward_layers(h, Some(&mut g.cache))?;
+            let state: Vec<&Array> = g.cache.iter().flat_map(|c| c.state()).collect();
+            mlx::eval(&state)?;
+            mlx::clear_cache();
+        }
+        if g.sampler.needs_history() {
+            g.history.extend_from_slice(prompt);
+            g.history.pop();
+        }
+        let first = g.step(last)?;
+        async_eval(&[&first.0, &first.1])?;
+        g.next = Some(first);
+        Ok(g)
+    }
+
+    fn step(&mut self, input: &[u32]) -> Result<(Array, Array)> {
+        let ids = Array::from_slice(&to_i32(input), &[1, input.len() as i32])?;
+        let logits = self.model.forward(&ids, Some(&mut self.cache))?;
+        let l = logits.dim(1);
+        let mut logits = logits.slice_axis(1, l - 1, l)?.squeeze(1)?;
+        if self.sampler.needs_history() {
+            self.history.extend_from_slice(input);
+            logits = self.sampler.process(logits, &self.history)?;
+        }
+        let logprobs = logits.sub(&logits.logsumexp(crate::mlx::ops::ALL_AXES, true)?)?;
+        let token = self.sampler.sample(&logprobs)?;
+        Ok((token, logprobs.squeeze(0)?))
+    }
+
+    /// The next token and its `[vocab]` log-probabilities. The step after it
+    /// is already scheduled when this returns, so the device never idles
+    /// while the caller handles the token.
+    pub fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Array)> {
+        let (y, logprobs) = self
+            .next
+            .take()
+            .ok_or_else(|| Error::InvalidArgument("generation has ended".into()))?;
+        let id = y.item::<i32>()? as u32;
+        if schedule_next {
+            let n = self.step(&[id])?;
+            async_eval(&[&n.0, &n.1])?;
+            self.next = Some(n);
+        }
+        Ok((id, logprobs))
+    }
+
+    /// Bytes held by this sequence's KV cache.
+    pub fn cache_nbytes(&self) -> usize {
+        self.cache.iter().map(|c| c.nbytes()).sum()
+    }
+}
+
+fn to_i32(ids: &[u32]) -> Vec<i32> {
+    ids.iter().map(|&t| t as i32).collect()
+}
+
+/// Why generation ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// One record of `stream_generate` (mlx-lm's `GenerationResponse`).
+#[derive(Clone, Debug)]
+pub struct Response {
+    pub text: String,
+    pub token: u32,
+    pub logprobs: Array,
+    pub prompt_tokens: usize,
+    pub prompt_tps: f64,
+    pub generation_tokens: usize,
+    pub generation_tps: f64,
+    /// Peak MLX memory in GB.
+    pub peak_memory: f64,
+    pub finish_reason: Option<FinishReason>,
+}
+
+/// Options of one generation.
+#[derive(Clone, Debug)]
+pub struct GenerateOptions {
+    pub max_tokens: usize,
+    pub prefill_step: usize,
+    /// Text that ends generation; it is not part of the output.
+    pub stop: Vec<String>,
+}
+
+impl Default for GenerateOptions {
+    fn default() -> Self {
+        GenerateOptions {
+            max_tokens: 256,
+            prefill_step: DEFAULT_PREFILL_STEP,
+            stop: Vec::new(),
+        }
+    }
+}
+
+/// A stream of `Response`s for one prompt, with mlx-lm's stopping rules
+/// (EOS ends without emitting its text; the `max_tokens`-th token ends with
+/// `length`) plus stop strings, which are held back until they can no
+/// longer start a stop string and never emitted.
+pub struct Generation {
+    tokens: TokenGenerator,
+    detok: StreamingDetokenizer,
+    eos: Vec<u32>,
+    opts: GenerateOptions,
+    prompt_tokens: usize,
+    started: Instant,
+    prompt_tps: f64,
+    decode_started: Option<Instant>,
+    n: usize,
+    /// Text produced but not yet emitted (it may begin a stop string).
+    pending: String,
+    done: bool,
+}
+
+impl Generation {
+    pub fn new(
+        model: Arc<Model>,
+        tokenizer: &Tokenizer,
+        prompt: &[u32],
+        sampler: Sampler,
+        opts: GenerateOptions,
+    ) -> Result<Generation> {
+        if opts.max_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if opts.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "stop strings must not be empty".into(),
+            ));
+        }
+        mlx::reset_peak_memory();
+        let started = Instant::now();
+        let tokens = TokenGenerator::new(model, prompt, sampler, opts.prefill_step)?;
+        Ok(Generation {
+            tokens,
+            detok: StreamingDetokenizer::new(tokenizer),
+            eos: tokenizer.eos_token_ids().to_vec(),
+            opts,
+            prompt_tokens: prompt.len(),
+            started,
+            prompt_tps: 0.0,
+            decode_started: None,
+            n: 0,
+            pending: String::new(),
+            done: false,
+        })
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// Splits `pending` into what can be emitted now and what must wait; a
+    /// found stop string ends generation.
+    fn release(&mut self, finishing: bool) -> (String, bool) {
+        if let Some((at, _)) = self
+            .opts
+            .stop
+            .iter()
+            .filter_map(|s| self.pending.find(s.as_str()).map(|i| (i, s)))
+            .min()
+        {
+            let out = self.pending[..at].to_string();
+            self.pending.clear();
+            return (out, true);
+        }
+        let keep = if finishing { 0 } else { self.held_back() };
+        let cut = self.pending.len() - keep;
+        let out = self.pending[..cut].to_string();
+        self.pending.drain(..cut);
+        (out, false)
+    }
+
+    /// Bytes at the end of `pending` that could begin a stop string.
+    fn held_back(&self) -> usize {
+        let p = &self.pending;
+        let mut keep = 0;
+        for s in &self.opts.stop {
+            for (i, _) in p.char_indices() {
+                let tail = &p[i..];
+                if tail.len() < s.len() && s.starts_with(tail) {
+                    keep = keep.max(tail.len());
+                    break;
+                }
+            }
+        }
+        keep
+    }
+
+    fn response(
+        &self,
+        text: String,
+        token: u32,
+        logprobs: Array,
+        finish: Option<FinishReason>,
+    ) -> Response {
+        let elapsed = self
+            .decode_started
+            .map_or(0.0, |t| t.elapsed().as_secs_f64());
+        Response {
+            text,
+            token,
+            logprobs,
+            prompt_tokens: self.prompt_tokens,
+            prompt_tps: self.prompt_tps,
+            generation_tokens: self.n,
+            generation_tps: if elapsed > 0.0 {
+                self.n as f64 / elapsed
+            } else {
+                0.0
+            },
+            peak_memory: mlx::peak_memory() as f64 / 1e9,
+            finish_reason: finish,
+        }
+    }
+
+    /// The next record, or `None` once the last one was returned.
+    pub fn next_response(&mut self) -> Result<Option<Response>> {
+        if self.done {
+            return Ok(None);
+        }
+        let last_allowed = self.n + 1 >= self.opts.max_tokens;
+        let (token, logprobs) = self.tokens.next_token(!last_allowed)?;
+        if self.n == 0 {
+            let t = self.started.elapsed().as_secs_f64();
+            self.prompt_tps = if t > 0.0 {
+                self.prompt_tokens as f64 / t
+            } else {
+                0.0
+            };
+            self.decode_started = Some(Instant::now());
+        }
+        self.n += 1;
+        if self.eos.contains(&token) {
+            self.detok.finalize();
+            self.pending.push_str(&self.detok.last_segment());
+            let (text, _) = self.release(true);
+            self.done = true;
+            return Ok(Some(self.response(
+                text,
+                token,
+                logprobs,
+                Some(FinishReason::Stop),
+            )));
+        }
+        self.detok.add_token(token);
+        if last_allowed {
+            self.detok.finalize();
+        }
+        self.pending.push_str(&self.detok.last_segment());
+        let (text, stopped) = self.release(last_allowed);
+        let finish = if stopped {
+            Some(FinishReason::Stop)
+        } else if last_allowed {
+            Some(FinishReason::Length)
+        } else {
+            None
+        };
+        self.done = finish.is_some();
+        Ok(Some(self.response(text, token, logprobs, finish)))
+    }
+
+    /// Tokens generated so far.
+    pub fn generated(&self) -> &[u32] {
+        self.detok.tokens()
+    }
+
+    pub fn cache_nbytes(&self) -> usize {
+        self.tokens.cache_nbytes()
+    }
+}
+
+/// Logits for a whole prompt without a cache: `[1, L, vocab]` float32.
+pub fn prompt_logits(model: &Model, prompt: &[u32]) -> Result<Array> {
+    let ids = Array::from_slice(&to_i32(prompt), &[1, prompt.len() as i32])?;
+    model.forward(&ids, None)?.astype(Dtype::Float32)
+}

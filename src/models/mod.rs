@@ -1,0 +1,300 @@
+//! Model architectures and the registry mapping `model_type` to them.
+//!
+//! Every supported architecture is a decoder stack of the same shape
+//! (embedding -> blocks -> norm -> head); an architecture file supplies its
+//! block. A `Model` may hold only a range of the blocks (one pipeline stage),
+//! with or without the embedding and head.
+pub mod base;
+pub mod llama;
+pub mod phi3;
+pub mod qwen2;
+pub mod qwen3;
+
+use std::ops::Range;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::cache::KvCache;
+use crate::error::{Error, Result};
+use crate::mlx::{Array, Dtype};
+use crate::weights::Weights;
+use base::{AttnMask, Embedding, Linear, RmsNorm};
+
+/// One transformer block of some architecture.
+pub trait Block: Send + Sync {
+    fn forward(&self, x: &Array, mask: &AttnMask, cache: Option<&mut KvCache>) -> Result<Array>;
+    /// The arrays it holds (to evaluate, or to weigh).
+    fn arrays(&self) -> Vec<&Array>;
+}
+
+/// The config.json fields shared by the supported architectures.
+#[derive(Clone, Debug, Deserialize)]
+pub struct ModelArgs {
+    pub model_type: String,
+    pub hidden_size: i32,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: i32,
+    pub num_attention_heads: i32,
+    #[serde(default)]
+    pub num_key_value_heads: Option<i32>,
+    #[serde(default)]
+    pub head_dim: Option<i32>,
+    pub rms_norm_eps: f32,
+    pub vocab_size: i32,
+    #[serde(default = "default_rope_theta")]
+    pub rope_theta: f32,
+    #[serde(default)]
+    pub rope_traditional: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<Value>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<i64>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub mlp_bias: bool,
+    #[serde(default)]
+    pub partial_rotary_factor: Option<f32>,
+    #[serde(default)]
+    pub original_max_position_embeddings: Option<i64>,
+}
+
+fn default_rope_theta() -> f32 {
+    10000.0
+}
+
+impl ModelArgs {
+    pub fn n_kv_heads(&self) -> i32 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
+    pub fn head_dim(&self) -> i32 {
+        self.head_dim
+            .unwrap_or(self.hidden_size / self.num_attention_heads)
+    }
+}
+
+/// What an architecture file provides.
+pub struct Architecture {
+    /// `tie_word_embeddings` when config.json does not say.
+    pub tie_default: bool,
+    /// Builds block `i` from the weights under `model.layers.{i}`.
+    pub load_block: fn(&ModelArgs, &Weights, usize) -> Result<Box<dyn Block>>,
+}
+
+/// The registry: `model_type` -> architecture.
+const ARCHITECTURES: &[(&str, &Architecture)] = &[
+    ("llama", &llama::ARCH),
+    ("mistral", &llama::ARCH),
+    ("qwen2", &qwen2::ARCH),
+    ("qwen3", &qwen3::ARCH),
+    ("phi3", &phi3::ARCH),
+];
+
+pub fn supported_model_types() -> Vec<&'static str> {
+    ARCHITECTURES.iter().map(|(n, _)| *n).collect()
+}
+
+fn architecture(model_type: &str) -> Result<&'static Architecture> {
+    ARCHITECTURES
+        .iter()
+        .find(|(n, _)| *n == model_type)
+        .map(|(_, a)| *a)
+        .ok_or_else(|| Error::UnsupportedArchitecture {
+            model_type: model_type.into(),
+            supported: supported_model_types().join(", "),
+        })
+}
+
+/// Which part of the model a process holds.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Shard {
+    pub layers: Range<usize>,
+    /// Holds the token embedding (the first stage).
+    pub embed: bool,
+    /// Holds the final norm and the output head (the last stage).
+    pub head: bool,
+}
+
+impl Shard {
+    pub fn full(n_layers: usize) -> Shard {
+        Shard {
+            layers: 0..n_layers,
+            embed: true,
+            head: true,
+        }
+    }
+}
+
+enum Head {
+    Tied(Embedding),
+    Linear(Linear),
+}
+
+pub struct Model {
+    pub args: ModelArgs,
+    pub config: Value,
+    pub shard: Shard,
+    embed: Option<Embedding>,
+    blocks: Vec<Box<dyn Block>>,
+    norm: Option<RmsNorm>,
+    head: Option<Head>,
+}
+
+impl Model {
+    /// Builds the part of the model named by `shard` (the whole model when
+    /// `None`). Only the weights of that part are ever read.
+    pub fn load(weights: &Weights, shard: Option<Shard>) -> Result<Model> {
+        let config = weights.config.clone();
+        let model_type = config
+            .get("model_type")
+            .and_then(Value::as_str)
+            .ok_or_else(|| weights.invalid("config.json has no model_type"))?;
+        let arch = architecture(model_type)?;
+        let args: ModelArgs = serde_json::from_value(config.clone())
+            .map_err(|e| weights.invalid(format!("config.json: {e}")))?;
+        if args.num_attention_heads <= 0 || args.hidden_size <= 0 || args.n_kv_heads() <= 0 {
+            return Err(weights.invalid("config.json: sizes must be positive"));
+        }
+        let shard = shard.unwrap_or_else(|| Shard::full(args.num_hidden_layers));
+        if shard.layers.end > args.num_hidden_layers || shard.layers.start > shard.layers.end {
+            return Err(Error::InvalidArgument(format!(
+                "layers {:?} are outside the model's {} layers",
+                shard.layers, args.num_hidden_layers
+            )));
+        }
+        let tied = args.tie_word_embeddings.unwrap_or(arch.tie_default);
+        let h = args.hidden_size;
+        let embed = if shard.embed {
+            Some(Embedding::load(weights, "model.embed_tokens", h)?)
+        } else {
+            None
+        };
+        let blocks = shard
+            .layers
+            .clone()
+            .map(|i| (arch.load_block)(&args, weights, i))
+            .collect::<Result<Vec<_>>>()?;
+        let (norm, head) = if shard.head {
+            let norm = RmsNorm::load(weights, "model.norm", args.rms_norm_eps)?;
+            let head = if tied {
+                Head::Tied(Embedding::load(weights, "model.embed_tokens", h)?)
+            } else {
+                Head::Linear(Linear::load(weights, "lm_head", h, false)?)
+            };
+            (Some(norm), Some(head))
+        } else {
+            (None, None)
+        };
+        Ok(Model {
+            args,
+            config,
+            shard,
+            embed,
+            blocks,
+            norm,
+            head,
+        })
+    }
+
+    /// A fresh cache for each held layer.
+    pub fn make_cache(&self) -> Vec<KvCache> {
+        (0..self.blocks.len()).map(|_| KvCache::new()).collect()
+    }
+
+    /// `[B, L]` token ids -> `[B, L, hidden]`.
+    pub fn embed(&self, ids: &Array) -> Result<Array> {
+        self.embed
+            .as_ref()
+            .ok_or_else(|| Error::InvalidArgument("this shard has no embedding".into()))?
+            .forward(ids)
+    }
+
+    /// Runs the held blocks over `[B, L, hidden]` activations.
+    pub fn forward_layers(
+        &self,
+        mut h: Array,
+        mut caches: Option<&mut [KvCache]>,
+    ) -> Result<Array> {
+        if let Some(c) = &caches {
+            if c.len() != self.blocks.len() {
+                return Err(Error::InvalidArgument(format!(
+                    "{} caches for {} layers",
+                    c.len(),
+                    self.blocks.len()
+                )));
+            }
+        }
+        let mask = AttnMask::for_length(h.dim(1));
+        for (i, block) in self.blocks.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            h = block.forward(&h, &mask, cache)?;
+        }
+        Ok(h)
+    }
+
+    /// Final norm and output head: `[B, L, hidden]` -> `[B, L, vocab]`.
+    pub fn logits(&self, h: &Array) -> Result<Array> {
+        let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
+            return Err(Error::InvalidArgument(
+                "this shard has no output head".into(),
+            ));
+        };
+        let h = norm.forward(h)?;
+        match head {
+            Head::Tied(e) => e.as_linear(&h),
+            Head::Linear(l) => l.forward(&h),
+        }
+    }
+
+    /// The whole model on `[B, L]` token ids: logits `[B, L, vocab]`.
+    pub fn forward(&self, ids: &Array, caches: Option<&mut [KvCache]>) -> Result<Array> {
+        let h = self.embed(ids)?;
+        let h = self.forward_layers(h, caches)?;
+        self.logits(&h)
+    }
+
+    /// Every array held.
+    pub fn arrays(&self) -> Vec<&Array> {
+        let mut v: Vec<&Array> = Vec::new();
+        if let Some(e) = &self.embed {
+            v.extend(e.weight.arrays());
+        }
+        for b in &self.blocks {
+            v.extend(b.arrays());
+        }
+        if let Some(n) = &self.norm {
+            v.push(&n.weight);
+        }
+        match &self.head {
+            Some(Head::Tied(e)) if self.embed.is_none() => v.extend(e.weight.arrays()),
+            Some(Head::Linear(l)) => v.extend(l.arrays()),
+            _ => {}
+        }
+        v
+    }
+
+    /// Bytes of weights held.
+    pub fn nbytes(&self) -> usize {
+        self.arrays().iter().map(|a| a.nbytes()).sum()
+    }
+
+    /// Reads the held weights into memory now rather than on first use.
+    pub fn materialize(&self) -> Result<()> {
+        crate::mlx::eval(&self.arrays())
+    }
+
+    /// The dtype of the activations the embedding produces.
+    pub fn activation_dtype(&self) -> Dtype {
+        self.norm
+            .as_ref()
+            .map_or(Dtype::Float32, |n| n.weight.dtype())
+    }
+}
+
+/// Loads layer norms and linears of block `i` with this prefix.
+pub fn layer_prefix(i: usize) -> String {
+    format!("model.layers.{i}")
+}

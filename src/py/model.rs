@@ -1,0 +1,137 @@
+//! `Model`: a loaded model (or one pipeline stage of it) held by Python.
+use std::sync::Arc;
+
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use super::tokenizer::PyTokenizer;
+use crate::generate::prompt_logits;
+use crate::models::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{resolve, ModelSource, Weights};
+
+#[pyclass(name = "Model", module = "mlx_dist._core", frozen)]
+pub struct PyModel {
+    pub inner: Arc<Model>,
+    source: ModelSource,
+}
+
+fn load_tokenizer(source: &ModelSource, weights: &Weights) -> crate::Result<Tokenizer> {
+    match &weights.gguf_meta {
+        Some(meta) => Tokenizer::from_gguf(meta),
+        None => {
+            // As in mlx-lm, generation_config.json's EOS ids replace config.json's.
+            let gen = std::fs::read_to_string(source.path().join("generation_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                .and_then(|v| v.get("eos_token_id").cloned());
+            Tokenizer::from_dir(
+                source.path(),
+                gen.as_ref().or(weights.config.get("eos_token_id")),
+            )
+        }
+    }
+}
+
+/// Loads the model and tokenizer at a path or cached repo id. The weights
+/// are read lazily; `materialize` (default) reads them now.
+#[pyfunction]
+#[pyo3(signature = (path_or_repo, materialize = true))]
+pub fn load(
+    py: Python<'_>,
+    path_or_repo: String,
+    materialize: bool,
+) -> PyResult<(PyModel, PyTokenizer)> {
+    py.detach(|| -> crate::Result<(PyModel, PyTokenizer)> {
+        let source = resolve(&path_or_repo)?;
+        let weights = Weights::open(&source)?;
+        let model = Model::load(&weights, None)?;
+        let tokenizer = load_tokenizer(&source, &weights)?;
+        if materialize {
+            model.materialize()?;
+        }
+        Ok((
+            PyModel {
+                inner: Arc::new(model),
+                source,
+            },
+            PyTokenizer { inner: tokenizer },
+        ))
+    })
+    .map_err(Into::into)
+}
+
+/// Writes the model at `path_or_repo` in the MLX/Hugging Face layout
+/// (config.json, model.safetensors, tokenizer files) into `out_dir`.
+#[pyfunction]
+pub fn convert(py: Python<'_>, path_or_repo: String, out_dir: std::path::PathBuf) -> PyResult<()> {
+    py.detach(|| -> crate::Result<()> {
+        let source = resolve(&path_or_repo)?;
+        let weights = Weights::open(&source)?;
+        crate::weights::save_mlx_layout(&weights, &out_dir)?;
+        load_tokenizer(&source, &weights)?.save(&out_dir)
+    })
+    .map_err(Into::into)
+}
+
+#[pymethods]
+impl PyModel {
+    /// config.json (or its GGUF equivalent) as JSON text.
+    #[getter]
+    fn config_json(&self) -> String {
+        self.inner.config.to_string()
+    }
+
+    #[getter]
+    fn model_type(&self) -> String {
+        self.inner.args.model_type.clone()
+    }
+
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.args.num_hidden_layers
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> i32 {
+        self.inner.args.vocab_size
+    }
+
+    /// Where the model was loaded from.
+    #[getter]
+    fn path(&self) -> String {
+        self.source.path().display().to_string()
+    }
+
+    /// Bytes of weights held.
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner.nbytes()
+    }
+
+    /// Logits of a full forward pass over `ids` without a cache, as
+    /// (float32 bytes, shape).
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        ids: Vec<u32>,
+    ) -> PyResult<(Bound<'py, PyBytes>, Vec<i32>)> {
+        if ids.is_empty() {
+            return Err(pyo3::exceptions::PyValueError::new_err(
+                "no token ids given",
+            ));
+        }
+        let vocab = self.inner.args.vocab_size as u32;
+        if let Some(t) = ids.iter().find(|&&t| t >= vocab) {
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "token {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        let model = self.inner.clone();
+        let (bytes, shape) = py.detach(move || -> crate::Result<(Vec<u8>, Vec<i32>)> {
+            let l = prompt_logits(&model, &ids)?;
+            Ok((l.to_bytes()?, l.shape()))
+        })?;
+        Ok((PyBytes::new(py, &bytes), shape))
+    }
+}
