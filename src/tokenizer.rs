@@ -1453,16 +1453,6 @@ fn byte_of_char(c: char) -> Option<u8> {
     }
 }
 
-/// A byte-level token's bytes; tokens outside the alphabet (added tokens) are their own text,
-/// as in the ByteLevel decoder.
-fn byte_level_bytes(token: &str) -> Vec<u8> {
-    token
-        .chars()
-        .map(byte_of_char)
-        .collect::<Option<Vec<u8>>>()
-        .unwrap_or_else(|| token.as_bytes().to_vec())
-}
-
 /// The bytes of byte-level token text the way mlx-lm's streaming detokenizer
 /// reads it: a character standing for byte 0 (or for none) stays as its own
 /// UTF-8 while streaming, and becomes its byte only when `flushing`.
