@@ -73,7 +73,13 @@ impl TokenGenerator {
 
     fn step(&mut self, input: &[u32]) -> Result<(Array, Array)> {
         let ids = Array::from_slice(&to_i32(input), &[1, input.len() as i32])?;
-        let logits = self.model.forward(&ids, Some(&mut self.cache))?;
+        self.step_ids(&ids, input)
+    }
+
+    /// One forward step on `[1, L]` ids; `input` is their host copy, needed
+    /// only by logits processors.
+    fn step_ids(&mut self, ids: &Array, input: &[u32]) -> Result<(Array, Array)> {
+        let logits = self.model.forward(ids, Some(&mut self.cache))?;
         let l = logits.dim(1);
         let mut logits = logits.slice_axis(1, l - 1, l)?.squeeze(1)?;
         if self.sampler.needs_history() {
@@ -93,7 +99,15 @@ impl TokenGenerator {
             .next
             .take()
             .ok_or_else(|| Error::InvalidArgument("generation has ended".into()))?;
-        let id = y.item::<i32>()? as u32;
+        if schedule_next && !self.sampler.needs_history() {
+            // Build and schedule step n+1 on the still-lazy token of step n
+            // before waiting for it, so graph building overlaps compute.
+            let n = self.step_ids(&y.reshape(&[1, 1])?, &[])?;
+            async_eval(&[&n.0, &n.1])?;
+            self.next = Some(n);
+            return Ok((y.item::<u32>()?, logprobs));
+        }
+        let id = y.item::<u32>()?;
         if schedule_next {
             let n = self.step(&[id])?;
             async_eval(&[&n.0, &n.1])?;

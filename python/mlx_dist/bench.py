@@ -43,7 +43,7 @@ def _word_level_tokenizer(vocab_size: int) -> dict:
     }
 
 
-def make_random_model(shape: str, bits: int | None, path: Path) -> Path:
+def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bfloat16") -> Path:
     """Writes a random-weight model of a known shape in the mlx-lm layout."""
     import mlx.nn as nn
     from mlx_lm.utils import _get_classes, save_config, save_model
@@ -57,7 +57,7 @@ def make_random_model(shape: str, bits: int | None, path: Path) -> Path:
     model = model_class(args_class.from_dict(config))
     # Small weights keep activations finite through many random layers.
     model.update(
-        nn.utils.tree_map(lambda p: (mx.random.normal(p.shape) * 0.02).astype(mx.bfloat16), model.parameters())
+        nn.utils.tree_map(lambda p: (mx.random.normal(p.shape) * 0.02).astype(getattr(mx, dtype)), model.parameters())
     )
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
@@ -95,8 +95,8 @@ def main(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_shape:
-            print(f"making a random {args.random_shape} model ({args.bits or 'bf16'} bits) ...", flush=True)
-            path = str(make_random_model(args.random_shape, args.bits, Path(tmp) / "model"))
+            print(f"making a random {args.random_shape} model ({args.dtype}, {args.bits or 'no'} quantization bits) ...", flush=True)
+            path = str(make_random_model(args.random_shape, args.bits, Path(tmp) / "model", args.dtype))
         elif args.model:
             path = args.model
         else:

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         help="instead of --model, a random-weight model of this shape (e.g. qwen3-1.7b, tiny)",
     )
     b.add_argument("--bits", type=int, default=None, help="quantize the random model to this many bits")
+    b.add_argument("--dtype", default="bfloat16", help="float type of the random model's weights")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=3)

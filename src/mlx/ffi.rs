@@ -57,6 +57,7 @@ extern "C" {
     pub fn mlxd_binary(out: *mut Arr, op: c_int, a: CArr, b: CArr) -> c_int;
     pub fn mlxd_unary(out: *mut Arr, op: c_int, a: CArr) -> c_int;
     pub fn mlxd_reduce(out: *mut Arr, op: c_int, a: CArr, axis: c_int, keepdims: bool) -> c_int;
+    pub fn mlxd_swiglu(out: *mut Arr, gate: CArr, x: CArr) -> c_int;
     pub fn mlxd_astype(out: *mut Arr, a: CArr, dtype: c_int) -> c_int;
     pub fn mlxd_reshape(out: *mut Arr, a: CArr, shape: *const c_int, n: c_int) -> c_int;
     pub fn mlxd_transpose(out: *mut Arr, a: CArr, axes: *const c_int, n: c_int) -> c_int;

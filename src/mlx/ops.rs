@@ -303,6 +303,11 @@ pub fn where_(cond: &Array, x: &Array, y: &Array) -> Result<Array> {
     make(|o| unsafe { ffi::mlxd_where(o, cond.raw(), x.raw(), y.raw()) })
 }
 
+/// `silu(gate) * x`, compiled into one fused kernel (as mlx-lm's `swiglu`).
+pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
+    make(|o| unsafe { ffi::mlxd_swiglu(o, gate.raw(), x.raw()) })
+}
+
 /// `c + a @ b`, fused.
 pub fn addmm(c: &Array, a: &Array, b: &Array) -> Result<Array> {
     make(|o| unsafe { ffi::mlxd_addmm(o, c.raw(), a.raw(), b.raw()) })

@@ -123,8 +123,13 @@ int mlxd_async_eval(arr* const* as, size_t n) {
 // Evaluates `a` and copies its elements, row-major, into `out` (nbytes long).
 int mlxd_to_host(const arr* a, void* out, size_t nbytes) {
   GUARD({
-    arr c = mx::contiguous(*a);
+    arr c = *a;
     c.eval();
+    // Most results are already row-contiguous; only views need a copy op.
+    if (!c.flags().row_contiguous || c.data_size() != c.size()) {
+      c = mx::contiguous(c);
+      c.eval();
+    }
     if (c.nbytes() != nbytes) throw std::invalid_argument("to_host: size mismatch");
     if (nbytes) std::memcpy(out, c.data<char>(), nbytes);
   })
@@ -200,6 +205,18 @@ int mlxd_reduce(arr** out, int op, const arr* a, int axis, bool keepdims) {
         break;
       default: throw std::invalid_argument("unknown reduction");
     }
+  })
+}
+
+// silu(gate) * x, compiled (fused into one kernel) as mlx-lm compiles it.
+int mlxd_swiglu(arr** out, const arr* gate, const arr* x) {
+  GUARD({
+    static auto fn = mx::compile(
+        [](const std::vector<arr>& in) {
+          return std::vector<arr>{mx::multiply(mx::multiply(in[0], mx::sigmoid(in[0])), in[1])};
+        },
+        /* shapeless */ true);
+    *out = box(fn({*gate, *x})[0]);
   })
 }
 

@@ -380,10 +380,7 @@ impl Rope {
     }
 }
 
-/// `nn.silu(gate) * x`.
-pub fn swiglu(gate: &Array, x: &Array) -> Result<Array> {
-    gate.mul(&gate.sigmoid()?)?.mul(x)
-}
+pub use crate::mlx::ops::swiglu;
 
 /// Shapes of one attention layer.
 #[derive(Clone, Copy, Debug)]
