@@ -51,7 +51,8 @@ def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bf
     config = dict(
         SHAPES[shape], rms_norm_eps=1e-6, rope_theta=SHAPES[shape].get("rope_theta", 1e6),
         max_position_embeddings=40960, tie_word_embeddings=SHAPES[shape].get("tie_word_embeddings", True),
-        eos_token_id=[0],
+        # No EOS: both engines must generate every requested token.
+        eos_token_id=[],
     )
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
@@ -68,7 +69,7 @@ def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bf
     save_model(path, model)
     save_config(config, path / "config.json")
     (path / "tokenizer.json").write_text(json.dumps(_word_level_tokenizer(config["vocab_size"])))
-    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "t0 "}))
+    (path / "tokenizer_config.json").write_text(json.dumps({}))
     return path
 
 
@@ -116,16 +117,15 @@ def main(args) -> int:
             l_model, l_tok = mlx_lm.load(path)
             # Generation must not stop early on a random model's EOS.
             l_tok._eos_token_ids = set()
-        d_tok_eos = d_tok  # mlx-dist stops on EOS too; measure tokens actually produced
         vocab = d_model.config["vocab_size"]
         ids = [(i * 7919) % (vocab - 1) + 1 for i in range(args.prompt_tokens)]
         runs: dict[str, list] = {"mlx-dist": [], "mlx-lm": []}
         # One warm-up each, then alternate so both see the same machine state.
-        _run_mlx_dist(d_model, d_tok_eos, ids[:16], 4)
+        _run_mlx_dist(d_model, d_tok, ids[:16], 4)
         if mlx_lm is not None:
             _run_mlx_lm(l_model, l_tok, ids[:16], 4)
         for _ in range(args.repeats):
-            runs["mlx-dist"].append(_run_mlx_dist(d_model, d_tok_eos, ids, args.gen_tokens))
+            runs["mlx-dist"].append(_run_mlx_dist(d_model, d_tok, ids, args.gen_tokens))
             if mlx_lm is not None:
                 runs["mlx-lm"].append(_run_mlx_lm(l_model, l_tok, ids, args.gen_tokens))
             time.sleep(0.1)

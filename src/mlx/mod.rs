@@ -44,6 +44,10 @@ pub fn default_device_is_gpu() -> bool {
     unsafe { ffi::mlxd_default_device_is_gpu() != 0 }
 }
 
+/// Serialises tests that measure MLX's (process-wide) memory figures.
+#[cfg(test)]
+pub(crate) static MEMORY_TEST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -86,6 +90,7 @@ mod tests {
     fn memory_is_released_on_drop() {
         // 64 MiB, far above what the other tests allocate concurrently.
         const BYTES: usize = 64 << 20;
+        let _serial = MEMORY_TEST_LOCK.lock().unwrap_or_else(|e| e.into_inner());
         let before = active_memory();
         let big = Array::arange(0.0, (BYTES / 4) as f64, 1.0, Dtype::Float32).unwrap();
         big.eval().unwrap();

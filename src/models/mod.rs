@@ -294,7 +294,145 @@ impl Model {
     }
 }
 
-/// Loads layer norms and linears of block `i` with this prefix.
+/// The weight-name prefix of block `i`.
 pub fn layer_prefix(i: usize) -> String {
     format!("model.layers.{i}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mlx::io::save_safetensors;
+    use crate::weights::{resolve, Weights};
+
+    /// A small llama in a safetensors file; every tensor has distinct values.
+    fn write_llama(dir: &std::path::Path, layers: usize) {
+        let (h, i, v) = (256, 512, 1024);
+        let mut tensors: Vec<(String, Array)> = Vec::new();
+        let mut add = |name: String, shape: &[i32]| {
+            let n: i32 = shape.iter().product();
+            let a = Array::arange(0.0, n as f64, 1.0, Dtype::Float32)
+                .unwrap()
+                .reshape(shape)
+                .unwrap();
+            let a = a.mul_scalar(1e-6 * (tensors.len() + 1) as f64).unwrap();
+            tensors.push((name, a));
+        };
+        add("model.embed_tokens.weight".into(), &[v, h]);
+        add("model.norm.weight".into(), &[h]);
+        for l in 0..layers {
+            let p = format!("model.layers.{l}");
+            for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+                add(format!("{p}.self_attn.{proj}.weight"), &[h, h]);
+            }
+            add(format!("{p}.mlp.gate_proj.weight"), &[i, h]);
+            add(format!("{p}.mlp.up_proj.weight"), &[i, h]);
+            add(format!("{p}.mlp.down_proj.weight"), &[h, i]);
+            add(format!("{p}.input_layernorm.weight"), &[h]);
+            add(format!("{p}.post_attention_layernorm.weight"), &[h]);
+        }
+        let refs: Vec<(&str, &Array)> = tensors.iter().map(|(n, a)| (n.as_str(), a)).collect();
+        save_safetensors(&dir.join("model.safetensors"), &refs).unwrap();
+        let config = serde_json::json!({
+            "model_type": "llama", "hidden_size": h, "num_hidden_layers": layers,
+            "intermediate_size": i, "num_attention_heads": 4, "num_key_value_heads": 4,
+            "rms_norm_eps": 1e-5, "vocab_size": v, "tie_word_embeddings": true
+        });
+        std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    }
+
+    #[test]
+    fn a_shard_reads_only_its_own_layers() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_llama(tmp.path(), 4);
+        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
+        let _serial = crate::mlx::MEMORY_TEST_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let before = crate::mlx::active_memory();
+        let shard = Shard {
+            layers: 1..2,
+            embed: false,
+            head: false,
+        };
+        let model = Model::load(&weights, Some(shard)).unwrap();
+        model.materialize().unwrap();
+        let layer_bytes = (4 * 256 * 256 + 3 * 256 * 512 + 2 * 256) * 4;
+        assert_eq!(model.nbytes(), layer_bytes);
+        let grew = crate::mlx::active_memory() - before;
+        // One layer is about a fifth of the file; reading it all would be 5x.
+        assert!(
+            grew >= layer_bytes && grew < layer_bytes * 3 / 2,
+            "grew {grew} for a {layer_bytes}-byte layer"
+        );
+
+        let err = Model::load(
+            &weights,
+            Some(Shard {
+                layers: 3..5,
+                embed: false,
+                head: false,
+            }),
+        )
+        .err()
+        .unwrap();
+        assert!(err.to_string().contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn stages_chain_to_the_whole_model() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_llama(tmp.path(), 3);
+        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
+        let full = Model::load(&weights, None).unwrap();
+        let first = Model::load(
+            &weights,
+            Some(Shard {
+                layers: 0..1,
+                embed: true,
+                head: false,
+            }),
+        )
+        .unwrap();
+        let last = Model::load(
+            &weights,
+            Some(Shard {
+                layers: 1..3,
+                embed: false,
+                head: true,
+            }),
+        )
+        .unwrap();
+        let ids = Array::from_slice(&[1i32, 5, 9, 2], &[1, 4]).unwrap();
+        let want = full.forward(&ids, None).unwrap().to_vec::<f32>().unwrap();
+        let h = first
+            .forward_layers(first.embed(&ids).unwrap(), None)
+            .unwrap();
+        let got = last
+            .logits(&last.forward_layers(h, None).unwrap())
+            .unwrap()
+            .to_vec::<f32>()
+            .unwrap();
+        assert_eq!(want, got);
+        assert!(first
+            .logits(&Array::zeros(&[1, 1, 256], Dtype::Float32).unwrap())
+            .is_err());
+    }
+
+    #[test]
+    fn unknown_architectures_name_the_supported_ones() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_llama(tmp.path(), 1);
+        let mut config: Value =
+            serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap())
+                .unwrap();
+        config["model_type"] = "gpt_neox".into();
+        std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
+        let err = Model::load(&weights, None).err().unwrap().to_string();
+        assert!(
+            err.contains("gpt_neox") && err.contains("llama") && err.contains("phi3"),
+            "{err}"
+        );
+    }
 }

@@ -1,0 +1,72 @@
+"""Type stubs for the native extension ``mlx_dist._core``."""
+
+from collections.abc import Iterator
+
+def mlx_version() -> str: ...
+def supported_model_types() -> list[str]: ...
+def memory() -> tuple[int, int, int]:
+    """MLX's (active, peak, cache) memory in bytes."""
+
+def load(path_or_repo: str, materialize: bool = True) -> tuple[Model, Tokenizer]: ...
+def convert(path_or_repo: str, out_dir: str) -> None: ...
+
+class Model:
+    config_json: str
+    model_type: str
+    num_layers: int
+    vocab_size: int
+    path: str
+    nbytes: int
+    def logits(self, ids: list[int]) -> tuple[bytes, list[int]]: ...
+
+class Tokenizer:
+    eos_token_ids: list[int]
+    bos_token: str | None
+    eos_token: str | None
+    chat_template: str | None
+    vocab_size: int
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str: ...
+    def apply_chat_template(
+        self,
+        messages_json: str,
+        add_generation_prompt: bool = True,
+        tools_json: str | None = None,
+        extra_json: str | None = None,
+    ) -> str: ...
+    def token_to_id(self, token: str) -> int | None: ...
+    def id_to_token(self, id: int) -> str | None: ...
+    def save(self, dir: str) -> None: ...
+
+class Logprobs:
+    def raw(self) -> tuple[bytes, list[int], str]: ...
+
+Record = tuple[str, int, Logprobs, int, float, int, float, float, str | None]
+
+class Generation(Iterator[Record]):
+    tokens: list[int]
+    cache_nbytes: int
+    def __init__(
+        self,
+        model: Model,
+        tokenizer: Tokenizer,
+        prompt: list[int],
+        *,
+        max_tokens: int = 256,
+        temp: float = 0.0,
+        top_p: float = 0.0,
+        min_p: float = 0.0,
+        min_tokens_to_keep: int = 1,
+        top_k: int = 0,
+        seed: int | None = None,
+        logit_bias: list[tuple[int, float]] = ...,
+        repetition_penalty: float | None = None,
+        repetition_context_size: int = 20,
+        presence_penalty: float | None = None,
+        presence_context_size: int = 20,
+        frequency_penalty: float | None = None,
+        frequency_context_size: int = 20,
+        stop: list[str] = ...,
+        prefill_step_size: int = 2048,
+    ) -> None: ...
+    def __next__(self) -> Record: ...

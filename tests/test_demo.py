@@ -1,0 +1,65 @@
+"""The built-in demo model (SmolLM2-135M-Instruct, GGUF Q4_1): it answers,
+and greedy generation equals mlx-lm's on the same weights."""
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+
+import mlx_dist
+
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def demo(demo_gguf):
+    return mlx_dist.load(str(demo_gguf))
+
+
+@pytest.fixture(scope="module")
+def reference(demo_mlx_dir):
+    return mlx_lm.load(str(demo_mlx_dir))
+
+
+def test_load_without_argument_is_the_demo_model(demo_gguf):
+    model, _ = mlx_dist.load()
+    assert model.path == str(demo_gguf)
+    assert model.model_type == "llama" and model.config["num_hidden_layers"] == 30
+
+
+def test_demo_answers_paris(demo):
+    model, tok = demo
+    prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    text = mlx_dist.generate(model, tok, prompt, max_tokens=32)
+    assert "Paris" in text
+
+
+def test_demo_matches_mlx_lm_token_for_token(demo, reference):
+    model, tok = demo
+    ref_model, ref_tok = reference
+    prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    assert prompt == list(ref_tok.apply_chat_template(QUESTION, add_generation_prompt=True))
+    ours = list(mlx_dist.stream_generate(model, tok, prompt, max_tokens=48))
+    theirs = list(mlx_lm.stream_generate(ref_model, ref_tok, mx.array(prompt), max_tokens=48))
+    assert [r.token for r in ours] == [r.token for r in theirs]
+    assert "".join(r.text for r in ours) == "".join(r.text for r in theirs)
+    assert ours[-1].finish_reason == theirs[-1].finish_reason
+
+    logits = np.array(model(prompt))[0]
+    ref_logits = np.array(ref_model(mx.array(prompt)[None]).astype(mx.float32))[0]
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_demo_cli_generate(demo_gguf):
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_dist.cli", "generate", "--max-tokens", "24"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "Paris" in out.stdout
+    assert "tokens-per-sec" in out.stderr
