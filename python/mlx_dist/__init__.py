@@ -7,10 +7,9 @@ The Python API follows mlx-lm's: ``load`` -> ``(model, tokenizer)``, then
 # Importing mlx.core first loads libmlx, which the native extension links to.
 import mlx.core  # noqa: F401
 
-from mlx_dist import _core  # noqa: E402
-from mlx_dist.generate import GenerationResponse, generate, stream_generate  # noqa: E402
-from mlx_dist.sample_utils import make_logits_processors, make_sampler  # noqa: E402
-from mlx_dist.utils import Model, TokenizerWrapper, load  # noqa: E402
+from mlx_dist.generate import GenerationResponse, generate, stream_generate
+from mlx_dist.sample_utils import make_logits_processors, make_sampler
+from mlx_dist.utils import Model, TokenizerWrapper, load
 
 __version__ = "0.1.0"
 __all__ = [

@@ -1,6 +1,7 @@
 """Type stubs for the native extension ``mlx_dist._core``."""
 
 from collections.abc import Iterator
+from typing import TypeAlias
 
 def mlx_version() -> str: ...
 def supported_model_types() -> list[str]: ...
@@ -41,7 +42,7 @@ class Tokenizer:
 class Logprobs:
     def raw(self) -> tuple[bytes, list[int], str]: ...
 
-Record = tuple[str, int, Logprobs, int, float, int, float, float, str | None]
+Record: TypeAlias = tuple[str, int, Logprobs, int, float, int, float, float, str | None]
 
 class Generation(Iterator[Record]):
     tokens: list[int]

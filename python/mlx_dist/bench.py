@@ -13,19 +13,37 @@ import mlx.core as mx
 
 # Shapes of public models, for random-weight benchmarks.
 SHAPES = {
-    "tiny": dict(
-        model_type="qwen3", hidden_size=256, num_hidden_layers=4, intermediate_size=768,
-        num_attention_heads=8, num_key_value_heads=4, head_dim=32, vocab_size=4096,
-    ),
-    "qwen3-1.7b": dict(
-        model_type="qwen3", hidden_size=2048, num_hidden_layers=28, intermediate_size=6144,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-    ),
-    "llama-3-8b": dict(
-        model_type="llama", hidden_size=4096, num_hidden_layers=32, intermediate_size=14336,
-        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-        tie_word_embeddings=False,
-    ),
+    "tiny": {
+        "model_type": "qwen3",
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "intermediate_size": 768,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
+        "vocab_size": 4096,
+    },
+    "qwen3-1.7b": {
+        "model_type": "qwen3",
+        "hidden_size": 2048,
+        "num_hidden_layers": 28,
+        "intermediate_size": 6144,
+        "num_attention_heads": 16,
+        "num_key_value_heads": 8,
+        "head_dim": 128,
+        "vocab_size": 151936,
+    },
+    "llama-3-8b": {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "num_hidden_layers": 32,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "rope_theta": 500000.0,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -45,12 +63,16 @@ def _word_level_tokenizer(vocab_size: int) -> dict:
 
 def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bfloat16") -> Path:
     """Writes a random-weight model of a known shape in the mlx-lm layout."""
-    import mlx.nn as nn
     from mlx_lm.utils import _get_classes, save_config, save_model
 
+    from mlx import nn
+
     config = dict(
-        SHAPES[shape], rms_norm_eps=1e-6, rope_theta=SHAPES[shape].get("rope_theta", 1e6),
-        max_position_embeddings=40960, tie_word_embeddings=SHAPES[shape].get("tie_word_embeddings", True),
+        SHAPES[shape],
+        rms_norm_eps=1e-6,
+        rope_theta=SHAPES[shape].get("rope_theta", 1e6),
+        max_position_embeddings=40960,
+        tie_word_embeddings=SHAPES[shape].get("tie_word_embeddings", True),
         # No EOS: both engines must generate every requested token.
         eos_token_id=[],
     )
@@ -58,7 +80,10 @@ def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bf
     model = model_class(args_class.from_dict(config))
     # Small weights keep activations finite through many random layers.
     model.update(
-        nn.utils.tree_map(lambda p: (mx.random.normal(p.shape) * 0.02).astype(getattr(mx, dtype)), model.parameters())
+        nn.utils.tree_map(
+            lambda p: (mx.random.normal(p.shape) * 0.02).astype(getattr(mx, dtype)),
+            model.parameters(),
+        )
     )
     if bits:
         nn.quantize(model, group_size=64, bits=bits)
@@ -96,8 +121,13 @@ def main(args) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         if args.random_shape:
-            print(f"making a random {args.random_shape} model ({args.dtype}, {args.bits or 'no'} quantization bits) ...", flush=True)
-            path = str(make_random_model(args.random_shape, args.bits, Path(tmp) / "model", args.dtype))
+            print(
+                f"making a random {args.random_shape} model ({args.dtype}, {args.bits or 'no'} quantization bits) ...",
+                flush=True,
+            )
+            path = str(
+                make_random_model(args.random_shape, args.bits, Path(tmp) / "model", args.dtype)
+            )
         elif args.model:
             path = args.model
         else:
@@ -129,7 +159,9 @@ def main(args) -> int:
             if mlx_lm is not None:
                 runs["mlx-lm"].append(_run_mlx_lm(l_model, l_tok, ids, args.gen_tokens))
             time.sleep(0.1)
-        print(f"prompt {args.prompt_tokens} tokens, generate {args.gen_tokens}, {args.repeats} runs (median)")
+        print(
+            f"prompt {args.prompt_tokens} tokens, generate {args.gen_tokens}, {args.repeats} runs (median)"
+        )
         med = {}
         for name, rs in runs.items():
             if not rs:

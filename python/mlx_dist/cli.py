@@ -71,14 +71,22 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="generate text from a prompt")
-    g.add_argument("--model", default=None, help="model path, .gguf file or cached repo id (default: demo)")
-    g.add_argument("--prompt", "-p", default="What is the capital of France?", help="prompt ('-': stdin)")
+    g.add_argument(
+        "--model", default=None, help="model path, .gguf file or cached repo id (default: demo)"
+    )
+    g.add_argument(
+        "--prompt", "-p", default="What is the capital of France?", help="prompt ('-': stdin)"
+    )
     g.add_argument("--system-prompt", default=None)
-    g.add_argument("--ignore-chat-template", action="store_true", help="send the prompt as raw text")
+    g.add_argument(
+        "--ignore-chat-template", action="store_true", help="send the prompt as raw text"
+    )
     _add_sampling(g)
     g.set_defaults(func=_generate)
 
-    c = sub.add_parser("convert", help="write a model (e.g. a GGUF file) in the MLX directory layout")
+    c = sub.add_parser(
+        "convert", help="write a model (e.g. a GGUF file) in the MLX directory layout"
+    )
     c.add_argument("--model", default=None, help="model to convert (default: the demo model)")
     c.add_argument("--out", required=True, help="output directory")
     c.set_defaults(func=_convert)
@@ -90,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="instead of --model, a random-weight model of this shape (e.g. qwen3-1.7b, tiny)",
     )
-    b.add_argument("--bits", type=int, default=None, help="quantize the random model to this many bits")
+    b.add_argument(
+        "--bits", type=int, default=None, help="quantize the random model to this many bits"
+    )
     b.add_argument("--dtype", default="bfloat16", help="float type of the random model's weights")
     b.add_argument("--prompt-tokens", type=int, default=512)
     b.add_argument("--gen-tokens", type=int, default=128)

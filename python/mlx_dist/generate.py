@@ -3,8 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any
 
 import mlx.core as mx
 import numpy as np
@@ -47,7 +48,13 @@ class GenerationResponse:
         return self._logprobs
 
 
-_GENERATION_OPTIONS = {"seed", "stop", "prefill_step_size", "max_kv_size", "prompt_progress_callback"}
+_GENERATION_OPTIONS = {
+    "seed",
+    "stop",
+    "prefill_step_size",
+    "max_kv_size",
+    "prompt_progress_callback",
+}
 
 
 def _options(kwargs: dict) -> dict:
@@ -143,7 +150,9 @@ def generate(
         if response is None or not text:
             print("No text generated for this prompt")
         if response is not None:
-            print(f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec")
+            print(
+                f"Prompt: {response.prompt_tokens} tokens, {response.prompt_tps:.3f} tokens-per-sec"
+            )
             print(
                 f"Generation: {response.generation_tokens} tokens, "
                 f"{response.generation_tps:.3f} tokens-per-sec"

@@ -56,7 +56,9 @@ def make_logits_processors(
     """Logits processors with mlx-lm's arguments, applied in its order."""
     procs = []
     if logit_bias:
-        procs.append(LogitsProcessor({"logit_bias": [(int(k), float(v)) for k, v in logit_bias.items()]}))
+        procs.append(
+            LogitsProcessor({"logit_bias": [(int(k), float(v)) for k, v in logit_bias.items()]})
+        )
     for name, value, size in (
         ("repetition", repetition_penalty, repetition_context_size),
         ("presence", presence_penalty, presence_context_size),
@@ -66,6 +68,8 @@ def make_logits_processors(
             if name == "repetition" and value < 0:
                 raise ValueError(f"penalty must be a non-negative float, got {value}")
             procs.append(
-                LogitsProcessor({f"{name}_penalty": float(value), f"{name}_context_size": int(size or 20)})
+                LogitsProcessor(
+                    {f"{name}_penalty": float(value), f"{name}_context_size": int(size or 20)}
+                )
             )
     return procs

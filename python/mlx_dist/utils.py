@@ -56,7 +56,7 @@ class TokenizerWrapper:
         self,
         messages: list[dict],
         tools: list[dict] | None = None,
-        add_generation_prompt: bool = True,
+        add_generation_prompt: bool = False,
         tokenize: bool = True,
         **kwargs,
     ):
@@ -109,11 +109,13 @@ class TokenizerWrapper:
 
 
 def _token_list(ids) -> list[int]:
-    if isinstance(ids, mx.array):
+    if isinstance(ids, (mx.array, np.ndarray)):
         ids = ids.reshape(-1).tolist()
-    elif isinstance(ids, np.ndarray):
-        ids = ids.reshape(-1).tolist()
-    return [int(t) for t in ids]
+    out = [int(t) for t in ids]
+    bad = next((t for t in out if t < 0), None)
+    if bad is not None:
+        raise ValueError(f"token id {bad} is negative: token ids are 0 or more")
+    return out
 
 
 def load(path_or_repo: str | None = None, **kwargs) -> tuple[Model, TokenizerWrapper]:
