@@ -46,7 +46,19 @@ fn find_mlx() -> PathBuf {
     );
 }
 
+/// Generates the gRPC code from `proto/` with the pure-Rust `protox`
+/// compiler, so no `protoc` is needed.
+fn compile_proto() {
+    println!("cargo:rerun-if-changed=proto");
+    let fds = protox::compile(["mlx_dist/v1/worker.proto"], ["proto"]).expect("proto/ does not compile");
+    tonic_prost_build::configure()
+        .bytes(".")
+        .compile_fds(fds)
+        .expect("gRPC code generation failed");
+}
+
 fn main() {
+    compile_proto();
     println!("cargo:rerun-if-changed=src/mlx/shim.cpp");
     println!("cargo:rerun-if-env-changed=MLX_DIR");
     println!("cargo:rerun-if-env-changed=PYO3_PYTHON");

@@ -10,6 +10,8 @@ pub mod generate;
 pub mod mlx;
 /// Architectures and the `model_type` registry.
 pub mod models;
+/// The gRPC API (generated from `proto/`).
+pub mod proto;
 /// Logits processors and samplers.
 pub mod sample;
 /// Tokenization, chat templates and streaming detokenization.
