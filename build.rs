@@ -50,7 +50,8 @@ fn find_mlx() -> PathBuf {
 /// compiler, so no `protoc` is needed.
 fn compile_proto() {
     println!("cargo:rerun-if-changed=proto");
-    let fds = protox::compile(["mlx_dist/v1/worker.proto"], ["proto"]).expect("proto/ does not compile");
+    let fds =
+        protox::compile(["mlx_dist/v1/worker.proto"], ["proto"]).expect("proto/ does not compile");
     tonic_prost_build::configure()
         .bytes(".")
         .compile_fds(fds)
