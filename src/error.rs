@@ -25,6 +25,13 @@ pub enum Error {
     /// A caller passed a value outside what the API accepts.
     #[error("{0}")]
     InvalidArgument(String),
+    /// Not enough memory (KV cache budget, device memory) for a request.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// A worker failed, could not be reached, or refused a call; the
+    /// message names it.
+    #[error("{0}")]
+    Worker(String),
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error("JSON error: {0}")]

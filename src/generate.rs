@@ -15,6 +15,18 @@ use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
 /// mlx-lm's default prefill chunk.
 pub const DEFAULT_PREFILL_STEP: usize = 2048;
 
+/// Where tokens come from: a model in this process (`TokenGenerator`) or a
+/// pipeline of workers.
+pub trait TokenSource: Send + Sync {
+    /// The next token and, where known, its `[vocab]` log-probabilities.
+    /// With `schedule_next`, the step after it may start at once.
+    fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)>;
+    /// Bytes of KV cache this sequence holds here.
+    fn cache_nbytes(&self) -> usize {
+        0
+    }
+}
+
 /// Produces token ids (and their log-probabilities) one at a time.
 pub struct TokenGenerator {
     model: Arc<Model>,
@@ -90,11 +102,12 @@ impl TokenGenerator {
         let token = self.sampler.sample(&logprobs)?;
         Ok((token, logprobs.squeeze(0)?))
     }
+}
 
-    /// The next token and its `[vocab]` log-probabilities. The step after it
-    /// is already scheduled when this returns, so the device never idles
-    /// while the caller handles the token.
-    pub fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Array)> {
+impl TokenSource for TokenGenerator {
+    /// The step after the returned token is already scheduled when this
+    /// returns, so the device never idles while the caller handles the token.
+    fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
         let (y, logprobs) = self
             .next
             .take()
@@ -105,7 +118,7 @@ impl TokenGenerator {
             let n = self.step_ids(&y.reshape(&[1, 1])?, &[])?;
             async_eval(&[&n.0, &n.1])?;
             self.next = Some(n);
-            return Ok((y.item::<u32>()?, logprobs));
+            return Ok((y.item::<u32>()?, Some(logprobs)));
         }
         let id = y.item::<u32>()?;
         if schedule_next {
@@ -113,11 +126,10 @@ impl TokenGenerator {
             async_eval(&[&n.0, &n.1])?;
             self.next = Some(n);
         }
-        Ok((id, logprobs))
+        Ok((id, Some(logprobs)))
     }
 
-    /// Bytes held by this sequence's KV cache.
-    pub fn cache_nbytes(&self) -> usize {
+    fn cache_nbytes(&self) -> usize {
         self.cache.iter().map(|c| c.nbytes()).sum()
     }
 }
@@ -147,7 +159,8 @@ impl FinishReason {
 pub struct Response {
     pub text: String,
     pub token: u32,
-    pub logprobs: Array,
+    /// Absent when the tokens come from workers that were not asked for them.
+    pub logprobs: Option<Array>,
     pub prompt_tokens: usize,
     pub prompt_tps: f64,
     pub generation_tokens: usize,
@@ -166,6 +179,22 @@ pub struct GenerateOptions {
     pub stop: Vec<String>,
 }
 
+impl GenerateOptions {
+    pub fn validate(&self) -> Result<()> {
+        if self.max_tokens == 0 {
+            return Err(Error::InvalidArgument(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        if self.stop.iter().any(|s| s.is_empty()) {
+            return Err(Error::InvalidArgument(
+                "stop strings must not be empty".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl Default for GenerateOptions {
     fn default() -> Self {
         GenerateOptions {
@@ -181,7 +210,7 @@ impl Default for GenerateOptions {
 /// `length`) plus stop strings, which are held back until they can no
 /// longer start a stop string and never emitted.
 pub struct Generation {
-    tokens: TokenGenerator,
+    tokens: Box<dyn TokenSource>,
     detok: StreamingDetokenizer,
     eos: Vec<u32>,
     opts: GenerateOptions,
@@ -203,25 +232,29 @@ impl Generation {
         sampler: Sampler,
         opts: GenerateOptions,
     ) -> Result<Generation> {
-        if opts.max_tokens == 0 {
-            return Err(Error::InvalidArgument(
-                "max_tokens must be at least 1".into(),
-            ));
-        }
-        if opts.stop.iter().any(|s| s.is_empty()) {
-            return Err(Error::InvalidArgument(
-                "stop strings must not be empty".into(),
-            ));
-        }
+        opts.validate()?;
         mlx::reset_peak_memory();
         let started = Instant::now();
-        let tokens = TokenGenerator::new(model, prompt, sampler, opts.prefill_step)?;
+        let step = opts.prefill_step;
+        let tokens = TokenGenerator::new(model, prompt, sampler, step)?;
+        Generation::from_source(Box::new(tokens), tokenizer, prompt.len(), opts, started)
+    }
+
+    /// A generation over any token source, prefilled since `started`.
+    pub fn from_source(
+        tokens: Box<dyn TokenSource>,
+        tokenizer: &Tokenizer,
+        prompt_tokens: usize,
+        opts: GenerateOptions,
+        started: Instant,
+    ) -> Result<Generation> {
+        opts.validate()?;
         Ok(Generation {
             tokens,
             detok: StreamingDetokenizer::new(tokenizer),
             eos: tokenizer.eos_token_ids().to_vec(),
             opts,
-            prompt_tokens: prompt.len(),
+            prompt_tokens,
             started,
             prompt_tps: 0.0,
             decode_started: None,
@@ -276,7 +309,7 @@ impl Generation {
         &self,
         text: String,
         token: u32,
-        logprobs: Array,
+        logprobs: Option<Array>,
         finish: Option<FinishReason>,
     ) -> Response {
         let elapsed = self

@@ -3,6 +3,10 @@
 //! The table of contents:
 /// The per-layer KV cache of a sequence.
 pub mod cache;
+/// Tensors on the wire: activations between pipeline stages.
+pub mod codec;
+/// What a device can do: memory, chip, measured throughput.
+pub mod device;
 pub mod error;
 /// Token generation: the step loop, stop rules and response records.
 pub mod generate;
@@ -10,14 +14,20 @@ pub mod generate;
 pub mod mlx;
 /// Architectures and the `model_type` registry.
 pub mod models;
+/// The coordinator's side of a pipeline of workers.
+pub mod pipeline;
 /// The gRPC API (generated from `proto/`).
 pub mod proto;
 /// Logits processors and samplers.
 pub mod sample;
+/// Placing a model's layers on devices: footprints, strategies, plans.
+pub mod sharding;
 /// Tokenization, chat templates and streaming detokenization.
 pub mod tokenizer;
 /// Finding models and reading their weights.
 pub mod weights;
+/// The worker: a gRPC server holding one pipeline stage.
+pub mod worker;
 
 #[cfg(feature = "python")]
 mod py;
@@ -30,6 +40,8 @@ pub use error::{Error, Result};
 mod _core {
     use pyo3::prelude::*;
 
+    #[pymodule_export]
+    use crate::py::cluster::{load_cluster, run_worker, worker_info, PyCluster};
     #[pymodule_export]
     use crate::py::generate::{PyGeneration, PyLogprobs};
     #[pymodule_export]

@@ -122,6 +122,21 @@ impl Tokenizer {
         Ok(tok)
     }
 
+    /// The tokenizer of a model: built from its GGUF metadata, or read from
+    /// its directory with the EOS ids of generation_config.json (which, as
+    /// in mlx-lm, replace those of config.json).
+    pub fn for_model(weights: &crate::weights::Weights) -> Result<Tokenizer> {
+        if let Some(meta) = &weights.gguf_meta {
+            return Tokenizer::from_gguf(meta);
+        }
+        let dir = weights.source.path();
+        let gen = std::fs::read_to_string(dir.join("generation_config.json"))
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v.get("eos_token_id").cloned());
+        Tokenizer::from_dir(dir, gen.as_ref().or(weights.config.get("eos_token_id")))
+    }
+
     /// From GGUF metadata (`tokenizer.ggml.*` keys): model "gpt2" (byte-level BPE: tokens + merges,
     /// pre-tokenizer regex by `tokenizer.ggml.pre` where known, default GPT-2/llama3-style), and best effort
     /// for "llama" (SentencePiece BPE: tokens + scores, with byte fallback tokens <0x..>, "▁" space handling).

@@ -63,3 +63,25 @@ def test_demo_cli_generate(demo_gguf):
     assert out.returncode == 0, out.stderr
     assert "Paris" in out.stdout
     assert "tokens-per-sec" in out.stderr
+
+
+def test_demo_over_three_workers_answers_like_one_device(demo, demo_gguf, tmp_path):
+    from cluster_utils import start_workers
+
+    model, tok = demo
+    prompt = tok.apply_chat_template(QUESTION, add_generation_prompt=True)
+    want = mlx_dist.generate(model, tok, prompt, max_tokens=32)
+    procs = start_workers(3, tmp_path, prefix="demo")
+    try:
+        # Balanced would keep this small model on one device: split it evenly.
+        dmodel, dtok = mlx_dist.load(
+            str(demo_gguf), workers=[p.address for p in procs], strategy="uniform"
+        )
+        stages = dmodel.plan_dict["stages"]
+        assert len(stages) == 3, dmodel.plan
+        text = mlx_dist.generate(dmodel, dtok, prompt, max_tokens=32)
+        assert "Paris" in text
+        assert text == want
+    finally:
+        for p in procs:
+            p.stop()

@@ -158,7 +158,7 @@ def _write_tokenizer(path: Path, add_bos: bool, special_tokens_map: bool) -> Non
         (path / "special_tokens_map.json").write_text(json.dumps(special, indent=2))
 
 
-def _config(arch: str, vocab_size: int, rope_scaling: dict | None) -> dict:
+def _config(arch: str, vocab_size: int, rope_scaling: dict | None, num_layers: int | None) -> dict:
     ids = _token_ids()
     config = {
         "model_type": arch,
@@ -223,6 +223,8 @@ def _config(arch: str, vocab_size: int, rope_scaling: dict | None) -> dict:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
     if rope_scaling is not None and arch != "llama":
         raise ValueError("rope_scaling is only wired up for llama")
+    if num_layers is not None:
+        config["num_hidden_layers"] = num_layers
     return config
 
 
@@ -286,6 +288,7 @@ def make_tiny_model(
     rope_scaling: dict | None = None,
     add_bos: bool = False,
     special_tokens_map: bool = True,
+    num_layers: int | None = None,
 ) -> Path:
     """Write a tiny random `arch` model to `path` and return the path.
 
@@ -295,11 +298,14 @@ def make_tiny_model(
     shards: number of safetensors files; mlx-lm writes model.safetensors.index.json always.
     rope_scaling: llama only, copied into config.json (e.g. a llama3 scaling dict).
     add_bos: the tokenizer prepends <|im_start|> (the bos_token) when encoding.
+    num_layers: overrides the architecture's small default layer count.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     n_tokens = tokenizer_size()
-    config = _config(arch, vocab_size=-(-n_tokens // 64) * 64, rope_scaling=rope_scaling)
+    config = _config(
+        arch, vocab_size=-(-n_tokens // 64) * 64, rope_scaling=rope_scaling, num_layers=num_layers
+    )
     config["torch_dtype"] = dtype
 
     model_class, args_class = mlx_lm_utils._get_classes(config)

@@ -15,10 +15,58 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
 
 
+def _add_cluster(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--workers", default=None, help="split the model over these workers: h1:p1,h2:p2"
+    )
+    p.add_argument(
+        "--cluster-config", default=None, help="cluster config file (YAML, TOML or JSON)"
+    )
+    p.add_argument(
+        "--strategy",
+        default=None,
+        help="uniform, memory_proportional, compute_proportional, balanced (default) or custom",
+    )
+    p.add_argument("--proportions", default=None, help="with --strategy custom: e.g. 0.5,0.25,0.25")
+    p.add_argument(
+        "--compression", default=None, help="activations on the wire: none (default) or int8"
+    )
+
+
+def _load(args: argparse.Namespace):
+    import mlx_dist
+    from mlx_dist.cluster import _progress_printer, load_config
+
+    cfg = load_config(args.cluster_config) if args.cluster_config else {}
+    workers = args.workers or cfg.get("workers")
+    model = args.model or cfg.get("model")
+    if not workers:
+        return mlx_dist.load(model)
+    proportions = args.proportions or cfg.get("proportions")
+    if isinstance(proportions, str):
+        proportions = [float(p) for p in proportions.split(",")]
+    strategy = args.strategy or cfg.get("strategy") or ("custom" if proportions else "balanced")
+    print(
+        f"loading over {len(str(workers).split(',')) if isinstance(workers, str) else len(workers)} workers ...",
+        file=sys.stderr,
+    )
+    model, tokenizer = mlx_dist.load(
+        model,
+        workers=workers,
+        strategy=strategy,
+        proportions=proportions,
+        compression=args.compression or cfg.get("compression") or "none",
+        kv_tokens=int(cfg.get("kv_tokens", 4096)),
+        progress=_progress_printer(),
+    )
+    print(model.plan, file=sys.stderr)
+    return model, tokenizer
+
+
 def _generate(args: argparse.Namespace) -> int:
     import mlx_dist
 
-    model, tokenizer = mlx_dist.load(args.model)
+    model, tokenizer = _load(args)
     prompt = args.prompt
     if prompt == "-":
         prompt = sys.stdin.read()
@@ -50,6 +98,13 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _worker(args: argparse.Namespace) -> int:
+    from mlx_dist import _core
+
+    _core.run_worker(args.host, args.port, args.name, not args.no_local_files)
+    return 0
+
+
 def _convert(args: argparse.Namespace) -> int:
     from mlx_dist import _core
     from mlx_dist.demo import demo_model_path
@@ -62,6 +117,12 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _bench(args: argparse.Namespace) -> int:
     from mlx_dist.bench import main as bench_main
+
+    return bench_main(args)
+
+
+def _bench_pipeline(args: argparse.Namespace) -> int:
+    from mlx_dist.bench_pipeline import main as bench_main
 
     return bench_main(args)
 
@@ -82,7 +143,19 @@ def main(argv: list[str] | None = None) -> int:
         "--ignore-chat-template", action="store_true", help="send the prompt as raw text"
     )
     _add_sampling(g)
+    _add_cluster(g)
     g.set_defaults(func=_generate)
+
+    w = sub.add_parser("worker", help="serve one pipeline stage over gRPC")
+    w.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    w.add_argument("--port", type=int, default=7470, help="port (0: any free port)")
+    w.add_argument("--name", default=None, help="name shown in plans, logs and errors")
+    w.add_argument(
+        "--no-local-files",
+        action="store_true",
+        help="never read model files from this machine's disk: use copies the coordinator sends",
+    )
+    w.set_defaults(func=_worker)
 
     c = sub.add_parser(
         "convert", help="write a model (e.g. a GGUF file) in the MLX directory layout"
@@ -107,10 +180,32 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--repeats", type=int, default=3)
     b.set_defaults(func=_bench)
 
+    bp = sub.add_parser(
+        "bench-pipeline", help="decode speed over 1, 2 and 3 workers on loopback, side by side"
+    )
+    bp.add_argument("--model", default=None)
+    bp.add_argument("--random-shape", default=None)
+    bp.add_argument("--bits", type=int, default=None)
+    bp.add_argument("--dtype", default="bfloat16")
+    bp.add_argument("--stages", default="2,3", help="worker counts to measure")
+    bp.add_argument("--prompt-tokens", type=int, default=64)
+    bp.add_argument("--gen-tokens", type=int, default=128)
+    bp.add_argument("--repeats", type=int, default=3)
+    bp.set_defaults(func=_bench_pipeline)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except KeyboardInterrupt:
+        return 130
+    except (
+        ValueError,
+        FileNotFoundError,
+        RuntimeError,
+        ConnectionError,
+        MemoryError,
+        OSError,
+    ) as e:
         print(f"mlx-dist: error: {e}", file=sys.stderr)
         return 1
 

@@ -36,8 +36,8 @@ class GenerationResponse:
     from_draft: bool = False
 
     @property
-    def logprobs(self) -> mx.array:
-        if not isinstance(self._logprobs, mx.array):
+    def logprobs(self) -> mx.array | None:
+        if self._logprobs is not None and not isinstance(self._logprobs, mx.array):
             data, shape, dtype = self._logprobs.raw()
             if dtype == "bfloat16":
                 raw = np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16
@@ -54,6 +54,7 @@ _GENERATION_OPTIONS = {
     "prefill_step_size",
     "max_kv_size",
     "prompt_progress_callback",
+    "logprobs",
 }
 
 
@@ -87,6 +88,8 @@ def _options(kwargs: dict) -> dict:
         opts["stop"] = [stop] if isinstance(stop, str) else list(stop)
     if kwargs.get("prefill_step_size") is not None:
         opts["prefill_step_size"] = int(kwargs["prefill_step_size"])
+    if "logprobs" in kwargs:
+        opts["logprobs"] = bool(kwargs["logprobs"])
     return opts
 
 
@@ -120,6 +123,9 @@ def stream_generate(
     ids = _encode_prompt(tokenizer, prompt)
     if progress:
         progress(0, len(ids))
+    if not isinstance(model, Model):
+        # Over the network the full vocabulary per token is costly: only on request.
+        opts.setdefault("logprobs", False)
     gen = _core.Generation(model._core, tokenizer._core, ids, max_tokens=max_tokens, **opts)
     if progress:
         progress(len(ids), len(ids))

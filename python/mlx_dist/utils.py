@@ -118,11 +118,22 @@ def _token_list(ids) -> list[int]:
     return out
 
 
-def load(path_or_repo: str | None = None, **kwargs) -> tuple[Model, TokenizerWrapper]:
+def load(
+    path_or_repo: str | None = None,
+    workers=None,
+    strategy: str = "balanced",
+    **kwargs,
+):
     """Loads a model and its tokenizer from a local directory (MLX/Hugging Face
     layout), a ``.gguf`` file, or a Hugging Face repo id found in the local
-    cache. With no argument, the built-in demo model (SmolLM2-135M-Instruct)."""
-    unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"}
+    cache. With no path, the built-in demo model (SmolLM2-135M-Instruct).
+
+    With ``workers`` ("h1:p1,h2:p2" or a list), the model is split by layers
+    over those workers (``strategy``: uniform, memory_proportional,
+    compute_proportional, balanced, or custom with ``proportions=[...]``); the
+    returned model drives ``generate``/``stream_generate`` like a local one."""
+    dist_keys = {"proportions", "compression", "kv_tokens", "connect_timeout", "progress"}
+    unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"} - dist_keys
     if unknown:
         raise TypeError(f"load() got unexpected arguments: {sorted(unknown)}")
     if kwargs.get("adapter_path"):
@@ -131,5 +142,12 @@ def load(path_or_repo: str | None = None, **kwargs) -> tuple[Model, TokenizerWra
         from mlx_dist.demo import demo_model_path
 
         path_or_repo = str(demo_model_path())
+    if workers is not None:
+        from mlx_dist.cluster import load_distributed
+
+        opts = {k: v for k, v in kwargs.items() if k in dist_keys}
+        return load_distributed(str(path_or_repo), workers, strategy, **opts)
+    if set(kwargs) & dist_keys:
+        raise TypeError(f"{sorted(set(kwargs) & dist_keys)} only apply with workers=")
     model, tokenizer = _core.load(str(path_or_repo), not kwargs.get("lazy", False))
     return Model(model), TokenizerWrapper(tokenizer)

@@ -13,6 +13,7 @@ pub type CArr = *const mlxd_array;
 pub type ArrayCb = unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char, a: Arr);
 pub type StringCb =
     unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, value: *const c_char);
+pub type SizeCb = unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, value: usize);
 pub type StringsCb = unsafe extern "C" fn(
     ctx: *mut c_void,
     key: *const c_char,
@@ -185,4 +186,5 @@ extern "C" {
         on_meta_string: StringCb,
         on_meta_strings: StringsCb,
     ) -> c_int;
+    pub fn mlxd_device_info(ctx: *mut c_void, on_string: StringCb, on_size: SizeCb) -> c_int;
 }

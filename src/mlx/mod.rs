@@ -44,6 +44,50 @@ pub fn default_device_is_gpu() -> bool {
     unsafe { ffi::mlxd_default_device_is_gpu() != 0 }
 }
 
+/// A value of `device_info`: a name or a number (bytes, counts).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DeviceInfoValue {
+    String(String),
+    Size(u64),
+}
+
+type DeviceInfoMap = std::collections::HashMap<String, DeviceInfoValue>;
+
+unsafe extern "C" fn on_info_string(
+    ctx: *mut std::ffi::c_void,
+    key: *const std::os::raw::c_char,
+    value: *const std::os::raw::c_char,
+) {
+    let m = &mut *(ctx as *mut DeviceInfoMap);
+    let s = |p| std::ffi::CStr::from_ptr(p).to_string_lossy().into_owned();
+    m.insert(s(key), DeviceInfoValue::String(s(value)));
+}
+
+unsafe extern "C" fn on_info_size(
+    ctx: *mut std::ffi::c_void,
+    key: *const std::os::raw::c_char,
+    value: usize,
+) {
+    let m = &mut *(ctx as *mut DeviceInfoMap);
+    let key = std::ffi::CStr::from_ptr(key).to_string_lossy().into_owned();
+    m.insert(key, DeviceInfoValue::Size(value as u64));
+}
+
+/// MLX's description of the default device (`mx.device_info()`): keys such
+/// as `device_name`, `architecture`, `memory_size` or `total_memory`, and
+/// `free_memory` (CUDA only); which keys exist depends on the backend.
+pub fn device_info() -> crate::Result<std::collections::HashMap<String, DeviceInfoValue>> {
+    let mut m = DeviceInfoMap::new();
+    array::check(unsafe {
+        ffi::mlxd_device_info(
+            (&mut m as *mut DeviceInfoMap).cast(),
+            on_info_string,
+            on_info_size,
+        )
+    })?;
+    Ok(m)
+}
+
 /// Serialises tests that measure MLX's (process-wide) memory figures.
 #[cfg(test)]
 pub(crate) static MEMORY_TEST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());

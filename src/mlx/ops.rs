@@ -40,6 +40,7 @@ enum Unary {
     Sin,
     Contiguous,
     Square,
+    Round,
 }
 
 #[repr(i32)]
@@ -158,6 +159,10 @@ impl Array {
     }
     pub fn square(&self) -> Result<Array> {
         unary(Unary::Square, self)
+    }
+    /// Rounds half to even.
+    pub fn round(&self) -> Result<Array> {
+        unary(Unary::Round, self)
     }
     pub fn contiguous(&self) -> Result<Array> {
         unary(Unary::Contiguous, self)

@@ -162,7 +162,7 @@ int mlxd_binary(arr** out, int op, const arr* a, const arr* b) {
   })
 }
 
-enum Unary { NEG, EXP, LOG, SIGMOID, SQRT, RSQRT, ABS, LOGICAL_NOT, COS, SIN, CONTIGUOUS, SQUARE };
+enum Unary { NEG, EXP, LOG, SIGMOID, SQRT, RSQRT, ABS, LOGICAL_NOT, COS, SIN, CONTIGUOUS, SQUARE, ROUND };
 int mlxd_unary(arr** out, int op, const arr* a) {
   GUARD({
     switch (op) {
@@ -178,6 +178,7 @@ int mlxd_unary(arr** out, int op, const arr* a) {
       case SIN: *out = box(mx::sin(*a)); break;
       case CONTIGUOUS: *out = box(mx::contiguous(*a)); break;
       case SQUARE: *out = box(mx::square(*a)); break;
+      case ROUND: *out = box(mx::round(*a)); break;
       default: throw std::invalid_argument("unknown unary op");
     }
   })
@@ -364,6 +365,21 @@ int mlxd_load_gguf(const char* path, void* ctx, array_cb on_array, array_cb on_m
         std::vector<const char*> ptrs;
         for (auto& s : *l) ptrs.push_back(s.c_str());
         on_meta_strings(ctx, k.c_str(), ptrs.data(), ptrs.size());
+      }
+    }
+  })
+}
+
+// Device properties come back through two callbacks: string values and
+// numbers (sizes, counts).
+typedef void (*size_cb)(void* ctx, const char* key, size_t value);
+int mlxd_device_info(void* ctx, string_cb on_string, size_cb on_size) {
+  GUARD({
+    for (auto& [k, v] : mx::device_info(mx::default_device())) {
+      if (auto s = std::get_if<std::string>(&v)) {
+        on_string(ctx, k.c_str(), s->c_str());
+      } else {
+        on_size(ctx, k.c_str(), std::get<size_t>(v));
       }
     }
   })

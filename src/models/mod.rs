@@ -108,6 +108,17 @@ fn architecture(model_type: &str) -> Result<&'static Architecture> {
         })
 }
 
+/// Whether a model's output head is its embedding matrix.
+pub fn is_tied(config: &Value, args: &ModelArgs) -> Result<bool> {
+    let model_type = config
+        .get("model_type")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
+    Ok(args
+        .tie_word_embeddings
+        .unwrap_or(architecture(model_type)?.tie_default))
+}
+
 /// Which part of the model a process holds.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Shard {
@@ -141,6 +152,7 @@ pub struct Model {
     blocks: Vec<Box<dyn Block>>,
     norm: Option<RmsNorm>,
     head: Option<Head>,
+    tied: bool,
 }
 
 impl Model {
@@ -196,7 +208,13 @@ impl Model {
             blocks,
             norm,
             head,
+            tied,
         })
+    }
+
+    /// Whether the output head is the embedding matrix.
+    pub fn tied(&self) -> bool {
+        self.tied
     }
 
     /// A fresh cache for each held layer.
@@ -300,13 +318,13 @@ pub fn layer_prefix(i: usize) -> String {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::mlx::io::save_safetensors;
     use crate::weights::{resolve, Weights};
 
     /// A small llama in a safetensors file; every tensor has distinct values.
-    fn write_llama(dir: &std::path::Path, layers: usize) {
+    pub(crate) fn write_llama(dir: &std::path::Path, layers: usize) {
         let (h, i, v) = (256, 512, 1024);
         let mut tensors: Vec<(String, Array)> = Vec::new();
         let mut add = |name: String, shape: &[i32]| {

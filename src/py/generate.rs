@@ -3,10 +3,14 @@
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
+use std::time::Instant;
+
+use super::cluster::PyCluster;
 use super::model::PyModel;
 use super::tokenizer::PyTokenizer;
 use crate::generate::{GenerateOptions, Generation, Response};
 use crate::mlx::Array;
+use crate::pipeline::runtime;
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 
 #[pyclass(name = "Generation", module = "mlx_dist._core")]
@@ -39,7 +43,7 @@ impl PyLogprobs {
 type Record = (
     String,
     u32,
-    PyLogprobs,
+    Option<PyLogprobs>,
     usize,
     f64,
     usize,
@@ -52,7 +56,7 @@ fn record(r: Response) -> Record {
     (
         r.text,
         r.token,
-        PyLogprobs { inner: r.logprobs },
+        r.logprobs.map(|inner| PyLogprobs { inner }),
         r.prompt_tokens,
         r.prompt_tps,
         r.generation_tokens,
@@ -70,12 +74,12 @@ impl PyGeneration {
         min_tokens_to_keep = 1, top_k = 0, seed = None, logit_bias = Vec::new(),
         repetition_penalty = None, repetition_context_size = 20, presence_penalty = None,
         presence_context_size = 20, frequency_penalty = None, frequency_context_size = 20,
-        stop = Vec::new(), prefill_step_size = 2048
+        stop = Vec::new(), prefill_step_size = 2048, logprobs = true
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
-        model: &PyModel,
+        model: &Bound<'_, PyAny>,
         tokenizer: &PyTokenizer,
         prompt: Vec<u32>,
         max_tokens: usize,
@@ -94,6 +98,7 @@ impl PyGeneration {
         frequency_context_size: usize,
         stop: Vec<String>,
         prefill_step_size: usize,
+        logprobs: bool,
     ) -> PyResult<PyGeneration> {
         let sampler = SamplerConfig {
             temp,
@@ -112,14 +117,33 @@ impl PyGeneration {
             frequency_penalty,
             frequency_context_size,
         };
-        processors.validate(model.inner.args.vocab_size as usize)?;
         let opts = GenerateOptions {
             max_tokens,
             prefill_step: prefill_step_size,
             stop,
         };
-        let m = model.inner.clone();
         let tok = &tokenizer.inner;
+        // A model in this process, or a cluster of workers.
+        if let Ok(cluster) = model.cast::<PyCluster>() {
+            let cluster = cluster.get().inner.clone();
+            let inner = py.detach(move || -> crate::Result<Generation> {
+                opts.validate()?;
+                let started = Instant::now();
+                let step = opts.prefill_step;
+                let remote = runtime().block_on(cluster.start(
+                    &prompt,
+                    &sampler,
+                    &processors,
+                    max_tokens,
+                    step,
+                    logprobs,
+                ))?;
+                Generation::from_source(Box::new(remote), tok, prompt.len(), opts, started)
+            })?;
+            return Ok(PyGeneration { inner });
+        }
+        let m = model.cast::<PyModel>()?.get().inner.clone();
+        processors.validate(m.args.vocab_size as usize)?;
         let inner = py.detach(move || -> crate::Result<Generation> {
             let sampler = Sampler::new(sampler, processors)?;
             Generation::new(m, tok, &prompt, sampler, opts)

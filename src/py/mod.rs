@@ -14,11 +14,14 @@ impl From<Error> for PyErr {
                 PyFileNotFoundError::new_err(msg)
             }
             Error::Mlx(_) | Error::Io(_) => PyRuntimeError::new_err(msg),
+            Error::Worker(_) => pyo3::exceptions::PyConnectionError::new_err(msg),
+            Error::ResourceExhausted(_) => pyo3::exceptions::PyMemoryError::new_err(msg),
             _ => PyValueError::new_err(msg),
         }
     }
 }
 
+pub mod cluster;
 pub mod generate;
 pub mod model;
 pub mod tokenizer;

@@ -16,23 +16,6 @@ pub struct PyModel {
     source: ModelSource,
 }
 
-fn load_tokenizer(source: &ModelSource, weights: &Weights) -> crate::Result<Tokenizer> {
-    match &weights.gguf_meta {
-        Some(meta) => Tokenizer::from_gguf(meta),
-        None => {
-            // As in mlx-lm, generation_config.json's EOS ids replace config.json's.
-            let gen = std::fs::read_to_string(source.path().join("generation_config.json"))
-                .ok()
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| v.get("eos_token_id").cloned());
-            Tokenizer::from_dir(
-                source.path(),
-                gen.as_ref().or(weights.config.get("eos_token_id")),
-            )
-        }
-    }
-}
-
 /// Loads the model and tokenizer at a path or cached repo id. The weights
 /// are read lazily; `materialize` (default) reads them now.
 #[pyfunction]
@@ -46,7 +29,7 @@ pub fn load(
         let source = resolve(&path_or_repo)?;
         let weights = Weights::open(&source)?;
         let model = Model::load(&weights, None)?;
-        let tokenizer = load_tokenizer(&source, &weights)?;
+        let tokenizer = Tokenizer::for_model(&weights)?;
         if materialize {
             model.materialize()?;
         }
@@ -69,7 +52,7 @@ pub fn convert(py: Python<'_>, path_or_repo: String, out_dir: std::path::PathBuf
         let source = resolve(&path_or_repo)?;
         let weights = Weights::open(&source)?;
         crate::weights::save_mlx_layout(&weights, &out_dir)?;
-        load_tokenizer(&source, &weights)?.save(&out_dir)
+        Tokenizer::for_model(&weights)?.save(&out_dir)
     })
     .map_err(Into::into)
 }

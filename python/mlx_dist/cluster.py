@@ -1,0 +1,202 @@
+"""Running a model over a cluster of workers: the cluster config, and the
+model object that ``generate``/``stream_generate`` drive like a local one."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from mlx_dist import _core
+
+STRATEGIES = ("uniform", "memory_proportional", "compute_proportional", "balanced", "custom")
+_CAPABILITY_KEYS = {
+    "name": str,
+    "chip": str,
+    "gpu_cores": int,
+    "memory_total": int,
+    "memory_available": int,
+    "matmul_gflops": float,
+    "bandwidth_gbs": float,
+}
+
+
+class DistributedModel:
+    """A model whose layers live on workers; ``plan`` shows where and why."""
+
+    def __init__(self, core: _core.Cluster, config: dict[str, Any]):
+        self._core = core
+        self.config = config
+
+    @property
+    def plan(self) -> str:
+        """Which device holds which layers, and why."""
+        return self._core.plan_text
+
+    @property
+    def plan_dict(self) -> dict:
+        return json.loads(self._core.plan_json)
+
+    @property
+    def workers(self) -> list[str]:
+        return self._core.addresses
+
+    @property
+    def model_type(self) -> str:
+        return self.config.get("model_type", "")
+
+    @property
+    def last_stage_micros(self) -> list[int]:
+        """Compute time of each stage in the last step (microseconds)."""
+        return self._core.last_stage_micros
+
+    def __call__(self, inputs):
+        raise NotImplementedError("a distributed model generates tokens; it does not return logits")
+
+    def __repr__(self) -> str:
+        return f"DistributedModel({self.model_type}, workers={self.workers})"
+
+
+def _gib(v) -> int:
+    return int(float(v) * (1 << 30))
+
+
+def parse_workers(workers) -> list[dict]:
+    """Workers as given: "h1:p1,h2:p2", a list of "host:port", or a list of
+    mappings with ``address`` and optional declared capabilities
+    (``memory_gb``, ``bandwidth_gbs``, ``matmul_gflops``, ``name``, ...)."""
+    if isinstance(workers, str):
+        workers = [w for w in workers.split(",") if w.strip()]
+    out = []
+    for w in workers:
+        if isinstance(w, str):
+            w = {"address": w}
+        if not isinstance(w, dict) or not isinstance(w.get("address"), str):
+            raise TypeError(f"a worker must be 'host:port' or a mapping with an address, got {w!r}")
+        address = w["address"].strip()
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"bad worker address {address!r}: expected host:port")
+        declared: dict[str, Any] = {}
+        for key, value in w.items():
+            if key == "address":
+                continue
+            if key == "declared":
+                # Already parsed (by load_config).
+                declared.update(value or {})
+            elif key == "memory_gb":
+                declared["memory_available"] = declared["memory_total"] = _gib(value)
+            elif key in _CAPABILITY_KEYS:
+                declared[key] = _CAPABILITY_KEYS[key](value)
+            else:
+                raise ValueError(f"unknown worker setting {key!r} for {address}")
+        out.append({"address": address, "declared": declared or None})
+    if not out:
+        raise ValueError("no workers given")
+    return out
+
+
+def load_config(path: str | Path) -> dict:
+    """Reads a cluster config (YAML, TOML or JSON): ``workers`` (or
+    ``devices``), and optionally ``model``, ``strategy``, ``proportions``,
+    ``compression``, ``kv_tokens``."""
+    path = Path(path)
+    text = path.read_text()
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            cfg = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+    elif suffix == ".toml":
+        import tomllib
+
+        try:
+            cfg = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: {e}") from None
+    elif suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            cfg = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"{path}: {e}") from None
+    else:
+        raise ValueError(f"{path}: unknown config format (use .yaml, .toml or .json)")
+    if not isinstance(cfg, dict):
+        raise TypeError(f"{path}: the config must be a mapping")
+    workers = cfg.get("workers", cfg.get("devices"))
+    if workers is None:
+        raise ValueError(f"{path}: no workers (or devices) listed")
+    allowed = {"workers", "devices", "model", "strategy", "proportions", "compression", "kv_tokens"}
+    unknown = set(cfg) - allowed
+    if unknown:
+        raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
+    cfg["workers"] = parse_workers(workers)
+    cfg.pop("devices", None)
+    return cfg
+
+
+def strategy_name(strategy: str, proportions=None) -> str:
+    if proportions is not None:
+        if strategy not in ("custom", None):
+            raise ValueError("proportions go with strategy 'custom'")
+        return "custom:" + ",".join(str(float(p)) for p in proportions)
+    if strategy.split(":")[0] not in STRATEGIES and strategy not in ("memory", "compute"):
+        raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
+    return strategy
+
+
+def _progress_printer(stream=sys.stderr):
+    last = {}
+
+    def report(stage: int, done: int, total: int, message: str) -> None:
+        if message == "loaded" or (total and done >= total):
+            print(f"  stage {stage}: {message} {done / 1e6:.1f} MB", file=stream, flush=True)
+        elif total:
+            pct = int(100 * done / total)
+            if last.get(stage) != pct // 10:
+                last[stage] = pct // 10
+                print(f"  stage {stage}: {message} {pct}%", file=stream, flush=True)
+        else:
+            print(f"  stage {stage}: {message}", file=stream, flush=True)
+
+    return report
+
+
+def load_distributed(
+    path_or_repo: str,
+    workers,
+    strategy: str = "balanced",
+    proportions=None,
+    compression: str = "none",
+    kv_tokens: int = 4096,
+    connect_timeout: float = 10.0,
+    progress=None,
+):
+    from mlx_dist.utils import TokenizerWrapper
+
+    specs = parse_workers(workers)
+    declared = [s["declared"] for s in specs]
+    core, tokenizer = _core.load_cluster(
+        str(path_or_repo),
+        [s["address"] for s in specs],
+        strategy_name(strategy, proportions),
+        compression or "none",
+        int(kv_tokens),
+        float(connect_timeout),
+        json.dumps(declared) if any(declared) else None,
+        progress,
+    )
+    config = _model_config(path_or_repo)
+    return DistributedModel(core, config), TokenizerWrapper(tokenizer)
+
+
+def _model_config(path_or_repo: str) -> dict:
+    p = Path(path_or_repo)
+    cfg = p / "config.json"
+    if cfg.is_file():
+        return json.loads(cfg.read_text())
+    return {}

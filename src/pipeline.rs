@@ -1,0 +1,588 @@
+//! The coordinator's side of a pipeline: connecting to workers, planning
+//! and loading the stages, pushing model files a worker lacks, and running
+//! sequences through the chain (`RemoteTokens`, a `TokenSource`).
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::Streaming;
+
+use crate::codec;
+use crate::device::Capabilities;
+use crate::error::{Error, Result};
+use crate::generate::TokenSource;
+use crate::mlx::Array;
+use crate::models::ModelArgs;
+use crate::proto::worker_client::WorkerClient;
+use crate::proto::{
+    Compression, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadShardRequest,
+    ModelSource as ProtoSource, SamplingParams,
+};
+use crate::sample::{ProcessorConfig, SamplerConfig};
+use crate::sharding::{plan, Footprint, Plan, Strategy};
+use crate::weights::{resolve, ModelSource, Weights};
+use crate::worker::connect;
+
+/// The tokio runtime that carries all coordinator-side network work.
+pub fn runtime() -> &'static tokio::runtime::Runtime {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .thread_name("mlx-dist-net")
+            .build()
+            .expect("cannot start the network runtime")
+    })
+}
+
+/// How to reach a worker and, optionally, what it is declared to be able
+/// to do (overriding what it measures).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSpec {
+    pub address: String,
+    pub declared: Option<Capabilities>,
+}
+
+/// Options of `Cluster::load`.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub strategy: Strategy,
+    /// Tokens of KV cache to leave room for on each stage.
+    pub kv_tokens: u64,
+    pub compression: Compression,
+    /// How long to keep trying to reach each worker.
+    pub connect_timeout: Duration,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            strategy: Strategy::Balanced,
+            kv_tokens: 4096,
+            compression: Compression::None,
+            connect_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Loading progress: (stage index, bytes done, bytes in all, message).
+pub type Progress<'a> = &'a (dyn Fn(usize, u64, u64, &str) + Sync);
+
+/// A worker in the cluster.
+#[derive(Clone)]
+pub struct StageHandle {
+    pub address: String,
+    pub name: String,
+    client: WorkerClient<Channel>,
+}
+
+/// A model loaded over a chain of workers.
+pub struct Cluster {
+    pub args: ModelArgs,
+    pub plan: Plan,
+    pub stages: Vec<StageHandle>,
+    /// Step time of each stage in the last step, microseconds.
+    pub last_stage_micros: Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+/// Capabilities declared in a cluster config take the place of measured ones.
+fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
+    if !d.name.is_empty() {
+        c.name = d.name.clone();
+    }
+    if !d.chip.is_empty() {
+        c.chip = d.chip.clone();
+    }
+    if d.gpu_cores > 0 {
+        c.gpu_cores = d.gpu_cores;
+    }
+    if d.memory_total > 0 {
+        c.memory_total = d.memory_total;
+    }
+    if d.memory_available > 0 {
+        c.memory_available = d.memory_available;
+    }
+    if d.matmul_gflops > 0.0 {
+        c.matmul_gflops = d.matmul_gflops;
+    }
+    if d.bandwidth_gbs > 0.0 {
+        c.bandwidth_gbs = d.bandwidth_gbs;
+    }
+    c
+}
+
+/// Connects to one worker, retrying with backoff until `deadline`.
+async fn connect_retrying(addr: &str, within: Duration) -> Result<WorkerClient<Channel>> {
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let left = within.saturating_sub(start.elapsed());
+        match connect(
+            addr,
+            left.min(Duration::from_secs(3))
+                .max(Duration::from_millis(200)),
+        )
+        .await
+        {
+            Ok(c) => return Ok(c),
+            Err(e) if start.elapsed() + wait >= within => {
+                return Err(Error::Worker(format!(
+                    "worker {addr} is unreachable after {attempts} attempts in {:.1} s: {e}",
+                    start.elapsed().as_secs_f64()
+                )))
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
+    let msg = s.message();
+    match s.code() {
+        tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
+        tonic::Code::InvalidArgument => {
+            Error::InvalidArgument(format!("worker {} ({}): {msg}", stage.name, stage.address))
+        }
+        _ => Error::Worker(format!("worker {} ({}): {msg}", stage.name, stage.address)),
+    }
+}
+
+/// A stable id for pushed copies of a model: its file names, sizes and the
+/// first MiB of each file.
+fn model_id(files: &[(PathBuf, String)]) -> Result<String> {
+    let mut h = Sha256::new();
+    for (path, rel) in files {
+        let meta = std::fs::metadata(path)?;
+        h.update(rel.as_bytes());
+        h.update(meta.len().to_le_bytes());
+        let mut head = vec![0u8; 1 << 20];
+        let n = std::fs::File::open(path)?.read(&mut head)?;
+        h.update(&head[..n]);
+    }
+    Ok(hex::encode(&h.finalize()[..12]))
+}
+
+/// The files a worker needs to load `source` (weights and config; the
+/// tokenizer stays with the coordinator).
+fn model_files(source: &ModelSource) -> Result<Vec<(PathBuf, String)>> {
+    match source {
+        ModelSource::Gguf(f) => {
+            let name = f
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or("model.gguf")
+                .to_string();
+            Ok(vec![(f.clone(), name)])
+        }
+        ModelSource::Directory(dir) => {
+            let mut out = Vec::new();
+            for e in std::fs::read_dir(dir)? {
+                let p = e?.path();
+                let name = p
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default()
+                    .to_string();
+                if name == "config.json"
+                    || name.ends_with(".safetensors")
+                    || name == "model.safetensors.index.json"
+                {
+                    out.push((p, name));
+                }
+            }
+            out.sort_by(|a, b| a.1.cmp(&b.1));
+            Ok(out)
+        }
+    }
+}
+
+async fn push_files(
+    client: &mut WorkerClient<Channel>,
+    id: &str,
+    files: &[(PathBuf, String)],
+    progress: impl Fn(u64, u64),
+) -> Result<()> {
+    let total: u64 = files
+        .iter()
+        .map(|(p, _)| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0))
+        .sum();
+    let (tx, rx) = mpsc::channel::<FileChunk>(4);
+    let call = client.push_file(ReceiverStream::new(rx));
+    let id = id.to_string();
+    let files = files.to_vec();
+    let sent = Arc::new(AtomicU64::new(0));
+    let sent2 = sent.clone();
+    let producer = tokio::task::spawn_blocking(move || -> Result<()> {
+        const CHUNK: usize = 4 << 20;
+        for (path, rel) in files {
+            let mut f = std::fs::File::open(&path)?;
+            let size = f.metadata()?.len();
+            let mut offset = 0u64;
+            loop {
+                let mut buf = vec![0u8; CHUNK];
+                let n = f.read(&mut buf)?;
+                buf.truncate(n);
+                let last = offset + n as u64 >= size;
+                let chunk = FileChunk {
+                    model_id: id.clone(),
+                    path: rel.clone(),
+                    offset,
+                    data: buf.into(),
+                    total_size: size,
+                    last,
+                };
+                if tx.blocking_send(chunk).is_err() {
+                    return Ok(());
+                }
+                offset += n as u64;
+                sent2.fetch_add(n as u64, Ordering::Relaxed);
+                if last {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    });
+    let reporter = {
+        let sent = sent.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                progress(sent.load(Ordering::Relaxed), total);
+            }
+        }
+    };
+    let result = tokio::select! {
+        r = call => r,
+        _ = reporter => unreachable!(),
+    };
+    producer.await.map_err(|e| Error::Worker(e.to_string()))??;
+    result.map_err(|s| Error::Worker(format!("pushing the model failed: {}", s.message())))?;
+    Ok(())
+}
+
+impl Cluster {
+    /// Plans `source` over `workers` and loads each stage; a worker that
+    /// cannot read the model itself gets its files from here.
+    pub async fn load(
+        source: &str,
+        workers: &[WorkerSpec],
+        opts: &ClusterOptions,
+        progress: Progress<'_>,
+    ) -> Result<Cluster> {
+        if workers.is_empty() {
+            return Err(Error::InvalidArgument("no workers given".into()));
+        }
+        let model_source = resolve(source)?;
+        let weights = Weights::open(&model_source)?;
+        let args: ModelArgs = serde_json::from_value(weights.config.clone())
+            .map_err(|e| weights.invalid(format!("config.json: {e}")))?;
+        let tied = crate::models::is_tied(&weights.config, &args)?;
+        let footprint = Footprint::from_weights(&weights, &args, tied);
+
+        // Reach every worker (concurrently) and learn what it can do.
+        let mut handles = Vec::new();
+        let mut caps = Vec::new();
+        let connects = workers
+            .iter()
+            .map(|w| connect_retrying(&w.address, opts.connect_timeout));
+        let clients = futures::future::join_all(connects).await;
+        for (spec, client) in workers.iter().zip(clients) {
+            let mut client = client?;
+            let info = tokio::time::timeout(
+                Duration::from_secs(60),
+                client.get_device_info(DeviceInfoRequest::default()),
+            )
+            .await
+            .map_err(|_| {
+                Error::Worker(format!(
+                    "worker {} did not describe itself within 60 s",
+                    spec.address
+                ))
+            })?
+            .map_err(|s| Error::Worker(format!("worker {}: {}", spec.address, s.message())))?
+            .into_inner();
+            let mut c = Capabilities {
+                name: info.name.clone(),
+                device_type: info.device_type,
+                chip: info.chip,
+                gpu_cores: info.gpu_cores,
+                memory_total: info.memory_total,
+                memory_available: info.memory_available,
+                matmul_gflops: info.matmul_gflops,
+                bandwidth_gbs: info.bandwidth_gbs,
+            };
+            if let Some(d) = &spec.declared {
+                c = declared_over(c, d);
+            }
+            handles.push(StageHandle {
+                address: spec.address.clone(),
+                name: info.name,
+                client,
+            });
+            caps.push(c);
+        }
+        let plan = plan(&footprint, &caps, &opts.strategy, opts.kv_tokens)?;
+        let files = model_files(&model_source)?;
+        let id = model_id(&files)?;
+        let path = std::fs::canonicalize(model_source.path())?
+            .to_string_lossy()
+            .into_owned();
+        let mut stages = Vec::new();
+        for (i, st) in plan.stages.iter().enumerate() {
+            let handle = handles[st.device].clone();
+            let next = plan
+                .stages
+                .get(i + 1)
+                .map(|n| handles[n.device].address.clone())
+                .unwrap_or_default();
+            let mut req = LoadShardRequest {
+                source: Some(ProtoSource {
+                    path: path.clone(),
+                    model_id: String::new(),
+                }),
+                layer_start: st.layers.start as u32,
+                layer_end: st.layers.end as u32,
+                embed: st.embed,
+                head: st.head,
+                next,
+                cache_budget: 0,
+                compression: opts.compression as i32,
+            };
+            let mut client = handle.client.clone();
+            match load_stage(&mut client, req.clone(), i, progress).await {
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    // The worker has no copy: try its cache of pushed models,
+                    // and push the files if it has none either.
+                    req.source = Some(ProtoSource {
+                        path: String::new(),
+                        model_id: id.clone(),
+                    });
+                    match load_stage(&mut client, req.clone(), i, progress).await {
+                        Err(s) if s.code() == tonic::Code::NotFound => {
+                            progress(i, 0, 0, &format!("sending the model to {}", handle.name));
+                            push_files(&mut client, &id, &files, |d, t| {
+                                progress(i, d, t, "sending")
+                            })
+                            .await?;
+                            load_stage(&mut client, req, i, progress)
+                                .await
+                                .map_err(|s| worker_error(&handle, s))?;
+                        }
+                        r => r.map_err(|s| worker_error(&handle, s))?,
+                    }
+                }
+                r => r.map_err(|s| worker_error(&handle, s))?,
+            }
+            stages.push(handle);
+        }
+        Ok(Cluster {
+            args,
+            plan,
+            stages,
+            last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
+        })
+    }
+
+    /// Starts a sequence: opens its stream to the first stage and prefills
+    /// the prompt through the chain.
+    pub async fn start(
+        &self,
+        prompt: &[u32],
+        sampler: &SamplerConfig,
+        procs: &ProcessorConfig,
+        max_tokens: usize,
+        prefill_step: usize,
+        logprobs: bool,
+    ) -> Result<RemoteTokens> {
+        if prompt.is_empty() {
+            return Err(Error::InvalidArgument("the prompt is empty".into()));
+        }
+        let vocab = self.args.vocab_size as u32;
+        if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "prompt token {t} is outside the vocabulary of {vocab}"
+            )));
+        }
+        sampler.validate()?;
+        procs.validate(vocab as usize)?;
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let seq = format!(
+            "{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let first = self.stages[0].clone();
+        let mut client = first.client.clone();
+        let (tx, rx) = mpsc::channel(4);
+        let replies = client
+            .forward(ReceiverStream::new(rx))
+            .await
+            .map_err(|s| worker_error(&first, s))?
+            .into_inner();
+        let sampling = SamplingParams {
+            temp: sampler.temp,
+            top_p: sampler.top_p,
+            min_p: sampler.min_p,
+            min_tokens_to_keep: sampler.min_tokens_to_keep,
+            top_k: sampler.top_k,
+            seed: sampler.seed,
+            repetition_penalty: procs.repetition_penalty,
+            repetition_context_size: procs.repetition_context_size as u32,
+            presence_penalty: procs.presence_penalty,
+            presence_context_size: procs.presence_context_size as u32,
+            frequency_penalty: procs.frequency_penalty,
+            frequency_context_size: procs.frequency_context_size as u32,
+            logit_bias: procs.logit_bias.iter().copied().collect(),
+        };
+        let mut r = RemoteTokens {
+            seq,
+            first,
+            tx,
+            replies,
+            offset: 0,
+            logprobs,
+            pending: false,
+            micros: self.last_stage_micros.clone(),
+        };
+        let max_length = (prompt.len() + max_tokens) as u32;
+        let (head, last) = prompt.split_at(prompt.len() - 1);
+        let mut sampling = Some(sampling);
+        for chunk in head.chunks(prefill_step.max(1)) {
+            r.send(chunk, false, sampling.take(), max_length).await?;
+            r.receive().await?;
+        }
+        r.send(last, true, sampling.take(), max_length).await?;
+        r.pending = true;
+        Ok(r)
+    }
+}
+
+async fn load_stage(
+    client: &mut WorkerClient<Channel>,
+    req: LoadShardRequest,
+    stage: usize,
+    progress: Progress<'_>,
+) -> std::result::Result<(), tonic::Status> {
+    let mut stream = client.load_shard(req).await?.into_inner();
+    while let Some(p) = stream.message().await? {
+        progress(
+            stage,
+            p.bytes_loaded,
+            p.bytes_total,
+            if p.done { "loaded" } else { "loading" },
+        );
+        if p.done {
+            return Ok(());
+        }
+    }
+    Err(tonic::Status::internal("loading ended without finishing"))
+}
+
+/// A sequence running through the pipeline.
+pub struct RemoteTokens {
+    seq: String,
+    first: StageHandle,
+    tx: mpsc::Sender<ForwardRequest>,
+    replies: Streaming<ForwardReply>,
+    offset: u32,
+    logprobs: bool,
+    /// A step was sent and its reply not yet read.
+    pending: bool,
+    micros: Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+impl RemoteTokens {
+    async fn send(
+        &mut self,
+        tokens: &[u32],
+        sample: bool,
+        sampling: Option<SamplingParams>,
+        max_length: u32,
+    ) -> Result<()> {
+        let req = ForwardRequest {
+            sequence_id: self.seq.clone(),
+            offset: self.offset,
+            tokens: tokens.to_vec(),
+            hidden: None,
+            sample,
+            sampling,
+            logprobs: self.logprobs && sample,
+            max_length,
+        };
+        self.offset += tokens.len() as u32;
+        if self.tx.send(req).await.is_err() {
+            // The stream broke: the reply read tells why.
+            return Err(self.receive().await.err().unwrap_or_else(|| {
+                Error::Worker(format!(
+                    "worker {} ({}) closed the stream",
+                    self.first.name, self.first.address
+                ))
+            }));
+        }
+        Ok(())
+    }
+
+    async fn receive(&mut self) -> Result<ForwardReply> {
+        match self.replies.message().await {
+            Ok(Some(r)) => {
+                if let Ok(mut m) = self.micros.lock() {
+                    *m = r.stage_micros.clone();
+                }
+                Ok(r)
+            }
+            Ok(None) => Err(Error::Worker(format!(
+                "worker {} ({}) ended the stream",
+                self.first.name, self.first.address
+            ))),
+            Err(s) if s.code() == tonic::Code::Unavailable && !s.message().contains("stage") => {
+                Err(Error::Worker(format!(
+                    "worker {} ({}) failed: {}",
+                    self.first.name,
+                    self.first.address,
+                    s.message()
+                )))
+            }
+            Err(s) => Err(worker_error(&self.first, s)),
+        }
+    }
+
+    async fn next_async(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
+        if !self.pending {
+            return Err(Error::InvalidArgument("generation has ended".into()));
+        }
+        let reply = self.receive().await?;
+        self.pending = false;
+        let token = reply.token.ok_or_else(|| {
+            Error::Worker(format!(
+                "the last stage returned no token for sequence {}",
+                self.seq
+            ))
+        })?;
+        let logprobs = reply.logprobs.as_ref().map(codec::decode).transpose()?;
+        if schedule_next {
+            // The next step is on its way while the caller handles this token.
+            self.send(&[token], true, None, 0).await?;
+            self.pending = true;
+        }
+        Ok((token, logprobs))
+    }
+}
+
+impl TokenSource for RemoteTokens {
+    fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
+        runtime().block_on(self.next_async(schedule_next))
+    }
+}

@@ -1,0 +1,207 @@
+//! `Cluster`: a model loaded over a chain of workers, and `run_worker`,
+//! which serves one.
+use std::sync::Arc;
+use std::time::Duration;
+
+use pyo3::prelude::*;
+
+use super::tokenizer::PyTokenizer;
+use crate::device::Capabilities;
+use crate::error::Error;
+use crate::pipeline::{runtime, Cluster, ClusterOptions, WorkerSpec};
+use crate::proto::Compression;
+use crate::sharding::Strategy;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{resolve, Weights};
+use crate::worker::{serve, WorkerConfig};
+
+#[pyclass(name = "Cluster", module = "mlx_dist._core", frozen)]
+pub struct PyCluster {
+    pub inner: Arc<Cluster>,
+}
+
+fn compression(name: &str) -> Result<Compression, Error> {
+    match name {
+        "" | "none" => Ok(Compression::None),
+        "int8" => Ok(Compression::Int8),
+        other => Err(Error::InvalidArgument(format!(
+            "unknown compression {other:?}; use \"none\" or \"int8\""
+        ))),
+    }
+}
+
+/// Loads `path_or_repo` over `workers` ("host:port" each), planned with
+/// `strategy`. `declared_json` optionally gives a JSON list (one entry per
+/// worker, or null) of declared capabilities. `progress(stage, done,
+/// total, message)` is called while shards load.
+#[pyfunction]
+#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None))]
+#[allow(clippy::too_many_arguments)]
+pub fn load_cluster(
+    py: Python<'_>,
+    path_or_repo: String,
+    workers: Vec<String>,
+    strategy: &str,
+    compression_name: &str,
+    kv_tokens: u64,
+    connect_timeout: f64,
+    declared_json: Option<String>,
+    progress: Option<Py<PyAny>>,
+) -> PyResult<(PyCluster, PyTokenizer)> {
+    let strategy: Strategy = strategy.parse()?;
+    let declared: Vec<Option<Capabilities>> = match declared_json {
+        Some(j) => serde_json::from_str(&j)
+            .map_err(|e| Error::InvalidArgument(format!("declared capabilities: {e}")))?,
+        None => vec![None; workers.len()],
+    };
+    if declared.len() != workers.len() {
+        return Err(Error::InvalidArgument(
+            "declared capabilities must have one entry per worker".into(),
+        )
+        .into());
+    }
+    let specs: Vec<WorkerSpec> = workers
+        .into_iter()
+        .zip(declared)
+        .map(|(address, declared)| WorkerSpec { address, declared })
+        .collect();
+    let opts = ClusterOptions {
+        strategy,
+        kv_tokens,
+        compression: compression(compression_name)?,
+        connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
+    };
+    let report = move |stage: usize, done: u64, total: u64, msg: &str| {
+        if let Some(cb) = &progress {
+            Python::attach(|py| {
+                if let Err(e) = cb.call1(py, (stage, done, total, msg)) {
+                    e.print(py);
+                }
+            });
+        }
+    };
+    let (cluster, tokenizer) = py.detach(|| -> crate::Result<(Cluster, Tokenizer)> {
+        let weights = Weights::open(&resolve(&path_or_repo)?)?;
+        let tokenizer = Tokenizer::for_model(&weights)?;
+        let cluster = runtime().block_on(Cluster::load(&path_or_repo, &specs, &opts, &report))?;
+        Ok((cluster, tokenizer))
+    })?;
+    Ok((
+        PyCluster {
+            inner: Arc::new(cluster),
+        },
+        PyTokenizer { inner: tokenizer },
+    ))
+}
+
+#[pymethods]
+impl PyCluster {
+    /// Which device holds which layers, and why (a table).
+    #[getter]
+    fn plan_text(&self) -> String {
+        self.inner.plan.to_string()
+    }
+
+    /// The plan as JSON.
+    #[getter]
+    fn plan_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.inner.plan).map_err(|e| Error::from(e).into())
+    }
+
+    /// config.json of the model.
+    #[getter]
+    fn num_layers(&self) -> usize {
+        self.inner.args.num_hidden_layers
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> i32 {
+        self.inner.args.vocab_size
+    }
+
+    /// Worker addresses, first stage first.
+    #[getter]
+    fn addresses(&self) -> Vec<String> {
+        self.inner
+            .stages
+            .iter()
+            .map(|s| s.address.clone())
+            .collect()
+    }
+
+    /// Compute time of each stage in the last step, in microseconds.
+    #[getter]
+    fn last_stage_micros(&self) -> Vec<u32> {
+        self.inner
+            .last_stage_micros
+            .lock()
+            .map(|m| m.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Runs a worker on `host:port` until interrupted (blocking). Prints
+/// `listening on HOST:PORT` once ready.
+#[pyfunction]
+#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true))]
+pub fn run_worker(
+    py: Python<'_>,
+    host: String,
+    port: u16,
+    name: Option<String>,
+    local_files: bool,
+) -> PyResult<()> {
+    init_logging();
+    let name = name.unwrap_or_else(|| {
+        let h = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+        let h = h.trim();
+        format!("{}:{port}", if h.is_empty() { host.as_str() } else { h })
+    });
+    let mut cfg = WorkerConfig::new(&name);
+    cfg.allow_local_paths = local_files;
+    py.detach(|| runtime().block_on(serve(&host, port, cfg)))?;
+    Ok(())
+}
+
+/// Logs to stderr, filtered by `MLX_DIST_LOG` (default `info`).
+pub fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("MLX_DIST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// What the worker at `address` reports about itself (DeviceInfo), as JSON.
+#[pyfunction]
+#[pyo3(signature = (address, timeout = 5.0))]
+pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<String> {
+    let info = py.detach(|| {
+        runtime().block_on(async {
+            let mut c =
+                crate::worker::connect(&address, Duration::from_secs_f64(timeout.max(0.1))).await?;
+            let r = c
+                .get_device_info(crate::proto::DeviceInfoRequest::default())
+                .await
+                .map_err(|s| Error::Worker(format!("worker {address}: {}", s.message())))?;
+            Ok::<_, Error>(r.into_inner())
+        })
+    })?;
+    let shard = info.shard.as_ref().map(|s| {
+        serde_json::json!({
+            "model_id": s.model_id, "layer_start": s.layer_start, "layer_end": s.layer_end,
+            "embed": s.embed, "head": s.head, "weight_bytes": s.weight_bytes,
+        })
+    });
+    Ok(serde_json::json!({
+        "name": info.name, "device_type": info.device_type, "chip": info.chip,
+        "gpu_cores": info.gpu_cores, "memory_total": info.memory_total,
+        "memory_available": info.memory_available, "matmul_gflops": info.matmul_gflops,
+        "bandwidth_gbs": info.bandwidth_gbs, "version": info.version, "mlx_version": info.mlx_version,
+        "shard": shard, "cache_bytes": info.cache_bytes, "sequences": info.sequences,
+        "mlx_active_memory": info.mlx_active_memory, "mlx_peak_memory": info.mlx_peak_memory,
+        "forward_bytes_sent": info.forward_bytes_sent, "forward_messages_sent": info.forward_messages_sent,
+    })
+    .to_string())
+}

@@ -1,0 +1,997 @@
+//! The worker: a gRPC server that holds one pipeline stage (a layer range of
+//! a model) and the KV caches of its layers for every sequence.
+//!
+//! All MLX work happens on one engine thread that owns the stage and the
+//! caches; gRPC handlers send it jobs. A `Forward` stream from upstream is
+//! relayed to the next stage over a stream of this worker's own, so
+//! activations go along the chain and replies come back up it.
+use std::collections::{HashMap, HashSet};
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::cache::KvCache;
+use crate::codec;
+use crate::device;
+use crate::error::{Error, Result};
+use crate::mlx::{self, Array};
+use crate::models::{Model, Shard};
+use crate::proto::worker_client::WorkerClient;
+use crate::proto::worker_server::{Worker, WorkerServer};
+use crate::proto::{
+    Compression, DeviceInfo, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest,
+    LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, SamplingParams,
+    ShardInfo,
+};
+use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
+use crate::sharding::Footprint;
+use crate::weights::{resolve, Weights};
+
+/// Largest gRPC message a worker accepts or sends (activations of a long
+/// prefill chunk, pushed file chunks).
+pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
+/// How a worker is started.
+#[derive(Clone, Debug)]
+pub struct WorkerConfig {
+    /// Shown in logs, errors and `DeviceInfo`.
+    pub name: String,
+    /// Where pushed model files are kept.
+    pub cache_dir: PathBuf,
+    /// How long to wait for the next stage's reply to one step.
+    pub step_timeout: Duration,
+    /// Read models from paths on this machine; when false, only pushed
+    /// copies are used.
+    pub allow_local_paths: bool,
+}
+
+impl WorkerConfig {
+    pub fn new(name: &str) -> WorkerConfig {
+        let cache = std::env::var_os("MLX_DIST_CACHE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                let home = std::env::var_os("HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from("."));
+                home.join(".cache/mlx-dist")
+            });
+        WorkerConfig {
+            name: name.to_string(),
+            cache_dir: cache.join("models"),
+            step_timeout: Duration::from_secs(600),
+            allow_local_paths: true,
+        }
+    }
+}
+
+fn status(e: Error) -> Status {
+    match e {
+        Error::NotFound(m) => Status::not_found(m),
+        Error::InvalidArgument(_)
+        | Error::InvalidModel { .. }
+        | Error::UnsupportedArchitecture { .. } => Status::invalid_argument(e.to_string()),
+        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// The stage this worker holds.
+struct Stage {
+    model: Arc<Model>,
+    info: ShardInfo,
+    next: Option<String>,
+    compression: Compression,
+    cache_budget: u64,
+    kv_bytes_per_token: u64,
+}
+
+/// One sequence's state on this stage.
+struct Sequence {
+    caches: Vec<KvCache>,
+    /// The last stage samples.
+    sampler: Option<Sampler>,
+    history: Vec<u32>,
+    /// KV bytes reserved for its whole length.
+    reserved: u64,
+}
+
+/// The result of one step on this stage.
+struct StepOut {
+    /// Activations for the next stage (not on the last stage).
+    hidden: Option<crate::proto::Tensor>,
+    token: Option<u32>,
+    logprobs: Option<crate::proto::Tensor>,
+    micros: u32,
+    next: Option<String>,
+}
+
+enum Job {
+    Load(
+        LoadShardRequest,
+        Arc<WorkerConfig>,
+        mpsc::Sender<std::result::Result<LoadProgress, Status>>,
+    ),
+    Step(ForwardRequest, oneshot::Sender<Result<StepOut>>),
+    Release(String, oneshot::Sender<u64>),
+    Info(oneshot::Sender<(Option<ShardInfo>, u64, u32)>),
+}
+
+struct Engine {
+    name: String,
+    stage: Option<Stage>,
+    seqs: HashMap<String, Sequence>,
+}
+
+impl Engine {
+    fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Load(req, cfg, progress) => {
+                    let r = self.load(req, &cfg, &progress);
+                    if let Err(e) = r {
+                        let _ = progress.blocking_send(Err(status(e)));
+                    }
+                }
+                Job::Step(req, reply) => {
+                    let seq = req.sequence_id.clone();
+                    let r = self.step(req);
+                    if r.is_err() {
+                        // A failed step leaves the cache in an unknown state.
+                        self.seqs.remove(&seq);
+                    }
+                    let _ = reply.send(r);
+                }
+                Job::Release(seq, reply) => {
+                    let freed = self
+                        .seqs
+                        .remove(&seq)
+                        .map_or(0, |s| s.caches.iter().map(|c| c.nbytes() as u64).sum());
+                    if self.seqs.is_empty() {
+                        mlx::clear_cache();
+                    }
+                    let _ = reply.send(freed);
+                }
+                Job::Info(reply) => {
+                    let bytes = self
+                        .seqs
+                        .values()
+                        .flat_map(|s| s.caches.iter())
+                        .map(|c| c.nbytes() as u64)
+                        .sum();
+                    let _ = reply.send((
+                        self.stage.as_ref().map(|s| s.info.clone()),
+                        bytes,
+                        self.seqs.len() as u32,
+                    ));
+                }
+            }
+        }
+    }
+
+    fn load(
+        &mut self,
+        req: LoadShardRequest,
+        cfg: &WorkerConfig,
+        progress: &mpsc::Sender<std::result::Result<LoadProgress, Status>>,
+    ) -> Result<()> {
+        // A new stage replaces the old one and every sequence on it.
+        self.stage = None;
+        self.seqs.clear();
+        mlx::clear_cache();
+        let src = req.source.clone().unwrap_or_default();
+        let source = if !src.path.is_empty() {
+            if !cfg.allow_local_paths {
+                return Err(Error::NotFound(format!(
+                    "worker {} reads no local model files",
+                    self.name
+                )));
+            }
+            resolve(&src.path)?
+        } else {
+            let dir = pushed_model_dir(&cfg.cache_dir, &src.model_id)?;
+            resolve(dir.to_str().unwrap_or_default())?
+        };
+        let weights = Weights::open(&source)?;
+        let layers = req.layer_start as usize..req.layer_end as usize;
+        let shard = Shard {
+            layers: layers.clone(),
+            embed: req.embed,
+            head: req.head,
+        };
+        let model = Model::load(&weights, Some(shard))?;
+        let total = model.nbytes() as u64;
+        let mut loaded = 0u64;
+        // Read the weights in pieces so progress can be reported.
+        let mut group: Vec<&Array> = Vec::new();
+        let mut group_bytes = 0u64;
+        for a in model.arrays() {
+            group_bytes += a.nbytes() as u64;
+            group.push(a);
+            if group_bytes >= 64 << 20 {
+                mlx::eval(&group)?;
+                loaded += group_bytes;
+                group.clear();
+                group_bytes = 0;
+                let _ = progress.blocking_send(Ok(LoadProgress {
+                    bytes_loaded: loaded,
+                    bytes_total: total,
+                    ..Default::default()
+                }));
+            }
+        }
+        mlx::eval(&group)?;
+        let fp = Footprint::from_weights(&weights, &model.args, model.tied());
+        let kv_bytes_per_token: u64 = fp.kv_bytes_per_token[layers.clone()].iter().sum();
+        let cache_budget = if req.cache_budget > 0 {
+            req.cache_budget
+        } else {
+            // What is free now, less a margin for activations.
+            let free = device::probe(&self.name)
+                .map(|c| c.memory_available)
+                .unwrap_or(0);
+            (free as f64 * 0.8) as u64
+        };
+        let model_id = if src.model_id.is_empty() {
+            src.path.clone()
+        } else {
+            src.model_id.clone()
+        };
+        let info = ShardInfo {
+            model_id,
+            layer_start: req.layer_start,
+            layer_end: req.layer_end,
+            embed: req.embed,
+            head: req.head,
+            weight_bytes: total,
+        };
+        tracing::info!(
+            worker = %self.name,
+            "loaded layers {}..{} ({:.1} MB){}{}",
+            req.layer_start,
+            req.layer_end,
+            total as f64 / 1e6,
+            if req.embed { " + embedding" } else { "" },
+            if req.head { " + head" } else { "" }
+        );
+        self.stage = Some(Stage {
+            model: Arc::new(model),
+            info: info.clone(),
+            next: Some(req.next.clone()).filter(|n| !n.is_empty()),
+            compression: Compression::try_from(req.compression).unwrap_or(Compression::None),
+            cache_budget,
+            kv_bytes_per_token,
+        });
+        let _ = progress.blocking_send(Ok(LoadProgress {
+            bytes_loaded: total,
+            bytes_total: total,
+            done: true,
+            shard: Some(info),
+        }));
+        Ok(())
+    }
+
+    fn reserved(&self) -> u64 {
+        self.seqs.values().map(|s| s.reserved).sum()
+    }
+
+    fn step(&mut self, req: ForwardRequest) -> Result<StepOut> {
+        let started = Instant::now();
+        let stage = self.stage.as_ref().ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "worker {} holds no model: load a shard first",
+                self.name
+            ))
+        })?;
+        let model = stage.model.clone();
+        if req.sequence_id.is_empty() || req.sequence_id.len() > 256 {
+            return Err(Error::InvalidArgument(
+                "a sequence id of 1 to 256 characters is required".into(),
+            ));
+        }
+        if !self.seqs.contains_key(&req.sequence_id) {
+            if req.offset != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "sequence {} is unknown here (its cache was released or never made) but the step starts at position {}",
+                    req.sequence_id, req.offset
+                )));
+            }
+            let length = (req.max_length as u64).max(req.tokens.len() as u64).max(1);
+            let need = length * stage.kv_bytes_per_token;
+            let used = self.reserved();
+            if used + need > stage.cache_budget {
+                return Err(Error::ResourceExhausted(format!(
+                    "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens, but only {:.1} MB of the {:.1} MB budget is free",
+                    self.name,
+                    req.sequence_id,
+                    need as f64 / 1e6,
+                    stage.cache_budget.saturating_sub(used) as f64 / 1e6,
+                    stage.cache_budget as f64 / 1e6
+                )));
+            }
+            let sampler = if stage.info.head {
+                let p = req.sampling.clone().unwrap_or_default();
+                Some(sampler_from(&p, model.args.vocab_size as usize)?)
+            } else {
+                None
+            };
+            self.seqs.insert(
+                req.sequence_id.clone(),
+                Sequence {
+                    caches: model.make_cache(),
+                    sampler,
+                    history: Vec::new(),
+                    reserved: need,
+                },
+            );
+        }
+        let stage = self.stage.as_ref().unwrap();
+        let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
+        let offset = seq.caches.first().map_or(0, |c| c.offset()) as u32;
+        if offset != req.offset {
+            return Err(Error::InvalidArgument(format!(
+                "sequence {}: step starts at position {} but this stage's cache holds {offset}",
+                req.sequence_id, req.offset
+            )));
+        }
+        let h = if stage.info.embed {
+            let vocab = model.args.vocab_size as u32;
+            if req.tokens.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "the first stage needs token ids".into(),
+                ));
+            }
+            if let Some(t) = req.tokens.iter().find(|&&t| t >= vocab) {
+                return Err(Error::InvalidArgument(format!(
+                    "token {t} is outside the vocabulary of {vocab}"
+                )));
+            }
+            let ids: Vec<i32> = req.tokens.iter().map(|&t| t as i32).collect();
+            model.embed(&Array::from_slice(&ids, &[1, ids.len() as i32])?)?
+        } else {
+            let t = req.hidden.as_ref().ok_or_else(|| {
+                Error::InvalidArgument("this stage needs activations from the previous one".into())
+            })?;
+            let h = codec::decode(t)?;
+            let s = h.shape();
+            if s.len() != 3 || s[0] != 1 || s[1] < 1 || s[2] != model.args.hidden_size {
+                return Err(Error::InvalidArgument(format!(
+                    "activations of shape {s:?} do not fit this model: [1, L, {}] expected",
+                    model.args.hidden_size
+                )));
+            }
+            h
+        };
+        let h = model.forward_layers(h, Some(&mut seq.caches))?;
+        let mut out = StepOut {
+            hidden: None,
+            token: None,
+            logprobs: None,
+            micros: 0,
+            next: stage.next.clone(),
+        };
+        if stage.info.head {
+            if seq.sampler.as_ref().is_some_and(|s| s.needs_history()) {
+                seq.history.extend_from_slice(&req.tokens);
+            }
+            if req.sample {
+                let l = h.dim(1);
+                let mut logits = model.logits(&h.slice_axis(1, l - 1, l)?)?.squeeze(1)?;
+                let sampler = seq.sampler.as_mut().unwrap();
+                if sampler.needs_history() {
+                    logits = sampler.process(logits, &seq.history)?;
+                }
+                let logprobs = logits.sub(&logits.logsumexp(mlx::ops::ALL_AXES, true)?)?;
+                let token = sampler.sample(&logprobs)?;
+                mlx::eval(&[&token, &logprobs])?;
+                out.token = Some(token.item::<u32>()?);
+                if req.logprobs {
+                    out.logprobs = Some(codec::encode(&logprobs.squeeze(0)?, Compression::None)?);
+                }
+            } else {
+                let state: Vec<&Array> = seq.caches.iter().flat_map(|c| c.state()).collect();
+                mlx::eval(&state)?;
+            }
+        } else {
+            if stage.next.is_none() {
+                return Err(Error::InvalidArgument(
+                    "this stage has no next stage to send activations to".into(),
+                ));
+            }
+            h.eval()?;
+            out.hidden = Some(codec::encode(&h, stage.compression)?);
+        }
+        if req.tokens.len() > 1 {
+            mlx::clear_cache();
+        }
+        out.micros = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
+        Ok(out)
+    }
+}
+
+fn sampler_from(p: &SamplingParams, vocab: usize) -> Result<Sampler> {
+    let cfg = SamplerConfig {
+        temp: p.temp,
+        top_p: p.top_p,
+        min_p: p.min_p,
+        min_tokens_to_keep: p.min_tokens_to_keep.max(1),
+        top_k: p.top_k,
+        seed: p.seed,
+    };
+    let ctx = |n: u32| if n == 0 { 20 } else { n as usize };
+    let mut bias: Vec<(u32, f32)> = p.logit_bias.iter().map(|(k, v)| (*k, *v)).collect();
+    bias.sort_by_key(|(k, _)| *k);
+    let procs = ProcessorConfig {
+        logit_bias: bias,
+        repetition_penalty: p.repetition_penalty,
+        repetition_context_size: ctx(p.repetition_context_size),
+        presence_penalty: p.presence_penalty,
+        presence_context_size: ctx(p.presence_context_size),
+        frequency_penalty: p.frequency_penalty,
+        frequency_context_size: ctx(p.frequency_context_size),
+    };
+    procs.validate(vocab)?;
+    Sampler::new(cfg, procs)
+}
+
+/// Where pushed files of `model_id` live; the id must be a plain name.
+fn pushed_model_dir(cache_dir: &Path, model_id: &str) -> Result<PathBuf> {
+    if model_id.is_empty()
+        || model_id.len() > 128
+        || !model_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(Error::InvalidArgument(format!(
+            "invalid model id {model_id:?}"
+        )));
+    }
+    let dir = cache_dir.join(model_id);
+    if !dir.is_dir() {
+        return Err(Error::NotFound(format!(
+            "model {model_id} is not in this worker's cache"
+        )));
+    }
+    Ok(dir)
+}
+
+/// A file path inside a model directory: relative, no `..`.
+fn safe_relative(path: &str) -> Result<PathBuf> {
+    let p = Path::new(path);
+    if path.is_empty()
+        || path.len() > 512
+        || !p.components().all(|c| matches!(c, Component::Normal(_)))
+    {
+        return Err(Error::InvalidArgument(format!(
+            "invalid file path {path:?}"
+        )));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct WorkerService {
+    cfg: Arc<WorkerConfig>,
+    jobs: std_mpsc::Sender<Job>,
+    /// (bytes, messages) of Forward requests sent downstream.
+    sent: Arc<(AtomicU64, AtomicU64)>,
+}
+
+impl WorkerService {
+    pub fn new(cfg: WorkerConfig) -> WorkerService {
+        let (tx, rx) = std_mpsc::channel();
+        let engine = Engine {
+            name: cfg.name.clone(),
+            stage: None,
+            seqs: HashMap::new(),
+        };
+        std::thread::Builder::new()
+            .name("mlx-dist-engine".into())
+            .spawn(move || engine.run(rx))
+            .expect("cannot start the engine thread");
+        WorkerService {
+            cfg: Arc::new(cfg),
+            jobs: tx,
+            sent: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+        }
+    }
+
+    fn send(&self, job: Job) -> std::result::Result<(), Status> {
+        self.jobs
+            .send(job)
+            .map_err(|_| Status::internal("the engine thread has stopped"))
+    }
+
+    async fn step(&self, req: ForwardRequest) -> std::result::Result<StepOut, Status> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Step(req, tx))?;
+        rx.await
+            .map_err(|_| Status::internal("the engine thread has stopped"))?
+            .map_err(status)
+    }
+
+    async fn release(&self, seq: String) -> u64 {
+        let (tx, rx) = oneshot::channel();
+        if self.send(Job::Release(seq, tx)).is_err() {
+            return 0;
+        }
+        rx.await.unwrap_or(0)
+    }
+
+    pub fn into_server(self) -> WorkerServer<WorkerService> {
+        WorkerServer::new(self)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    }
+}
+
+/// Opens a channel to another worker (the next stage, or from the coordinator).
+pub async fn connect(
+    addr: &str,
+    timeout: Duration,
+) -> Result<WorkerClient<tonic::transport::Channel>> {
+    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
+        addr.to_string()
+    } else {
+        format!("http://{addr}")
+    };
+    let endpoint = tonic::transport::Endpoint::from_shared(uri)
+        .map_err(|e| Error::InvalidArgument(format!("bad worker address {addr:?}: {e}")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    let channel = tokio::time::timeout(timeout, endpoint.connect())
+        .await
+        .map_err(|_| {
+            Error::Worker(format!(
+                "worker {addr}: no connection within {:.1} s",
+                timeout.as_secs_f64()
+            ))
+        })?
+        .map_err(|e| Error::Worker(format!("worker {addr} is unreachable: {e}")))?;
+    Ok(WorkerClient::new(channel)
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+type BoxStream<T> =
+    std::pin::Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
+
+/// This worker's stream to the next stage.
+struct Downstream {
+    addr: String,
+    tx: mpsc::Sender<ForwardRequest>,
+    rx: Streaming<ForwardReply>,
+}
+
+impl Downstream {
+    async fn open(addr: &str, timeout: Duration) -> std::result::Result<Downstream, Status> {
+        let mut client = connect(addr, timeout)
+            .await
+            .map_err(|e| Status::unavailable(format!("next stage {e}")))?;
+        let (tx, rx) = mpsc::channel(4);
+        let rx = client
+            .forward(ReceiverStream::new(rx))
+            .await
+            .map_err(|e| Status::unavailable(format!("next stage {addr}: {}", e.message())))?
+            .into_inner();
+        Ok(Downstream {
+            addr: addr.to_string(),
+            tx,
+            rx,
+        })
+    }
+
+    async fn call(
+        &mut self,
+        req: ForwardRequest,
+        timeout: Duration,
+    ) -> std::result::Result<ForwardReply, Status> {
+        let lost =
+            |why: String| Status::unavailable(format!("next stage {} failed: {why}", self.addr));
+        self.tx
+            .send(req)
+            .await
+            .map_err(|_| lost("its stream closed".into()))?;
+        match tokio::time::timeout(timeout, self.rx.message()).await {
+            Err(_) => Err(lost(format!("no reply within {} s", timeout.as_secs()))),
+            Ok(Err(e))
+                if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown =>
+            {
+                Err(lost(e.message().to_string()))
+            }
+            // Errors of later stages already name them.
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(None)) => Err(lost("its stream ended".into())),
+            Ok(Ok(Some(r))) => Ok(r),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Worker for WorkerService {
+    async fn get_device_info(
+        &self,
+        request: Request<DeviceInfoRequest>,
+    ) -> std::result::Result<Response<DeviceInfo>, Status> {
+        let remeasure = request.into_inner().remeasure;
+        let name = self.cfg.name.clone();
+        let caps = tokio::task::spawn_blocking(move || {
+            if remeasure {
+                device::remeasure(&name)
+            } else {
+                device::capabilities(&name)
+            }
+        })
+        .await
+        .map_err(|e| Status::internal(e.to_string()))?
+        .map_err(status)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Info(tx))?;
+        let (shard, cache_bytes, sequences) = rx
+            .await
+            .map_err(|_| Status::internal("the engine thread has stopped"))?;
+        Ok(Response::new(DeviceInfo {
+            name: caps.name,
+            device_type: caps.device_type,
+            chip: caps.chip,
+            gpu_cores: caps.gpu_cores,
+            memory_total: caps.memory_total,
+            memory_available: caps.memory_available,
+            matmul_gflops: caps.matmul_gflops,
+            bandwidth_gbs: caps.bandwidth_gbs,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            mlx_version: mlx::version(),
+            shard,
+            cache_bytes,
+            sequences,
+            mlx_active_memory: mlx::active_memory() as u64,
+            mlx_peak_memory: mlx::peak_memory() as u64,
+            forward_bytes_sent: self.sent.0.load(Ordering::Relaxed),
+            forward_messages_sent: self.sent.1.load(Ordering::Relaxed),
+        }))
+    }
+
+    async fn push_file(
+        &self,
+        request: Request<Streaming<FileChunk>>,
+    ) -> std::result::Result<Response<PushFileReply>, Status> {
+        let mut chunks = request.into_inner();
+        let mut written = 0u64;
+        let mut open: Option<(PathBuf, PathBuf, tokio::fs::File, u64, u64)> = None;
+        while let Some(chunk) = chunks.message().await? {
+            let rel = safe_relative(&chunk.path).map_err(status)?;
+            let dir = {
+                let id = &chunk.model_id;
+                if id.is_empty()
+                    || id.len() > 128
+                    || !id
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+                {
+                    return Err(Status::invalid_argument(format!("invalid model id {id:?}")));
+                }
+                self.cfg.cache_dir.join(id)
+            };
+            let target = dir.join(&rel);
+            if open.as_ref().is_none_or(|(t, ..)| *t != target) {
+                if chunk.offset != 0 {
+                    return Err(Status::invalid_argument(format!(
+                        "{}: the first chunk must start at offset 0",
+                        chunk.path
+                    )));
+                }
+                let partial = target.with_extension("partial");
+                if let Some(parent) = partial.parent() {
+                    tokio::fs::create_dir_all(parent).await?;
+                }
+                let f = tokio::fs::File::create(&partial).await?;
+                open = Some((target.clone(), partial, f, 0, chunk.total_size));
+            }
+            let (_, partial, f, pos, total) = open.as_mut().unwrap();
+            if chunk.offset != *pos {
+                return Err(Status::invalid_argument(format!(
+                    "{}: chunk at {} but {} bytes were written",
+                    chunk.path, chunk.offset, pos
+                )));
+            }
+            if *pos + chunk.data.len() as u64 > *total {
+                return Err(Status::invalid_argument(format!(
+                    "{}: more data than its size {total}",
+                    chunk.path
+                )));
+            }
+            f.write_all(&chunk.data).await?;
+            *pos += chunk.data.len() as u64;
+            written += chunk.data.len() as u64;
+            if chunk.last {
+                if *pos != *total {
+                    return Err(Status::invalid_argument(format!(
+                        "{}: {} of {total} bytes arrived",
+                        chunk.path, pos
+                    )));
+                }
+                f.flush().await?;
+                tokio::fs::rename(&partial, &target).await?;
+                open = None;
+            }
+        }
+        if let Some((_, partial, ..)) = open {
+            let _ = tokio::fs::remove_file(partial).await;
+            return Err(Status::invalid_argument(
+                "the stream ended before the file's last chunk",
+            ));
+        }
+        Ok(Response::new(PushFileReply {
+            bytes_written: written,
+        }))
+    }
+
+    type LoadShardStream = BoxStream<LoadProgress>;
+
+    async fn load_shard(
+        &self,
+        request: Request<LoadShardRequest>,
+    ) -> std::result::Result<Response<Self::LoadShardStream>, Status> {
+        let req = request.into_inner();
+        if req.layer_end < req.layer_start {
+            return Err(Status::invalid_argument("layer_end is before layer_start"));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        self.send(Job::Load(req, self.cfg.clone(), tx))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type ForwardStream = BoxStream<ForwardReply>;
+
+    async fn forward(
+        &self,
+        request: Request<Streaming<ForwardRequest>>,
+    ) -> std::result::Result<Response<Self::ForwardStream>, Status> {
+        let mut upstream = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let svc = self.clone();
+        tokio::spawn(async move {
+            let mut downstream: Option<Downstream> = None;
+            let mut seen: HashSet<String> = HashSet::new();
+            loop {
+                let msg = match upstream.message().await {
+                    Ok(Some(m)) => m,
+                    // The client went away or finished: its sequences end.
+                    Ok(None) | Err(_) => break,
+                };
+                seen.insert(msg.sequence_id.clone());
+                let reply = match svc.step(msg.clone()).await {
+                    Err(e) => Err(e),
+                    Ok(out) => match out.hidden {
+                        None => Ok(ForwardReply {
+                            sequence_id: msg.sequence_id.clone(),
+                            token: out.token,
+                            logprobs: out.logprobs,
+                            stage_micros: vec![out.micros],
+                        }),
+                        Some(hidden) => {
+                            let next = out.next.unwrap_or_default();
+                            let ds = match downstream.as_mut() {
+                                Some(d) => Ok(d),
+                                None => Downstream::open(&next, Duration::from_secs(10))
+                                    .await
+                                    .map(|d| downstream.insert(d)),
+                            };
+                            match ds {
+                                Err(e) => Err(e),
+                                Ok(ds) => {
+                                    let fwd = ForwardRequest {
+                                        hidden: Some(hidden),
+                                        ..msg
+                                    };
+                                    svc.sent.0.fetch_add(
+                                        prost::Message::encoded_len(&fwd) as u64,
+                                        Ordering::Relaxed,
+                                    );
+                                    svc.sent.1.fetch_add(1, Ordering::Relaxed);
+                                    ds.call(fwd, svc.cfg.step_timeout).await.map(|mut r| {
+                                        r.stage_micros.insert(0, out.micros);
+                                        r
+                                    })
+                                }
+                            }
+                        }
+                    },
+                };
+                let failed = reply.is_err();
+                if let Err(e) = &reply {
+                    tracing::warn!(worker = %svc.cfg.name, "step failed: {}", e.message());
+                }
+                if tx.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+            // Dropping `downstream` closes the next stage's stream, which
+            // releases the same sequences there.
+            drop(downstream);
+            for seq in seen {
+                svc.release(seq).await;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn release(
+        &self,
+        request: Request<ReleaseRequest>,
+    ) -> std::result::Result<Response<ReleaseReply>, Status> {
+        let seq = request.into_inner().sequence_id;
+        let freed = WorkerService::release(self, seq).await;
+        Ok(Response::new(ReleaseReply { freed_bytes: freed }))
+    }
+}
+
+/// Serves a worker on `host:port` until Ctrl-C or SIGTERM; prints
+/// `listening on HOST:PORT` (the real port when 0 was asked) once ready.
+pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind((host, port))
+        .await
+        .map_err(|e| Error::InvalidArgument(format!("cannot listen on {host}:{port}: {e}")))?;
+    let local = listener.local_addr()?;
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<WorkerServer<WorkerService>>().await;
+    let name = cfg.name.clone();
+    let service = WorkerService::new(cfg).into_server();
+    println!("listening on {host}:{}", local.port());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tracing::info!(worker = %name, "serving on {local}");
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(health_service)
+        .add_service(service)
+        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .await
+        .map_err(|e| Error::Worker(format!("worker {name} stopped: {e}")))
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{ModelSource as ProtoSource, Tensor};
+
+    async fn start(dir: &Path) -> (String, WorkerClient<tonic::transport::Channel>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut cfg = WorkerConfig::new("test");
+        cfg.cache_dir = dir.join("cache");
+        let server = WorkerService::new(cfg).into_server();
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_service(server)
+                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+        );
+        let mut client = connect(&addr, Duration::from_secs(5)).await.unwrap();
+        let req = LoadShardRequest {
+            source: Some(ProtoSource {
+                path: dir.display().to_string(),
+                model_id: String::new(),
+            }),
+            layer_start: 1,
+            layer_end: 3,
+            embed: false,
+            head: true,
+            cache_budget: 1 << 30,
+            ..Default::default()
+        };
+        let mut progress = client.load_shard(req).await.unwrap().into_inner();
+        while let Some(p) = progress.message().await.unwrap() {
+            if p.done {
+                break;
+            }
+        }
+        (addr, client)
+    }
+
+    async fn one_step(
+        client: &mut WorkerClient<tonic::transport::Channel>,
+        req: ForwardRequest,
+    ) -> std::result::Result<ForwardReply, Status> {
+        let (tx, rx) = mpsc::channel(1);
+        tx.send(req).await.unwrap();
+        let mut replies = client.forward(ReceiverStream::new(rx)).await?.into_inner();
+        let r = replies.message().await?;
+        r.ok_or_else(|| Status::internal("no reply"))
+    }
+
+    fn step(seq: &str, hidden: Tensor) -> ForwardRequest {
+        ForwardRequest {
+            sequence_id: seq.into(),
+            hidden: Some(hidden),
+            sample: true,
+            tokens: vec![3],
+            max_length: 8,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn bad_messages_are_refused_and_the_worker_keeps_serving() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        crate::pipeline::runtime().block_on(async {
+            let (addr, mut client) = start(tmp.path()).await;
+            let good = codec::encode(
+                &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
+                Compression::None,
+            )
+            .unwrap();
+
+            let mut truncated = good.clone();
+            truncated.data = truncated.data.slice(..10);
+            let err = one_step(&mut client, step("a", truncated))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+
+            let mut wrong_shape = good.clone();
+            wrong_shape.shape = vec![1, 2, 128];
+            let err = one_step(&mut client, step("b", wrong_shape))
+                .await
+                .unwrap_err();
+            assert!(err.message().contains("do not fit"), "{err:?}");
+
+            let mut bad_dtype = good.clone();
+            bad_dtype.dtype = 99;
+            assert!(one_step(&mut client, step("c", bad_dtype)).await.is_err());
+
+            let mut late = step("d", good.clone());
+            late.offset = 5;
+            let err = one_step(&mut client, late).await.unwrap_err();
+            assert!(err.message().contains("unknown"), "{err:?}");
+
+            let mut huge = step("e", good.clone());
+            huge.max_length = 1 << 31;
+            let err = one_step(&mut client, huge).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+
+            // Garbage on the raw port, then a truncated gRPC frame.
+            for junk in [
+                &b"\x00\x01garbage that is not http/2"[..],
+                &b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00"[..],
+            ] {
+                use tokio::io::AsyncWriteExt as _;
+                let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                raw.write_all(junk).await.unwrap();
+                drop(raw);
+            }
+
+            let reply = one_step(&mut client, step("f", good.clone()))
+                .await
+                .unwrap();
+            assert!(reply.token.is_some());
+            assert_eq!(reply.stage_micros.len(), 1);
+        });
+    }
+}

@@ -1,0 +1,52 @@
+"""Starting worker processes on loopback ports for tests."""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class WorkerProcess:
+    def __init__(self, name: str, log_dir: Path, *args: str):
+        env = dict(os.environ, MLX_DIST_CACHE=str(log_dir / f"cache-{name}"), MLX_DIST_LOG="info")
+        self.log = log_dir / f"{name}.log"
+        cmd = [sys.executable, "-m", "mlx_dist.cli", "worker", "--port", "0", "--name", name, *args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log.open("wb"), env=env, text=True
+        )
+        self.name = name
+        self.address = self._wait_listening()
+
+    def _wait_listening(self, timeout: float = 60.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([self.proc.stdout], [], [], 0.2)
+            if ready:
+                line = self.proc.stdout.readline()
+                if line.startswith("listening on "):
+                    return line.split()[-1]
+                if not line and self.proc.poll() is not None:
+                    break
+        self.stop()
+        raise RuntimeError(f"worker {self.name} did not start: {self.log.read_text()[-2000:]}")
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+def start_workers(n: int, log_dir: Path, *args: str, prefix: str = "w") -> list[WorkerProcess]:
+    return [WorkerProcess(f"{prefix}{i}", log_dir, *args) for i in range(n)]
