@@ -140,3 +140,113 @@ pub fn decode(t: &proto::Tensor) -> Result<Array> {
         ))),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample(shape: &[i32], dtype: Dtype) -> Array {
+        let n: i32 = shape.iter().product();
+        Array::arange(0.0, n as f64, 1.0, Dtype::Float32)
+            .unwrap()
+            .mul_scalar(0.37)
+            .unwrap()
+            .sin()
+            .unwrap()
+            .mul_scalar(50.0)
+            .unwrap()
+            .reshape(shape)
+            .unwrap()
+            .astype(dtype)
+            .unwrap()
+    }
+
+    #[test]
+    fn exact_round_trips_keep_shape_dtype_and_bytes() {
+        for dtype in [
+            Dtype::Float32,
+            Dtype::Float16,
+            Dtype::Bfloat16,
+            Dtype::Int32,
+            Dtype::Uint32,
+            Dtype::Int8,
+        ] {
+            for shape in [&[1][..], &[3, 5, 7], &[2, 1, 4097], &[1, 1, 0]] {
+                let a = sample(shape, dtype);
+                let t = encode(&a, Compression::None).unwrap();
+                assert_eq!(t.data.len(), a.nbytes());
+                let b = decode(&t).unwrap();
+                assert_eq!(b.shape(), a.shape());
+                assert_eq!(b.dtype(), dtype);
+                assert_eq!(
+                    b.to_bytes().unwrap(),
+                    a.to_bytes().unwrap(),
+                    "{dtype:?} {shape:?}"
+                );
+            }
+        }
+        // A non-contiguous view is sent in row-major order.
+        let a = sample(&[4, 6], Dtype::Bfloat16).t().unwrap();
+        let b = decode(&encode(&a, Compression::None).unwrap()).unwrap();
+        assert_eq!(
+            b.to_bytes().unwrap(),
+            a.contiguous().unwrap().to_bytes().unwrap()
+        );
+    }
+
+    #[test]
+    fn malformed_tensors_are_refused_with_the_reason() {
+        let t = encode(&sample(&[2, 3], Dtype::Bfloat16), Compression::None).unwrap();
+        let mut short = t.clone();
+        short.data = short.data.slice(..10);
+        let err = decode(&short).unwrap_err().to_string();
+        assert!(
+            err.contains("10 bytes") && err.contains("bfloat16") && err.contains("12"),
+            "{err}"
+        );
+        let mut bad = t.clone();
+        bad.dtype = 42;
+        assert!(decode(&bad).unwrap_err().to_string().contains("dtype"));
+        let mut neg = t.clone();
+        neg.shape = vec![2, -3];
+        assert!(decode(&neg).is_err());
+        let mut huge = t.clone();
+        huge.shape = vec![1 << 30, 1 << 30];
+        assert!(decode(&huge).is_err());
+        let mut none = t.clone();
+        none.shape = vec![];
+        assert!(decode(&none).is_err());
+        let mut comp = t.clone();
+        comp.compression = 7;
+        assert!(decode(&comp).is_err());
+        let mut q = encode(&sample(&[2, 3], Dtype::Float32), Compression::Int8).unwrap();
+        q.scales = q.scales.slice(..4);
+        assert!(decode(&q).unwrap_err().to_string().contains("scales"));
+    }
+
+    #[test]
+    fn int8_error_is_within_half_a_step_per_token() {
+        let mut a = sample(&[1, 5, 4096], Dtype::Float32);
+        // One all-zero token must not turn into NaN.
+        let zero = Array::zeros(&[1, 1, 4096], Dtype::Float32).unwrap();
+        a = a.slice_update(&zero, &[0, 2, 0], &[1, 3, 4096]).unwrap();
+        let t = encode(&a, Compression::Int8).unwrap();
+        assert_eq!(t.data.len(), 5 * 4096);
+        assert_eq!(t.scales.len(), 5 * 4);
+        let b = decode(&t).unwrap();
+        assert_eq!(b.shape(), vec![1, 5, 4096]);
+        assert_eq!(b.dtype(), Dtype::Float32);
+        let (x, y) = (a.to_vec::<f32>().unwrap(), b.to_vec::<f32>().unwrap());
+        for row in 0..5 {
+            let r = &x[row * 4096..(row + 1) * 4096];
+            let step = r.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0;
+            for (u, v) in r.iter().zip(&y[row * 4096..(row + 1) * 4096]) {
+                assert!(v.is_finite());
+                assert!((u - v).abs() <= step / 2.0 + 1e-6, "{u} vs {v}");
+            }
+        }
+        let bf =
+            decode(&encode(&sample(&[2, 8], Dtype::Bfloat16), Compression::Int8).unwrap()).unwrap();
+        assert_eq!(bf.dtype(), Dtype::Bfloat16);
+    }
+}
