@@ -47,11 +47,36 @@ def _decode(model, tok, ids, gen, repeats):
     return statistics.median(r[0] for r in runs), min(r[1] for r in runs)
 
 
+def _sent(addrs):
+    from mlx_dist import _core
+
+    infos = [json.loads(_core.worker_info(a)) for a in addrs]
+    return sum(i["forward_bytes_sent"] for i in infos), sum(
+        i["forward_messages_sent"] for i in infos
+    )
+
+
+def _decode_bytes_per_hop(model, tok, ids, addrs, gen):
+    """Bytes of one decode step's message on one hop: a full run's traffic
+    less a prefill-only run's, over the decode messages."""
+    import mlx_dist
+
+    b0, m0 = _sent(addrs)
+    for _ in mlx_dist.stream_generate(model, tok, ids, max_tokens=1):
+        pass
+    b1, m1 = _sent(addrs)
+    for _ in mlx_dist.stream_generate(model, tok, ids, max_tokens=gen):
+        pass
+    b2, m2 = _sent(addrs)
+    prefill_b, prefill_m = b1 - b0, m1 - m0
+    decode_m = (m2 - m1) - prefill_m
+    return ((b2 - b1) - prefill_b) / decode_m if decode_m > 0 else 0.0
+
+
 def main(args) -> int:
     import mlx.core as mx
 
     import mlx_dist
-    from mlx_dist import _core
     from mlx_dist.bench import make_random_model
 
     env = dict(os.environ)
@@ -85,30 +110,40 @@ def main(args) -> int:
             for k in stages:
                 model, dtok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform")
                 _decode(model, dtok, ids[:8], 4, 1)
-                before = [json.loads(_core.worker_info(a)) for a in addrs[:k]]
                 tps, n = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
-                after = [json.loads(_core.worker_info(a)) for a in addrs[:k]]
-                sent = sum(
-                    a["forward_bytes_sent"] - b["forward_bytes_sent"] for a, b in zip(after, before)
-                )
-                msgs = sum(
-                    a["forward_messages_sent"] - b["forward_messages_sent"]
-                    for a, b in zip(after, before)
-                )
-                # Decode messages only: prefill chunks are few and large; take the
-                # smallest per-message size as the per-token hop size.
-                per_hop = sent / msgs if msgs else 0.0
-                # Time per hop: the step's wall time beyond the stages' compute,
-                # over the 2k network traversals (down and back up the chain).
+                per_hop = _decode_bytes_per_hop(model, dtok, ids, addrs[:k], args.gen_tokens)
+                # Time per hop: what the pipeline adds to a single device's step,
+                # over the 2k network traversals (down the chain and back up).
                 step_ms = 1000 / tps
-                compute_ms = sum(model.last_stage_micros) / 1000
-                hop_ms = max(step_ms - compute_ms, 0.0) / (2 * k)
+                hop_ms = (step_ms - 1000 / base) / (2 * k)
                 print(
                     f"{k:>5} workers   {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {hop_ms:8.3f} "
                     f"{per_hop:16.0f}"
                 )
             if hidden:
                 print(f"(hidden size {hidden}: hidden x 2 + 64 = {hidden * 2 + 64} bytes)")
+            # The int8 codec: speed, bytes and how often greedy tokens agree.
+            k = max(stages)
+            exact, etok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform")
+            want = [
+                r.token
+                for r in mlx_dist.stream_generate(exact, etok, ids, max_tokens=args.gen_tokens)
+            ]
+            q, qtok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform", compression="int8")
+            got = [
+                r.token for r in mlx_dist.stream_generate(q, qtok, ids, max_tokens=args.gen_tokens)
+            ]
+            qbytes = _decode_bytes_per_hop(q, qtok, ids, addrs[:k], args.gen_tokens)
+            same = next(
+                (i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got))
+            )
+            agree = sum(x == y for x, y in zip(want, got)) / max(len(want), 1)
+            qtps, _ = _decode(q, qtok, ids, args.gen_tokens, args.repeats)
+            print(
+                f"int8 codec over {k} workers: {qtps:.1f} tok/s ({qtps / base:.3f}x), "
+                f"{qbytes:.0f} bytes/hop/token; greedy tokens equal to exact for the "
+                f"first {same} of {len(want)}, {100 * agree:.0f}% position-wise"
+            )
         finally:
             for p, _ in procs:
                 p.terminate()
