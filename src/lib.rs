@@ -41,7 +41,7 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::py::cluster::{load_cluster, run_worker, worker_info, PyCluster};
+    use crate::py::cluster::{load_cluster, run_worker, set_cluster_token, worker_info, PyCluster};
     #[pymodule_export]
     use crate::py::generate::{PyGeneration, PyLogprobs};
     #[pymodule_export]

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
 use tonic::Streaming;
 
 use crate::codec;
@@ -19,7 +18,6 @@ use crate::error::{Error, Result};
 use crate::generate::TokenSource;
 use crate::mlx::Array;
 use crate::models::ModelArgs;
-use crate::proto::worker_client::WorkerClient;
 use crate::proto::{
     Compression, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadShardRequest,
     ModelSource as ProtoSource, SamplingParams,
@@ -27,7 +25,7 @@ use crate::proto::{
 use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::sharding::{plan, Footprint, Plan, Strategy};
 use crate::weights::{resolve, ModelSource, Weights};
-use crate::worker::connect;
+use crate::worker::{connect, Client};
 
 /// The tokio runtime that carries all coordinator-side network work.
 pub fn runtime() -> &'static tokio::runtime::Runtime {
@@ -80,7 +78,7 @@ pub type Progress<'a> = &'a (dyn Fn(usize, u64, u64, &str) + Sync);
 pub struct StageHandle {
     pub address: String,
     pub name: String,
-    client: WorkerClient<Channel>,
+    client: Client,
 }
 
 /// A model loaded over a chain of workers.
@@ -119,7 +117,7 @@ fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
 }
 
 /// Connects to one worker, retrying with backoff until `deadline`.
-async fn connect_retrying(addr: &str, within: Duration) -> Result<WorkerClient<Channel>> {
+async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
     let mut attempts = 0;
@@ -209,7 +207,7 @@ fn model_files(source: &ModelSource) -> Result<Vec<(PathBuf, String)>> {
 }
 
 async fn push_files(
-    client: &mut WorkerClient<Channel>,
+    client: &mut Client,
     id: &str,
     files: &[(PathBuf, String)],
     progress: impl Fn(u64, u64),
@@ -471,7 +469,7 @@ impl Cluster {
 }
 
 async fn load_stage(
-    client: &mut WorkerClient<Channel>,
+    client: &mut Client,
     req: LoadShardRequest,
     stage: usize,
     progress: Progress<'_>,

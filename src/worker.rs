@@ -35,6 +35,67 @@ use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 use crate::sharding::Footprint;
 use crate::weights::{resolve, Weights};
 
+/// The metadata key that carries the cluster token.
+pub const TOKEN_KEY: &str = "x-mlx-dist-token";
+
+/// The cluster token this process sends and (as a worker) requires:
+/// `MLX_DIST_TOKEN`, unless set with `set_cluster_token`.
+static TOKEN: std::sync::RwLock<Option<Option<String>>> = std::sync::RwLock::new(None);
+
+pub fn set_cluster_token(token: Option<String>) {
+    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = Some(token.filter(|t| !t.is_empty()));
+}
+
+pub fn cluster_token() -> Option<String> {
+    if let Some(t) = TOKEN.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        return t;
+    }
+    std::env::var("MLX_DIST_TOKEN")
+        .ok()
+        .filter(|t| !t.is_empty())
+}
+
+/// Adds the cluster token to every call a client makes.
+#[derive(Clone)]
+pub struct AddToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for AddToken {
+    fn call(&mut self, mut req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        if let Some(t) = &self.0 {
+            req.metadata_mut().insert(TOKEN_KEY, t.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// Refuses calls without the worker's cluster token.
+#[derive(Clone)]
+pub struct CheckToken(Option<Vec<u8>>);
+
+impl tonic::service::Interceptor for CheckToken {
+    fn call(&mut self, req: Request<()>) -> std::result::Result<Request<()>, Status> {
+        let Some(want) = &self.0 else { return Ok(req) };
+        let got = req
+            .metadata()
+            .get(TOKEN_KEY)
+            .map(|v| v.as_bytes())
+            .unwrap_or_default();
+        // Constant-time comparison: the time taken tells nothing about the token.
+        let same = got.len() == want.len()
+            && got.iter().zip(want).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+        if same {
+            Ok(req)
+        } else {
+            Err(Status::unauthenticated("missing or wrong cluster token"))
+        }
+    }
+}
+
+/// A client of a worker, sending this process's cluster token.
+pub type Client = WorkerClient<
+    tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddToken>,
+>;
+
 /// Largest gRPC message a worker accepts or sends (activations of a long
 /// prefill chunk, pushed file chunks).
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
@@ -526,18 +587,21 @@ impl WorkerService {
         rx.await.unwrap_or(0)
     }
 
-    pub fn into_server(self) -> WorkerServer<WorkerService> {
-        WorkerServer::new(self)
+    /// The service behind the cluster-token check (open when no token is set).
+    pub fn into_server(
+        self,
+    ) -> tonic::service::interceptor::InterceptedService<WorkerServer<WorkerService>, CheckToken>
+    {
+        let check = CheckToken(cluster_token().map(String::into_bytes));
+        let server = WorkerServer::new(self)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        tonic::service::interceptor::InterceptedService::new(server, check)
     }
 }
 
 /// Opens a channel to another worker (the next stage, or from the coordinator).
-pub async fn connect(
-    addr: &str,
-    timeout: Duration,
-) -> Result<WorkerClient<tonic::transport::Channel>> {
+pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
         addr.to_string()
     } else {
@@ -559,7 +623,13 @@ pub async fn connect(
             ))
         })?
         .map_err(|e| Error::Worker(format!("worker {addr} is unreachable: {e}")))?;
-    Ok(WorkerClient::new(channel)
+    let token = match cluster_token() {
+        Some(t) => Some(t.parse().map_err(|_| {
+            Error::InvalidArgument("the cluster token must be printable ASCII".into())
+        })?),
+        None => None,
+    };
+    Ok(WorkerClient::with_interceptor(channel, AddToken(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }
@@ -881,7 +951,7 @@ mod tests {
     use super::*;
     use crate::proto::{ModelSource as ProtoSource, Tensor};
 
-    async fn start(dir: &Path) -> (String, WorkerClient<tonic::transport::Channel>) {
+    async fn start(dir: &Path) -> (String, Client) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let mut cfg = WorkerConfig::new("test");
@@ -915,7 +985,7 @@ mod tests {
     }
 
     async fn one_step(
-        client: &mut WorkerClient<tonic::transport::Channel>,
+        client: &mut Client,
         req: ForwardRequest,
     ) -> std::result::Result<ForwardReply, Status> {
         let (tx, rx) = mpsc::channel(1);
@@ -934,6 +1004,36 @@ mod tests {
             max_length: 8,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn calls_without_the_cluster_token_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        set_cluster_token(Some("s3cret".into()));
+        crate::pipeline::runtime().block_on(async {
+            let (addr, mut client) = start(tmp.path()).await;
+            assert!(client
+                .get_device_info(DeviceInfoRequest::default())
+                .await
+                .is_ok());
+            set_cluster_token(Some("wrong".into()));
+            let mut other = connect(&addr, Duration::from_secs(5)).await.unwrap();
+            let err = other
+                .get_device_info(DeviceInfoRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated);
+            set_cluster_token(None);
+            let mut none = connect(&addr, Duration::from_secs(5)).await.unwrap();
+            assert!(none
+                .release(ReleaseRequest {
+                    sequence_id: "x".into()
+                })
+                .await
+                .is_err());
+        });
+        set_cluster_token(None);
     }
 
     #[test]

@@ -309,3 +309,18 @@ def test_cli_generate_over_workers(six_layer, workers):
         check=False,
     )
     assert bad.returncode != 0 and "127.0.0.1:9" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_workers_require_the_cluster_token(six_layer, tmp_path_factory):
+    procs = start_workers(1, tmp_path_factory.mktemp("token"), "--token", "s3cret", prefix="t")
+    try:
+        path = str(six_layer["llama"])
+        with pytest.raises(ConnectionError, match="token"):
+            mlx_dist.load(path, workers=[procs[0].address], token="")
+        model, tok = mlx_dist.load(path, workers=[procs[0].address], token="s3cret")
+        local, ltok = mlx_dist.load(path)
+        assert greedy(model, tok, tok.encode(PROMPT)) == greedy(local, ltok, ltok.encode(PROMPT))
+    finally:
+        _core.set_cluster_token(None)
+        for p in procs:
+            p.stop()

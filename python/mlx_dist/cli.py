@@ -101,6 +101,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     from mlx_dist import _core
 
+    if args.token is not None:
+        _core.set_cluster_token(args.token)
     _core.run_worker(args.host, args.port, args.name, not args.no_local_files)
     return 0
 
@@ -150,6 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
     w.add_argument("--port", type=int, default=7470, help="port (0: any free port)")
     w.add_argument("--name", default=None, help="name shown in plans, logs and errors")
+    w.add_argument(
+        "--token",
+        default=None,
+        help="cluster token every call must carry (default: $MLX_DIST_TOKEN; none: open)",
+    )
     w.add_argument(
         "--no-local-files",
         action="store_true",

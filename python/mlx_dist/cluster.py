@@ -175,8 +175,12 @@ def load_distributed(
     kv_tokens: int = 4096,
     connect_timeout: float = 10.0,
     progress=None,
+    token: str | None = None,
 ):
     from mlx_dist.utils import TokenizerWrapper
+
+    if token is not None:
+        _core.set_cluster_token(token)
 
     specs = parse_workers(workers)
     declared = [s["declared"] for s in specs]

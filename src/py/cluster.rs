@@ -205,3 +205,11 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
     })
     .to_string())
 }
+
+/// Sets the cluster token this process sends to workers and, as a worker,
+/// requires (`None` falls back to `MLX_DIST_TOKEN`).
+#[pyfunction]
+#[pyo3(signature = (token = None))]
+pub fn set_cluster_token(token: Option<String>) {
+    crate::worker::set_cluster_token(token);
+}
