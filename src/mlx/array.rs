@@ -313,3 +313,92 @@ pub fn async_eval(arrays: &[&Array]) -> Result<()> {
     let raws: Vec<Arr> = arrays.iter().map(|a| a.raw() as Arr).collect();
     check(unsafe { ffi::mlxd_async_eval(raws.as_ptr(), raws.len()) })
 }
+
+/// The owner behind `Array::host_bytes`: a handle that keeps MLX's buffer
+/// alive, and the address and length of the elements in it.
+struct HostBuffer {
+    _array: Array,
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// The buffer stays put and unwritten while `_array` holds it: MLX donates a
+// buffer to an op's output only when nothing else references it.
+unsafe impl Send for HostBuffer {}
+
+impl AsRef<[u8]> for HostBuffer {
+    fn as_ref(&self) -> &[u8] {
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+/// Frees the `Bytes` lent to MLX by `Array::from_shared_bytes`.
+unsafe extern "C" fn release_bytes(ctx: *mut std::ffi::c_void) {
+    drop(Box::from_raw(ctx.cast::<bytes::Bytes>()));
+}
+
+impl Array {
+    /// Evaluates the array and returns its elements, row-major, as `Bytes`
+    /// that share MLX's buffer: no copy for a row-contiguous array (a view
+    /// such as a transpose is made contiguous first, one copy by MLX). The
+    /// bytes keep the buffer alive, unchanged, until the last clone drops. On
+    /// CUDA, MLX moves the buffer to unified memory to expose it to the host.
+    pub fn host_bytes(&self) -> Result<bytes::Bytes> {
+        let mut data: *const std::ffi::c_void = ptr::null();
+        let mut len = 0usize;
+        let held = make(|o| unsafe { ffi::mlxd_host_data(o, self.raw(), &mut data, &mut len) })?;
+        match NonNull::new(data as *mut u8) {
+            Some(ptr) if len > 0 => Ok(bytes::Bytes::from_owner(HostBuffer {
+                _array: held,
+                ptr,
+                len,
+            })),
+            _ => Ok(bytes::Bytes::new()),
+        }
+    }
+
+    /// An array of `dtype` and `shape` over raw little-endian, row-major
+    /// `bytes`, adopting them without a copy where MLX's allocator can wrap
+    /// host memory (Metal; page-aligned memory only); MLX copies them
+    /// otherwise (its CPU and CUDA allocators wrap none), and so does this
+    /// when they are not aligned for `dtype`. Also returns whether MLX
+    /// adopted them; adopted bytes are held, never written, until MLX frees
+    /// the buffer, possibly on another thread.
+    pub fn from_shared_bytes(
+        bytes: bytes::Bytes,
+        shape: &[i32],
+        dtype: Dtype,
+    ) -> Result<(Array, bool)> {
+        let need = shape.iter().try_fold(dtype.size() as u64, |n, &d| {
+            u64::try_from(d).ok().and_then(|d| n.checked_mul(d))
+        });
+        if need != Some(bytes.len() as u64) {
+            return Err(Error::InvalidArgument(format!(
+                "{} bytes cannot hold {} of shape {shape:?}",
+                bytes.len(),
+                dtype.name()
+            )));
+        }
+        let aligned = (bytes.as_ptr() as usize).is_multiple_of(dtype.size());
+        let data = bytes.as_ptr() as *mut std::ffi::c_void;
+        let len = bytes.len();
+        // Boxing moves the handle, not the bytes it points at.
+        let ctx = Box::into_raw(Box::new(bytes)).cast::<std::ffi::c_void>();
+        let mut adopted: c_int = 0;
+        let a = make(|o| unsafe {
+            ffi::mlxd_from_external(
+                o,
+                data,
+                len,
+                shape.as_ptr(),
+                shape.len() as c_int,
+                dtype as c_int,
+                aligned as c_int,
+                release_bytes,
+                ctx,
+                &mut adopted,
+            )
+        })?;
+        Ok((a, adopted != 0))
+    }
+}

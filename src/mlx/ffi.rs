@@ -187,4 +187,23 @@ extern "C" {
         on_meta_strings: StringsCb,
     ) -> c_int;
     pub fn mlxd_device_info(ctx: *mut c_void, on_string: StringCb, on_size: SizeCb) -> c_int;
+
+    pub fn mlxd_host_data(
+        out: *mut Arr,
+        a: CArr,
+        data: *mut *const c_void,
+        nbytes: *mut usize,
+    ) -> c_int;
+    pub fn mlxd_from_external(
+        out: *mut Arr,
+        data: *mut c_void,
+        nbytes: usize,
+        shape: *const c_int,
+        ndim: c_int,
+        dtype: c_int,
+        adopt: c_int,
+        release: unsafe extern "C" fn(ctx: *mut c_void),
+        ctx: *mut c_void,
+        adopted: *mut c_int,
+    ) -> c_int;
 }

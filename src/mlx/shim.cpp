@@ -385,4 +385,66 @@ int mlxd_device_info(void* ctx, string_cb on_string, size_cb on_size) {
   })
 }
 
+// Evaluates `a` and returns in *out a handle on a buffer holding its elements
+// row-major and contiguous (`a` itself when it is, else a contiguous copy),
+// with their host address and size, so they can be read without a copy.
+int mlxd_host_data(arr** out, const arr* a, const void** data, size_t* nbytes) {
+  GUARD({
+    arr c = *a;
+    c.eval();
+    if (!c.flags().row_contiguous || c.data_size() != c.size()) {
+      c = mx::contiguous(c);
+      c.eval();
+    }
+    *data = c.nbytes() ? c.data<char>() : nullptr;
+    *nbytes = c.nbytes();
+    *out = box(std::move(c));
+  })
+}
+
+// Builds an array over `nbytes` at `data`, which the caller keeps alive until
+// `release(ctx)`. With `adopt`, MLX uses the memory in place where its
+// allocator can wrap host memory (Metal) and copies it otherwise; without,
+// it is copied. `release` runs exactly once, errors included: on return after
+// a copy, or when MLX frees an adopted buffer (on any thread). MLX never
+// writes into such a buffer: memory it did not allocate is never donated.
+typedef void (*release_cb)(void* ctx);
+int mlxd_from_external(arr** out, void* data, size_t nbytes, const int* shape, int ndim, int dtype,
+                       int adopt, release_cb release, void* ctx, int* adopted) {
+  struct Owner {
+    release_cb release;
+    void* ctx;
+    std::atomic<bool> copied{false};
+    Owner(release_cb r, void* c) : release(r), ctx(c) {}
+    Owner(const Owner&) = delete;
+    ~Owner() { release(ctx); }
+  };
+  *adopted = 0;
+  GUARD({
+    std::shared_ptr<Owner> owner;
+    try {
+      owner = std::make_shared<Owner>(release, ctx);
+    } catch (...) {
+      release(ctx);
+      throw;
+    }
+    auto dt = to_dtype(dtype);
+    auto sh = to_shape(shape, ndim);
+    size_t n = 1;
+    for (auto d : sh) n *= d;
+    if (n * dt.size() != nbytes) throw std::invalid_argument("from_external: size mismatch");
+    if (adopt && nbytes) {
+      // MLX calls the deleter right after copying; when it adopts, only once
+      // it frees the buffer. The last copy of `owner` releases the memory.
+      arr a(data, sh, dt, [owner](void*) { owner->copied = true; });
+      *adopted = owner->copied ? 0 : 1;
+      *out = box(std::move(a));
+    } else {
+      arr a(mx::allocator::malloc(nbytes), sh, dt);
+      if (nbytes) std::memcpy(a.data<char>(), data, nbytes);
+      *out = box(std::move(a));
+    }
+  })
+}
+
 }  // extern "C"
