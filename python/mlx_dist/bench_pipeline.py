@@ -36,15 +36,24 @@ def _start_worker(name: str, env: dict) -> tuple[subprocess.Popen, str]:
 
 
 def _decode(model, tok, ids, gen, repeats):
+    """Median decode tokens/s, tokens made, and the median per-step compute
+    time of each stage (distributed models), in ms."""
     import mlx_dist
 
-    runs = []
+    runs, stage_ms = [], []
     for _ in range(repeats):
         last = None
         for last in mlx_dist.stream_generate(model, tok, ids, max_tokens=gen):
-            pass
+            micros = getattr(model, "last_stage_micros", None)
+            if micros and last.generation_tokens > 4:
+                stage_ms.append([m / 1000 for m in micros])
         runs.append((last.generation_tps, last.generation_tokens))
-    return statistics.median(r[0] for r in runs), min(r[1] for r in runs)
+    per_stage = (
+        [statistics.median(s[i] for s in stage_ms) for i in range(len(stage_ms[0]))]
+        if stage_ms
+        else []
+    )
+    return statistics.median(r[0] for r in runs), min(r[1] for r in runs), per_stage
 
 
 def _sent(addrs):
@@ -98,27 +107,31 @@ def main(args) -> int:
             vocab = local.config["vocab_size"]
             ids = [(i * 7919) % (vocab - 1) + 1 for i in range(args.prompt_tokens)]
             _decode(local, tok, ids[:8], 4, 1)
-            base, n = _decode(local, tok, ids, args.gen_tokens, args.repeats)
+            base, n, _ = _decode(local, tok, ids, args.gen_tokens, args.repeats)
             print(f"device: {mx.default_device()}  model: {path}")
             print(
                 f"prompt {args.prompt_tokens} tokens, decode {n} tokens, median of {args.repeats}"
             )
             print(
-                f"{'setup':>14} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'ms/hop':>8} {'bytes/hop/token':>16}"
+                f"{'setup':>14} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'stage compute ms':>24} "
+                f"{'net ms/hop':>10} {'bytes/hop/token':>16}"
             )
-            print(f"{'1 device':>14} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>8} {'-':>16}")
+            print(
+                f"{'1 device':>14} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16}"
+            )
             for k in stages:
                 model, dtok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform")
                 _decode(model, dtok, ids[:8], 4, 1)
-                tps, n = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
+                tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
                 per_hop = _decode_bytes_per_hop(model, dtok, ids, addrs[:k], args.gen_tokens)
-                # Time per hop: what the pipeline adds to a single device's step,
-                # over the 2k network traversals (down the chain and back up).
+                # The step's wall time beyond the stages' compute, over the 2k
+                # network traversals (down the chain and back up).
                 step_ms = 1000 / tps
-                hop_ms = (step_ms - 1000 / base) / (2 * k)
+                hop_ms = max(step_ms - sum(per_stage), 0.0) / (2 * k)
+                stages_txt = "+".join(f"{x:.2f}" for x in per_stage)
                 print(
-                    f"{k:>5} workers   {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {hop_ms:8.3f} "
-                    f"{per_hop:16.0f}"
+                    f"{k:>5} workers   {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
+                    f"{hop_ms:10.3f} {per_hop:16.0f}"
                 )
             if hidden:
                 print(f"(hidden size {hidden}: hidden x 2 + 64 = {hidden * 2 + 64} bytes)")
@@ -138,7 +151,7 @@ def main(args) -> int:
                 (i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got))
             )
             agree = sum(x == y for x, y in zip(want, got)) / max(len(want), 1)
-            qtps, _ = _decode(q, qtok, ids, args.gen_tokens, args.repeats)
+            qtps, _, _ = _decode(q, qtok, ids, args.gen_tokens, args.repeats)
             print(
                 f"int8 codec over {k} workers: {qtps:.1f} tok/s ({qtps / base:.3f}x), "
                 f"{qbytes:.0f} bytes/hop/token; greedy tokens equal to exact for the "
