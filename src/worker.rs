@@ -430,7 +430,9 @@ impl Engine {
             }
             h
         };
-        let h = model.forward_layers(h, Some(&mut seq.caches))?;
+        // Decode steps are latency-bound: overlap graph building with compute.
+        let every = if req.tokens.len() <= 1 { 2 } else { 0 };
+        let h = model.forward_layers_eager(h, Some(&mut seq.caches), every)?;
         let mut out = StepOut {
             hidden: None,
             token: None,

@@ -231,11 +231,7 @@ impl Model {
     }
 
     /// Runs the held blocks over `[B, L, hidden]` activations.
-    pub fn forward_layers(
-        &self,
-        mut h: Array,
-        mut caches: Option<&mut [KvCache]>,
-    ) -> Result<Array> {
+    pub fn forward_layers(&self, h: Array, caches: Option<&mut [KvCache]>) -> Result<Array> {
         if let Some(c) = &caches {
             if c.len() != self.blocks.len() {
                 return Err(Error::InvalidArgument(format!(
@@ -245,10 +241,27 @@ impl Model {
                 )));
             }
         }
+        self.forward_layers_eager(h, caches, 0)
+    }
+
+    /// `forward_layers`, scheduling the work built so far every `every`
+    /// blocks (0: never), so the device runs the first layers while the
+    /// graph of the next ones is built. A pipeline stage, which must wait
+    /// for its result before sending it on, uses this to hide graph-building
+    /// time. The results are the same.
+    pub fn forward_layers_eager(
+        &self,
+        mut h: Array,
+        mut caches: Option<&mut [KvCache]>,
+        every: usize,
+    ) -> Result<Array> {
         let mask = AttnMask::for_length(h.dim(1));
         for (i, block) in self.blocks.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);
             h = block.forward(&h, &mask, cache)?;
+            if every > 0 && (i + 1) % every == 0 && i + 1 < self.blocks.len() {
+                crate::mlx::async_eval(&[&h])?;
+            }
         }
         Ok(h)
     }
