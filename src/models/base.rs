@@ -641,33 +641,60 @@ impl super::Block for DecoderBlock {
     }
 }
 
-/// Separate q/k/v/o projections of `args`' sizes under `prefix`.
-pub fn load_separate_attention(
-    args: &super::ModelArgs,
-    w: &Weights,
-    prefix: &str,
-    head_dim: i32,
-    qkv_bias: bool,
-    o_bias: bool,
-) -> Result<(Qkv, Linear, Heads)> {
-    let h = args.hidden_size;
-    let heads = Heads {
-        n_heads: args.num_attention_heads,
-        n_kv_heads: args.n_kv_heads(),
-        head_dim,
-    };
-    let qkv = Qkv::Separate {
-        q_proj: Linear::load(w, &format!("{prefix}.q_proj"), h, qkv_bias)?,
-        k_proj: Linear::load(w, &format!("{prefix}.k_proj"), h, qkv_bias)?,
-        v_proj: Linear::load(w, &format!("{prefix}.v_proj"), h, qkv_bias)?,
-    };
-    let o_proj = Linear::load(
-        w,
-        &format!("{prefix}.o_proj"),
-        heads.n_heads * head_dim,
-        o_bias,
-    )?;
-    Ok((qkv, o_proj, heads))
+/// How a standard attention layer (separate q/k/v/o) is laid out.
+pub struct AttentionLayout {
+    pub head_dim: i32,
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    /// RMS norms on each query and key head (`q_norm`, `k_norm`).
+    pub qk_norm: bool,
+    pub rope_traditional: bool,
+}
+
+impl Attention {
+    /// Separate q/k/v/o projections of `args`' sizes under `prefix`, with
+    /// the rope of the config.
+    pub fn load_standard(
+        args: &super::ModelArgs,
+        w: &Weights,
+        prefix: &str,
+        layout: AttentionLayout,
+    ) -> Result<Attention> {
+        let (h, hd) = (args.hidden_size, layout.head_dim);
+        let heads = Heads {
+            n_heads: args.num_attention_heads,
+            n_kv_heads: args.n_kv_heads(),
+            head_dim: hd,
+        };
+        let proj = |name: &str, inputs: i32, bias: bool| {
+            Linear::load(w, &format!("{prefix}.{name}"), inputs, bias)
+        };
+        let norm = |name: &str| {
+            layout
+                .qk_norm
+                .then(|| RmsNorm::load(w, &format!("{prefix}.{name}"), args.rms_norm_eps))
+                .transpose()
+        };
+        Ok(Attention {
+            qkv: Qkv::Separate {
+                q_proj: proj("q_proj", h, layout.qkv_bias)?,
+                k_proj: proj("k_proj", h, layout.qkv_bias)?,
+                v_proj: proj("v_proj", h, layout.qkv_bias)?,
+            },
+            o_proj: proj("o_proj", heads.n_heads * hd, layout.o_bias)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            heads,
+            scale: (hd as f32).powf(-0.5),
+            rope: Rope::from_config(
+                hd,
+                args.rope_theta,
+                layout.rope_traditional,
+                args.rope_scaling.as_ref(),
+                args.max_position_embeddings,
+            )?,
+        })
+    }
 }
 
 /// A SwiGLU MLP with separate gate/up/down projections under `prefix`.

@@ -1,7 +1,7 @@
 //! Llama 2/3 (and SmolLM, Mistral): grouped-query attention with rotary
 //! embeddings (llama3 frequency scaling included), SwiGLU MLP, optional
 //! biases (`attention_bias`, `mlp_bias`).
-use super::base::{load_separate_attention, load_separate_mlp, Attention, DecoderBlock, Rope};
+use super::base::{load_separate_mlp, Attention, AttentionLayout, DecoderBlock};
 use super::{layer_prefix, Architecture, Block, ModelArgs};
 use crate::error::Result;
 use crate::weights::Weights;
@@ -13,32 +13,15 @@ pub const ARCH: Architecture = Architecture {
 
 fn load_block(args: &ModelArgs, w: &Weights, i: usize) -> Result<Box<dyn Block>> {
     let p = layer_prefix(i);
-    let hd = args.head_dim();
-    let bias = args.attention_bias;
-    let (qkv, o_proj, heads) =
-        load_separate_attention(args, w, &format!("{p}.self_attn"), hd, bias, bias)?;
-    let rope = Rope::from_config(
-        hd,
-        args.rope_theta,
-        args.rope_traditional,
-        args.rope_scaling.as_ref(),
-        args.max_position_embeddings,
-    )?;
-    let self_attn = Attention {
-        qkv,
-        o_proj,
-        q_norm: None,
-        k_norm: None,
-        heads,
-        scale: (hd as f32).powf(-0.5),
-        rope,
+    let layout = AttentionLayout {
+        head_dim: args.head_dim(),
+        qkv_bias: args.attention_bias,
+        o_bias: args.attention_bias,
+        qk_norm: false,
+        rope_traditional: args.rope_traditional,
     };
+    let self_attn = Attention::load_standard(args, w, &format!("{p}.self_attn"), layout)?;
     let mlp = load_separate_mlp(args, w, &format!("{p}.mlp"), args.mlp_bias)?;
-    Ok(Box::new(DecoderBlock::load(
-        w,
-        &p,
-        args.rms_norm_eps,
-        self_attn,
-        mlp,
-    )?))
+    let block = DecoderBlock::load(w, &p, args.rms_norm_eps, self_attn, mlp)?;
+    Ok(Box::new(block))
 }

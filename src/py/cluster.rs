@@ -108,7 +108,7 @@ impl PyCluster {
         serde_json::to_string(&self.inner.plan).map_err(|e| Error::from(e).into())
     }
 
-    /// config.json of the model.
+    /// Layers of the model.
     #[getter]
     fn num_layers(&self) -> usize {
         self.inner.args.num_hidden_layers
