@@ -15,6 +15,20 @@ use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
 /// mlx-lm's default prefill chunk.
 pub const DEFAULT_PREFILL_STEP: usize = 2048;
 
+/// Refuses an empty prompt and token ids outside the vocabulary.
+pub fn check_prompt(prompt: &[u32], vocab_size: i32) -> Result<()> {
+    if prompt.is_empty() {
+        return Err(Error::InvalidArgument("the prompt is empty".into()));
+    }
+    let vocab = vocab_size as u32;
+    if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
+        return Err(Error::InvalidArgument(format!(
+            "prompt token {t} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(())
+}
+
 /// Where tokens come from: a model in this process (`TokenGenerator`) or a
 /// pipeline of workers.
 pub trait TokenSource: Send + Sync {
@@ -46,15 +60,7 @@ impl TokenGenerator {
         sampler: Sampler,
         prefill_step: usize,
     ) -> Result<TokenGenerator> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument("the prompt is empty".into()));
-        }
-        let vocab = model.args.vocab_size as u32;
-        if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
-            return Err(Error::InvalidArgument(format!(
-                "prompt token {t} is outside the vocabulary of {vocab}"
-            )));
-        }
+        check_prompt(prompt, model.args.vocab_size)?;
         let step = prefill_step.max(1);
         let mut g = TokenGenerator {
             cache: model.make_cache(),

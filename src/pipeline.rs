@@ -15,7 +15,7 @@ use tonic::Streaming;
 use crate::codec;
 use crate::device::Capabilities;
 use crate::error::{Error, Result};
-use crate::generate::TokenSource;
+use crate::generate::{check_prompt, TokenSource};
 use crate::mlx::Array;
 use crate::models::ModelArgs;
 use crate::proto::{
@@ -405,15 +405,8 @@ impl Cluster {
         prefill_step: usize,
         logprobs: bool,
     ) -> Result<RemoteTokens> {
-        if prompt.is_empty() {
-            return Err(Error::InvalidArgument("the prompt is empty".into()));
-        }
+        check_prompt(prompt, self.args.vocab_size)?;
         let vocab = self.args.vocab_size as u32;
-        if let Some(&t) = prompt.iter().find(|&&t| t >= vocab) {
-            return Err(Error::InvalidArgument(format!(
-                "prompt token {t} is outside the vocabulary of {vocab}"
-            )));
-        }
         sampler.validate()?;
         procs.validate(vocab as usize)?;
         static NEXT: AtomicU64 = AtomicU64::new(0);
