@@ -504,19 +504,21 @@ fn sampler_from(p: &SamplingParams, vocab: usize) -> Result<Sampler> {
     Sampler::new(cfg, procs)
 }
 
-/// Where pushed files of `model_id` live; the id must be a plain name.
-fn pushed_model_dir(cache_dir: &Path, model_id: &str) -> Result<PathBuf> {
-    if model_id.is_empty()
-        || model_id.len() > 128
-        || !model_id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-    {
+/// The cache folder of pushed files of `model_id`, which must be a plain
+/// name (it becomes a path).
+fn model_cache_dir(cache_dir: &Path, model_id: &str) -> Result<PathBuf> {
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+    if model_id.is_empty() || model_id.len() > 128 || !model_id.chars().all(plain) {
         return Err(Error::InvalidArgument(format!(
             "invalid model id {model_id:?}"
         )));
     }
-    let dir = cache_dir.join(model_id);
+    Ok(cache_dir.join(model_id))
+}
+
+/// Where pushed files of `model_id` live, if they were pushed.
+fn pushed_model_dir(cache_dir: &Path, model_id: &str) -> Result<PathBuf> {
+    let dir = model_cache_dir(cache_dir, model_id)?;
     if !dir.is_dir() {
         return Err(Error::NotFound(format!(
             "model {model_id} is not in this worker's cache"
@@ -743,18 +745,7 @@ impl Worker for WorkerService {
         let mut open: Option<(PathBuf, PathBuf, tokio::fs::File, u64, u64)> = None;
         while let Some(chunk) = chunks.message().await? {
             let rel = safe_relative(&chunk.path).map_err(status)?;
-            let dir = {
-                let id = &chunk.model_id;
-                if id.is_empty()
-                    || id.len() > 128
-                    || !id
-                        .chars()
-                        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-                {
-                    return Err(Status::invalid_argument(format!("invalid model id {id:?}")));
-                }
-                self.cfg.cache_dir.join(id)
-            };
+            let dir = model_cache_dir(&self.cfg.cache_dir, &chunk.model_id).map_err(status)?;
             let target = dir.join(&rel);
             if open.as_ref().is_none_or(|(t, ..)| *t != target) {
                 if chunk.offset != 0 {
