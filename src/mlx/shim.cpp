@@ -52,6 +52,18 @@ mx::Shape to_shape(const int* s, int n) { return mx::Shape(s, s + n); }
 
 arr* box(arr a) { return new arr(std::move(a)); }
 
+// `a` evaluated, as a row-contiguous buffer: itself when it is one (most
+// results are), else a contiguous copy (views).
+arr evaluated_contiguous(const arr& a) {
+  arr c = a;
+  c.eval();
+  if (!c.flags().row_contiguous || c.data_size() != c.size()) {
+    c = mx::contiguous(c);
+    c.eval();
+  }
+  return c;
+}
+
 std::optional<arr> opt(const arr* a) {
   return a ? std::optional<arr>(*a) : std::nullopt;
 }
@@ -123,13 +135,7 @@ int mlxd_async_eval(arr* const* as, size_t n) {
 // Evaluates `a` and copies its elements, row-major, into `out` (nbytes long).
 int mlxd_to_host(const arr* a, void* out, size_t nbytes) {
   GUARD({
-    arr c = *a;
-    c.eval();
-    // Most results are already row-contiguous; only views need a copy op.
-    if (!c.flags().row_contiguous || c.data_size() != c.size()) {
-      c = mx::contiguous(c);
-      c.eval();
-    }
+    arr c = evaluated_contiguous(*a);
     if (c.nbytes() != nbytes) throw std::invalid_argument("to_host: size mismatch");
     if (nbytes) std::memcpy(out, c.data<char>(), nbytes);
   })
@@ -390,12 +396,7 @@ int mlxd_device_info(void* ctx, string_cb on_string, size_cb on_size) {
 // with their host address and size, so they can be read without a copy.
 int mlxd_host_data(arr** out, const arr* a, const void** data, size_t* nbytes) {
   GUARD({
-    arr c = *a;
-    c.eval();
-    if (!c.flags().row_contiguous || c.data_size() != c.size()) {
-      c = mx::contiguous(c);
-      c.eval();
-    }
+    arr c = evaluated_contiguous(*a);
     *data = c.nbytes() ? c.data<char>() : nullptr;
     *nbytes = c.nbytes();
     *out = box(std::move(c));
