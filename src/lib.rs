@@ -45,11 +45,11 @@ mod _core {
     #[pymodule_export]
     use crate::py::generate::{PyGeneration, PyLogprobs};
     #[pymodule_export]
-    use crate::py::memory;
-    #[pymodule_export]
     use crate::py::model::{convert, load, PyModel};
     #[pymodule_export]
     use crate::py::tokenizer::PyTokenizer;
+    #[pymodule_export]
+    use crate::py::{device_info, memory};
 
     /// The version of the MLX library mlx-dist runs on.
     #[pyfunction]

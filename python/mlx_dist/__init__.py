@@ -11,6 +11,14 @@ from mlx_dist.generate import GenerationResponse, generate, stream_generate
 from mlx_dist.sample_utils import make_logits_processors, make_sampler
 from mlx_dist.utils import Model, TokenizerWrapper, load
 
+
+def serve(*args, **kwargs):
+    """Serves a model with the OpenAI API (see :func:`mlx_dist.server.serve`)."""
+    from mlx_dist.server import serve as _serve
+
+    return _serve(*args, **kwargs)
+
+
 __version__ = "0.1.0"
 __all__ = [
     "GenerationResponse",
@@ -20,5 +28,6 @@ __all__ = [
     "load",
     "make_logits_processors",
     "make_sampler",
+    "serve",
     "stream_generate",
 ]

@@ -1,6 +1,6 @@
 """Type stubs for the native extension ``mlx_dist._core``."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TypeAlias
 
 def mlx_version() -> str: ...
@@ -8,7 +8,27 @@ def supported_model_types() -> list[str]: ...
 def memory() -> tuple[int, int, int]:
     """MLX's (active, peak, cache) memory in bytes."""
 
+def device_info(name: str, benchmark: bool = False) -> str:
+    """This process's device capabilities as JSON."""
+
 def load(path_or_repo: str, materialize: bool = True) -> tuple[Model, Tokenizer]: ...
+def load_cluster(
+    path_or_repo: str,
+    workers: list[str],
+    strategy: str = "balanced",
+    compression_name: str = "none",
+    kv_tokens: int = 4096,
+    connect_timeout: float = 10.0,
+    declared_json: str | None = None,
+    progress: Callable[[int, int, int, str], None] | None = None,
+) -> tuple[Cluster, Tokenizer]: ...
+def run_worker(
+    host: str = "127.0.0.1", port: int = 0, name: str | None = None, local_files: bool = True
+) -> None: ...
+def worker_info(address: str, timeout: float = 5.0) -> str:
+    """The worker's DeviceInfo as JSON."""
+
+def set_cluster_token(token: str | None = None) -> None: ...
 def convert(path_or_repo: str, out_dir: str) -> None: ...
 
 class Model:
@@ -18,7 +38,19 @@ class Model:
     vocab_size: int
     path: str
     nbytes: int
+    context_length: int | None
     def logits(self, ids: list[int]) -> tuple[bytes, list[int]]: ...
+
+class Cluster:
+    plan_text: str
+    plan_json: str
+    num_layers: int
+    vocab_size: int
+    context_length: int | None
+    model_type: str
+    names: list[str]
+    addresses: list[str]
+    last_stage_micros: list[int]
 
 class Tokenizer:
     eos_token_ids: list[int]
@@ -49,7 +81,7 @@ class Generation(Iterator[Record]):
     cache_nbytes: int
     def __init__(
         self,
-        model: Model,
+        model: Model | Cluster,
         tokenizer: Tokenizer,
         prompt: list[int],
         *,
@@ -69,5 +101,6 @@ class Generation(Iterator[Record]):
         frequency_context_size: int = 20,
         stop: list[str] = ...,
         prefill_step_size: int = 2048,
+        logprobs: bool = True,
     ) -> None: ...
     def __next__(self) -> Record: ...

@@ -98,6 +98,38 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from mlx_dist import _core
+    from mlx_dist.cluster import _progress_printer
+    from mlx_dist.server import serve
+
+    if args.token is not None:
+        _core.set_cluster_token(args.token)
+    proportions = [float(p) for p in args.proportions.split(",")] if args.proportions else None
+    print(f"loading {args.model or 'the demo model'} ...", file=sys.stderr, flush=True)
+    serve(
+        args.model,
+        workers=args.workers,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        block=True,
+        log_level=args.log_level,
+        progress=_progress_printer(),
+        announce=lambda line: print(line, flush=True),
+        cluster_config=args.cluster_config,
+        strategy=args.strategy,
+        proportions=proportions,
+        compression=args.compression,
+        model_name=args.model_name,
+        max_concurrency=args.max_concurrency,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens,
+        temperature=args.temp,
+    )
+    return 0
+
+
 def _worker(args: argparse.Namespace) -> int:
     from mlx_dist import _core
 
@@ -147,6 +179,31 @@ def main(argv: list[str] | None = None) -> int:
     _add_sampling(g)
     _add_cluster(g)
     g.set_defaults(func=_generate)
+
+    s = sub.add_parser("serve", help="serve the model with an OpenAI-compatible HTTP API")
+    s.add_argument(
+        "--model", default=None, help="model path, .gguf file or cached repo id (default: demo)"
+    )
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    s.add_argument("--port", type=int, default=8100, help="port (0: any free port)")
+    s.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' (default: $MLX_DIST_API_KEY; none: open)",
+    )
+    s.add_argument("--model-name", default=None, help="the model's id in the API")
+    s.add_argument("--max-concurrency", type=int, default=8, help="sequences generating at once")
+    s.add_argument(
+        "--max-queue", type=int, default=64, help="requests waiting beyond those (then 429)"
+    )
+    s.add_argument(
+        "--max-tokens", type=int, default=512, help="completion length when a request gives none"
+    )
+    s.add_argument("--temp", type=float, default=0.0, help="temperature when a request gives none")
+    s.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
+    s.add_argument("--log-level", default="info", help="uvicorn's log level")
+    _add_cluster(s)
+    s.set_defaults(func=_serve)
 
     w = sub.add_parser("worker", help="serve one pipeline stage over gRPC")
     w.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")

@@ -150,16 +150,22 @@ def strategy_name(strategy: str, proportions=None) -> str:
 
 
 def _progress_printer(stream=sys.stderr):
-    last = {}
+    """Reports shard loading as one bar line per stage every tenth of the way."""
+    last: dict[int, int] = {}
 
     def report(stage: int, done: int, total: int, message: str) -> None:
         if message == "loaded" or (total and done >= total):
-            print(f"  stage {stage}: {message} {done / 1e6:.1f} MB", file=stream, flush=True)
+            print(
+                f"  stage {stage} [{'#' * 20}] {message} {done / 1e6:.1f} MB",
+                file=stream,
+                flush=True,
+            )
         elif total:
             pct = int(100 * done / total)
             if last.get(stage) != pct // 10:
                 last[stage] = pct // 10
-                print(f"  stage {stage}: {message} {pct}%", file=stream, flush=True)
+                bar = "#" * (pct // 5) + "-" * (20 - pct // 5)
+                print(f"  stage {stage} [{bar}] {pct:3d}% {message}", file=stream, flush=True)
         else:
             print(f"  stage {stage}: {message}", file=stream, flush=True)
 

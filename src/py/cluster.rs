@@ -119,6 +119,23 @@ impl PyCluster {
         self.inner.args.vocab_size
     }
 
+    /// The longest sequence the model was trained for, when its config says.
+    #[getter]
+    fn context_length(&self) -> Option<i64> {
+        self.inner.args.max_position_embeddings
+    }
+
+    #[getter]
+    fn model_type(&self) -> String {
+        self.inner.args.model_type.clone()
+    }
+
+    /// Worker names, first stage first.
+    #[getter]
+    fn names(&self) -> Vec<String> {
+        self.inner.stages.iter().map(|s| s.name.clone()).collect()
+    }
+
     /// Worker addresses, first stage first.
     #[getter]
     fn addresses(&self) -> Vec<String> {

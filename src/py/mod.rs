@@ -35,3 +35,19 @@ pub fn memory() -> (usize, usize, usize) {
         crate::mlx::cache_memory(),
     )
 }
+
+/// This process's device (`Capabilities`) as JSON, without the benchmark
+/// unless asked: the benchmark runs MLX work, which a serving process keeps
+/// to its engine thread.
+#[pyo3::pyfunction]
+#[pyo3(signature = (name, benchmark = false))]
+pub fn device_info(py: pyo3::Python<'_>, name: &str, benchmark: bool) -> pyo3::PyResult<String> {
+    let caps = py.detach(|| {
+        if benchmark {
+            crate::device::capabilities(name)
+        } else {
+            crate::device::probe(name)
+        }
+    })?;
+    serde_json::to_string(&caps).map_err(|e| Error::from(e).into())
+}

@@ -80,6 +80,12 @@ impl PyModel {
         self.inner.args.vocab_size
     }
 
+    /// The longest sequence the model was trained for, when its config says.
+    #[getter]
+    fn context_length(&self) -> Option<i64> {
+        self.inner.args.max_position_embeddings
+    }
+
     /// Where the model was loaded from.
     #[getter]
     fn path(&self) -> String {

@@ -1,0 +1,240 @@
+"""The engine: the one place where a server runs the model.
+
+HTTP handlers never call the model. They put a :class:`Job` on a bounded
+queue; one engine thread admits jobs, steps every active generation in
+turn (so all streams progress together and, over a cluster, one sequence's
+step runs on a stage while another's runs on the next) and hands each step
+back through the job's ``sink``. A cancelled job is dropped at its next
+turn, which releases its KV cache on every stage."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mlx_dist import _core
+
+
+class QueueFull(Exception):
+    """The queue is at its bound: the caller should retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine has shut down."""
+
+
+@dataclass
+class Step:
+    """One generated token. ``text`` is the new text (possibly empty while
+    a stop string or a multi-byte character is pending)."""
+
+    text: str
+    token: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+@dataclass
+class Done:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    error: BaseException
+
+
+Event = Step | Done | Failed
+
+
+@dataclass
+class Job:
+    """A request for the engine. ``options`` are keyword arguments of
+    ``_core.Generation`` (max_tokens, sampling, stop ...); ``sink`` receives
+    the events on the engine thread and must not block."""
+
+    prompt: list[int]
+    options: dict[str, Any]
+    sink: Callable[[Event], None]
+    logprobs: bool = False
+    top_logprobs: int = 0
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    submitted: float = field(default_factory=time.perf_counter)
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+
+@dataclass
+class _Running:
+    job: Job
+    gen: Any
+    last: float
+    tokens: int = 0
+
+
+class Engine:
+    """Runs jobs for ``model`` (a local ``Model`` or a ``DistributedModel``).
+
+    At most ``max_active`` sequences generate at once; at most ``max_queue``
+    more wait, beyond which :meth:`submit` raises :class:`QueueFull`."""
+
+    def __init__(self, model, tokenizer, *, max_active: int = 8, max_queue: int = 64, metrics=None):
+        if max_active < 1 or max_queue < 0:
+            raise ValueError("max_active must be at least 1 and max_queue at least 0")
+        self._model = model._core
+        self._tokenizer = tokenizer._core
+        self._stages = isinstance(model._core, _core.Cluster)
+        self.max_active = max_active
+        self.max_queue = max_queue
+        self.metrics = metrics
+        self._pending: collections.deque[Job] = collections.deque()
+        self._active: list[_Running] = []
+        # Lowered when a worker runs out of KV memory, until a sequence ends.
+        self._limit = max_active
+        self._cond = threading.Condition()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="mlx-dist-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    @property
+    def active(self) -> int:
+        return len(self._active)
+
+    def submit(self, job: Job) -> None:
+        with self._cond:
+            if self._stopped:
+                raise EngineStopped("the engine has stopped")
+            if len(self._pending) >= self.max_queue and len(self._active) >= self._limit:
+                raise QueueFull(
+                    f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})"
+                )
+            self._pending.append(job)
+            self._cond.notify()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stops taking jobs, ends the ones queued or running with an error,
+        and waits for the engine thread."""
+        with self._cond:
+            self._stopped = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopped and not self._pending and not self._active:
+                    self._cond.wait()
+                if self._stopped:
+                    break
+                admit = []
+                while self._pending and len(self._active) + len(admit) < self._limit:
+                    admit.append(self._pending.popleft())
+            for job in admit:
+                self._start(job)
+            for run in list(self._active):
+                self._step(run)
+        stopped = EngineStopped("the server is shutting down")
+        for run in self._active:
+            run.job.sink(Failed(stopped))
+        self._active.clear()
+        with self._cond:
+            while self._pending:
+                self._pending.popleft().sink(Failed(stopped))
+
+    def _start(self, job: Job) -> None:
+        if job.cancelled.is_set():
+            return
+        try:
+            gen = _core.Generation(
+                self._model, self._tokenizer, job.prompt, logprobs=job.logprobs, **job.options
+            )
+        except MemoryError as e:
+            if self._active:
+                # A worker's KV budget is full: wait for a running sequence to end.
+                with self._cond:
+                    self._pending.appendleft(job)
+                    self._limit = len(self._active)
+                return
+            self._fail(job, e)
+            return
+        except Exception as e:  # noqa: BLE001 - every failure goes back to its request
+            self._fail(job, e)
+            return
+        self._active.append(_Running(job, gen, last=time.perf_counter()))
+
+    def _step(self, run: _Running) -> None:
+        job = run.job
+        if job.cancelled.is_set():
+            self._end(run)
+            return
+        try:
+            rec = next(run.gen)
+        except StopIteration:
+            rec = None
+        except Exception as e:  # noqa: BLE001 - every failure goes back to its request
+            self._end(run)
+            self._fail(job, e)
+            return
+        if rec is None:
+            self._end(run)
+            job.sink(Done("stop", len(job.prompt), run.tokens))
+            return
+        text, token, logprobs, prompt_tokens, _, generated, _, _, finish = rec
+        now = time.perf_counter()
+        if self.metrics is not None:
+            if run.tokens == 0:
+                self.metrics.first_token(now - job.submitted)
+            else:
+                self.metrics.next_token(now - run.last)
+            if self._stages:
+                self.metrics.stage_times(self._model.last_stage_micros)
+        run.last = now
+        run.tokens = generated
+        step = Step(text, token)
+        if job.logprobs and logprobs is not None:
+            step.logprob, step.top_logprobs = _pick_logprobs(logprobs, token, job.top_logprobs)
+        job.sink(step)
+        if finish is not None:
+            self._end(run)
+            job.sink(Done(finish, prompt_tokens, generated))
+
+    def _end(self, run: _Running) -> None:
+        self._active.remove(run)
+        # Dropping the generation frees its caches (on every stage of a cluster).
+        run.gen = None
+        self._limit = self.max_active
+
+    def _fail(self, job: Job, error: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.error(type(error).__name__)
+        job.sink(Failed(error))
+
+
+def _pick_logprobs(logprobs, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    data, shape, dtype = logprobs.raw()
+    if dtype == "bfloat16":
+        raw = np.frombuffer(data, dtype=np.uint16).astype(np.uint32) << 16
+        row = raw.view(np.float32)
+    else:
+        row = np.frombuffer(data, dtype=np.dtype(dtype)).astype(np.float32)
+    row = row.reshape(-1, shape[-1])[-1]
+    chosen = float(row[token])
+    if top <= 0:
+        return chosen, []
+    top = min(top, row.size)
+    idx = np.argpartition(-row, top - 1)[:top]
+    idx = idx[np.argsort(-row[idx], kind="stable")]
+    return chosen, [(int(i), float(row[i])) for i in idx]

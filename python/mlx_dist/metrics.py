@@ -1,0 +1,90 @@
+"""The server's Prometheus metrics (``GET /metrics``), one registry per app."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
+
+
+class Metrics:
+    """Counters of requests, tokens and errors; latency histograms; gauges
+    of the queue, read when scraped."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "mlx_dist_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
+        self.prompt_tokens = Counter(
+            "mlx_dist_prompt_tokens", "Prompt tokens of finished requests", registry=r
+        )
+        self.generation_tokens = Counter(
+            "mlx_dist_generation_tokens", "Tokens generated", registry=r
+        )
+        self.errors = Counter(
+            "mlx_dist_errors", "Requests that ended in an error", ["type"], registry=r
+        )
+        self.ttft = Histogram(
+            "mlx_dist_time_to_first_token_seconds",
+            "From a request's arrival at the engine to its first token",
+            buckets=_LATENCY,
+            registry=r,
+        )
+        self.token_latency = Histogram(
+            "mlx_dist_time_per_output_token_seconds",
+            "Time between two tokens of one sequence",
+            buckets=_TOKEN,
+            registry=r,
+        )
+        self.stage_time = Histogram(
+            "mlx_dist_stage_step_seconds",
+            "Compute time of one step on each pipeline stage",
+            ["stage"],
+            buckets=_TOKEN,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "mlx_dist_queue_depth", "Requests waiting for the engine", registry=r
+        )
+        self.active = Gauge("mlx_dist_active_sequences", "Sequences generating now", registry=r)
+
+    def watch_engine(self, queued: Callable[[], float], active: Callable[[], float]) -> None:
+        self.queue_depth.set_function(queued)
+        self.active.set_function(active)
+
+    def request(self, endpoint: str, status: int) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+
+    def usage(self, prompt_tokens: int) -> None:
+        self.prompt_tokens.inc(prompt_tokens)
+
+    def first_token(self, seconds: float) -> None:
+        self.ttft.observe(seconds)
+        self.generation_tokens.inc()
+
+    def next_token(self, seconds: float) -> None:
+        self.token_latency.observe(seconds)
+        self.generation_tokens.inc()
+
+    def stage_times(self, micros: list[int]) -> None:
+        for i, us in enumerate(micros):
+            self.stage_time.labels(str(i)).observe(us / 1e6)
+
+    def error(self, kind: str) -> None:
+        self.errors.labels(kind).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,1160 @@
+"""The OpenAI-compatible HTTP server.
+
+Three ways to run it:
+
+- ``mlx_dist.serve(model=..., workers=..., port=8100)`` (blocking; in a
+  running event loop, e.g. Jupyter, it starts in the background and returns
+  a handle),
+- ``uvicorn mlx_dist.server:app``, configured from ``MLX_DIST_*``
+  environment variables (:meth:`ServerSettings.from_env`),
+- ``mlx-dist serve --model M [--workers ...]``.
+
+The HTTP layer validates and encodes requests and formats answers; the
+model runs only on the :class:`~mlx_dist.engine.Engine`'s thread."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import json
+import os
+import socket
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from mlx_dist import _core
+from mlx_dist.engine import Done, Engine, EngineStopped, Failed, Job, QueueFull, Step
+from mlx_dist.metrics import Metrics
+
+DEFAULT_PORT = 8100
+# A bound on max_tokens when the model's config gives no context length.
+_MAX_TOKENS_CAP = 1 << 20
+
+
+@dataclasses.dataclass
+class ServerSettings:
+    """What to serve and how. Each field has an ``MLX_DIST_<NAME>``
+    environment variable (see :meth:`from_env`)."""
+
+    model: str | None = None
+    workers: Any = None
+    cluster_config: str | None = None
+    strategy: str | None = None
+    proportions: list[float] | None = None
+    compression: str | None = None
+    kv_tokens: int | None = None
+    model_name: str | None = None
+    api_key: str | None = None
+    max_concurrency: int = 8
+    max_queue: int = 64
+    max_tokens: int = 512
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_body_bytes: int = 8 << 20
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
+        env = os.environ if env is None else env
+        s = cls()
+        for f in dataclasses.fields(cls):
+            raw = env.get(f"MLX_DIST_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            try:
+                if f.name == "proportions":
+                    value: Any = [float(p) for p in raw.split(",")]
+                elif f.type in ("int", "int | None"):
+                    value = int(raw)
+                elif f.type == "float":
+                    value = float(raw)
+                else:
+                    value = raw
+            except ValueError:
+                raise ValueError(
+                    f"MLX_DIST_{f.name.upper()}={raw!r} is not a valid value"
+                ) from None
+            setattr(s, f.name, value)
+        return s
+
+    def check(self) -> None:
+        if self.max_concurrency < 1:
+            raise ValueError("max_concurrency must be at least 1")
+        if self.max_queue < 0:
+            raise ValueError("max_queue must be 0 or more")
+        if self.max_tokens < 1:
+            raise ValueError("max_tokens must be at least 1")
+        if self.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be at least 1024")
+
+
+class ServerState:
+    """The loaded model, its engine and the server's metrics."""
+
+    def __init__(self, settings: ServerSettings):
+        settings.check()
+        self.settings = settings
+        self.metrics = Metrics()
+        self.model = None
+        self.tokenizer = None
+        self.engine: Engine | None = None
+        self.name = ""
+        self.created = int(time.time())
+        self._token_text: dict[int, str] = {}
+
+    @property
+    def ready(self) -> bool:
+        return self.engine is not None
+
+    @property
+    def distributed(self) -> bool:
+        return self.model is not None and isinstance(self.model._core, _core.Cluster)
+
+    def load(self, progress: Callable | None = None) -> None:
+        """Loads the model (locally or over the workers) and starts the engine."""
+        from mlx_dist.cluster import load_config
+        from mlx_dist.utils import load
+
+        s = self.settings
+        cfg = load_config(s.cluster_config) if s.cluster_config else {}
+        model = s.model or cfg.get("model")
+        workers = s.workers or cfg.get("workers")
+        if workers:
+            proportions = s.proportions or cfg.get("proportions")
+            strategy = (
+                s.strategy or cfg.get("strategy") or ("custom" if proportions else "balanced")
+            )
+            self.model, self.tokenizer = load(
+                model,
+                workers=workers,
+                strategy=strategy,
+                proportions=proportions,
+                compression=s.compression or cfg.get("compression") or "none",
+                kv_tokens=int(s.kv_tokens or cfg.get("kv_tokens", 4096)),
+                progress=progress,
+            )
+        else:
+            self.model, self.tokenizer = load(model)
+        source = model or getattr(self.model, "path", "") or "mlx-dist-demo"
+        self.name = s.model_name or _model_name(str(source))
+        self.aliases = {self.name, str(source)}
+        self.engine = Engine(
+            self.model,
+            self.tokenizer,
+            max_active=s.max_concurrency,
+            max_queue=s.max_queue,
+            metrics=self.metrics,
+        )
+        self.metrics.watch_engine(lambda: self.engine.queued, lambda: self.engine.active)
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.stop()
+
+    @property
+    def context_length(self) -> int | None:
+        n = self.model._core.context_length
+        return int(n) if n else None
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.model._core.vocab_size)
+
+    def token_text(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token])
+        return text
+
+
+def _model_name(source: str) -> str:
+    p = Path(source)
+    if p.suffix.lower() == ".gguf":
+        return p.stem
+    return p.name or source
+
+
+# ---------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+
+class APIError(Exception):
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or _error_type(status)
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def _error_type(status: int) -> str:
+    return {
+        401: "authentication_error",
+        404: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable",
+    }.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+def _bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    return APIError(400, message, param=param, code=code)
+
+
+def _engine_error(e: BaseException) -> APIError:
+    """Maps a failure of generation to the HTTP error that fits it."""
+    if isinstance(e, APIError):
+        return e
+    if isinstance(e, (ValueError, TypeError)):
+        return _bad(str(e))
+    if isinstance(e, MemoryError):
+        return APIError(
+            503,
+            f"not enough memory for this request: {e}",
+            code="insufficient_capacity",
+            headers={"Retry-After": "5"},
+        )
+    if isinstance(e, (ConnectionError, EngineStopped)):
+        return APIError(503, str(e), code="service_unavailable", headers={"Retry-After": "5"})
+    return APIError(500, f"{type(e).__name__}: {e}", code="internal_error")
+
+
+# ---------------------------------------------------------------------------
+# Request bodies. Types are checked here (a wrong type is a 422); values are
+# checked by the handlers (a bad value is a 400).
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    repetition_penalty: float | None = None
+    repetition_context_size: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    n: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+
+
+class ContentPart(_Body):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+    tool_calls: list[dict] | None = None
+    tool_call_id: str | None = None
+
+
+class ChatRequest(_Sampling):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[dict] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = None
+    echo: bool = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class TokenizeRequest(_Body):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(_Body):
+    model: str | None = None
+    tokens: list[int]
+
+
+# ---------------------------------------------------------------------------
+# From request to engine job
+
+
+_ROLES = {"system", "user", "assistant", "tool", "developer"}
+
+
+def _messages(messages: list[ChatMessage]) -> list[dict]:
+    if not messages:
+        raise _bad("messages must not be empty", "messages")
+    out = []
+    for i, m in enumerate(messages):
+        if m.role not in _ROLES:
+            raise _bad(
+                f"messages[{i}].role must be one of {sorted(_ROLES)}, got {m.role!r}",
+                f"messages[{i}].role",
+            )
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if part.type != "text" or part.text is None:
+                    raise _bad(
+                        f"messages[{i}].content: only text parts are supported, got {part.type!r}",
+                        f"messages[{i}].content",
+                    )
+                texts.append(part.text)
+            content = "".join(texts)
+        msg: dict[str, Any] = {
+            "role": "system" if m.role == "developer" else m.role,
+            "content": content or "",
+        }
+        for key in ("name", "tool_calls", "tool_call_id"):
+            value = getattr(m, key)
+            if value is not None:
+                msg[key] = value
+        out.append(msg)
+    return out
+
+
+def _chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[int]:
+    messages = _messages(req.messages or [])
+    tok = state.tokenizer
+    if not tok.has_chat_template:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
+        return tok.encode(text)
+    kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+    try:
+        return tok.apply_chat_template(
+            messages, tools=getattr(req, "tools", None), add_generation_prompt=True, **kwargs
+        )
+    except ValueError as e:
+        raise _bad(f"the chat template failed on these messages: {e}", "messages") from None
+
+
+def _check_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
+    vocab = state.vocab_size
+    bad = next((t for t in ids if not 0 <= t < vocab), None)
+    if bad is not None:
+        raise _bad(f"token id {bad} is outside the vocabulary (0 to {vocab - 1})", param)
+    return ids
+
+
+def _completion_prompt(state: ServerState, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
+        if len(prompt) != 1:
+            raise _bad("one prompt per request is supported", "prompt")
+        prompt = prompt[0]
+    if isinstance(prompt, str):
+        tok = state.tokenizer
+        bos = tok.bos_token
+        return tok.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos))
+    return _check_ids(state, list(prompt), "prompt")
+
+
+def _number(value, name: str, lo: float, hi: float) -> None:
+    if value is not None and not lo <= value <= hi:
+        raise _bad(f"{name} must be between {lo:g} and {hi:g}, got {value}", name)
+
+
+def _options(state: ServerState, req: _Sampling, prompt: list[int], max_tokens) -> dict:
+    """The keyword arguments of ``_core.Generation`` for this request."""
+    if not prompt:
+        raise _bad("the prompt is empty", "prompt")
+    if req.n not in (None, 1):
+        raise _bad("only n=1 is supported", "n")
+    ctx = state.context_length
+    room = ctx - len(prompt) if ctx else None
+    if room is not None and room <= 0:
+        raise _bad(
+            f"this model's maximum context length is {ctx} tokens; the prompt has {len(prompt)}",
+            "messages" if isinstance(req, ChatRequest) else "prompt",
+            "context_length_exceeded",
+        )
+    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    if max_tokens is None:
+        max_tokens = min(state.settings.max_tokens, room or _MAX_TOKENS_CAP)
+    elif max_tokens < 1:
+        raise _bad(f"{param} must be at least 1, got {max_tokens}", param)
+    elif max_tokens > (room or _MAX_TOKENS_CAP):
+        raise _bad(
+            f"{param} is too large: {max_tokens} tokens requested, room for "
+            f"{room or _MAX_TOKENS_CAP} after the prompt of {len(prompt)}"
+            + (f" (the context is {ctx})" if ctx else ""),
+            param,
+            "context_length_exceeded" if room else None,
+        )
+    temp = state.settings.temperature if req.temperature is None else req.temperature
+    _number(temp, "temperature", 0, 2)
+    top_p = state.settings.top_p if req.top_p is None else req.top_p
+    _number(top_p, "top_p", 0, 1)
+    _number(req.min_p, "min_p", 0, 1)
+    if req.top_k is not None and req.top_k < -1:
+        raise _bad("top_k must be -1 (off), 0 (off) or more", "top_k")
+    _number(req.frequency_penalty, "frequency_penalty", -2, 2)
+    _number(req.presence_penalty, "presence_penalty", -2, 2)
+    if req.repetition_penalty is not None and not 0 < req.repetition_penalty <= 10:
+        raise _bad("repetition_penalty must be above 0 and at most 10", "repetition_penalty")
+    context = req.repetition_context_size
+    if context is not None and not 1 <= context <= 1 << 16:
+        raise _bad("repetition_context_size must be between 1 and 65536", "repetition_context_size")
+    context = context or 20
+    opts: dict[str, Any] = {
+        "max_tokens": int(max_tokens),
+        "temp": float(temp),
+        "top_p": 0.0 if top_p >= 1 else float(top_p),
+        "min_p": float(req.min_p or 0.0),
+        "top_k": max(0, req.top_k or 0),
+        "stop": _stops(req.stop),
+    }
+    if req.seed is not None:
+        opts["seed"] = req.seed % (1 << 64)
+    if req.repetition_penalty not in (None, 1.0):
+        opts["repetition_penalty"] = float(req.repetition_penalty)
+        opts["repetition_context_size"] = context
+    if req.frequency_penalty:
+        opts["frequency_penalty"] = float(req.frequency_penalty)
+        opts["frequency_context_size"] = context
+    if req.presence_penalty:
+        opts["presence_penalty"] = float(req.presence_penalty)
+        opts["presence_context_size"] = context
+    if req.logit_bias:
+        bias = []
+        for key, value in req.logit_bias.items():
+            try:
+                token = int(key)
+            except ValueError:
+                raise _bad(f"logit_bias keys are token ids, got {key!r}", "logit_bias") from None
+            _check_ids(state, [token], "logit_bias")
+            _number(value, "logit_bias", -100, 100)
+            bias.append((token, float(value)))
+        opts["logit_bias"] = bias
+    return opts
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else list(stop)
+    if len(stops) > 16:
+        raise _bad("at most 16 stop sequences are supported", "stop")
+    if any(not s for s in stops):
+        raise _bad("stop sequences must not be empty", "stop")
+    return stops
+
+
+# ---------------------------------------------------------------------------
+# Running a job from the event loop
+
+
+class _Run:
+    """A job submitted to the engine and its events, as an async iterator."""
+
+    def __init__(self, state: ServerState, prompt: list[int], opts: dict, top: int | None):
+        loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue = asyncio.Queue()
+
+        def sink(event) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop has closed
+                loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+        self.job = Job(prompt, opts, sink, logprobs=top is not None, top_logprobs=top or 0)
+        try:
+            state.engine.submit(self.job)
+        except QueueFull as e:
+            state.metrics.error("QueueFull")
+            raise APIError(
+                429,
+                f"the server is busy: {e}; retry shortly",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            ) from None
+        except EngineStopped as e:
+            raise _engine_error(e) from None
+        state.metrics.usage(len(prompt))
+
+    async def events(self, request: Request | None = None) -> AsyncIterator[Step | Done]:
+        """Steps, then one ``Done``; a failure raises ``APIError``. With
+        ``request``, a client gone away cancels the job."""
+        try:
+            while True:
+                if request is None:
+                    event = await self.queue.get()
+                else:
+                    try:
+                        event = await asyncio.wait_for(self.queue.get(), 1.0)
+                    except TimeoutError:
+                        if await request.is_disconnected():
+                            return
+                        continue
+                if isinstance(event, Failed):
+                    raise _engine_error(event.error)
+                yield event
+                if isinstance(event, Done):
+                    return
+        finally:
+            self.job.cancel()
+
+
+def _usage(done: Done) -> dict:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
+def _chat_logprob(state: ServerState, step: Step) -> dict:
+    def entry(token: int, logprob: float) -> dict:
+        text = state.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    out = entry(step.token, step.logprob)
+    out["top_logprobs"] = [entry(t, lp) for t, lp in step.top_logprobs or []]
+    return out
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+# ---------------------------------------------------------------------------
+# The application
+
+
+_ENDPOINTS = {
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/health",
+    "/cluster/status",
+    "/metrics",
+    "/tokenize",
+    "/detokenize",
+}
+
+
+class _Guard:
+    """ASGI middleware in front of everything: the API key, the body size
+    limit, and counting answers by endpoint and status."""
+
+    def __init__(self, app, state_of: Callable[[], ServerState]):
+        self.app = app
+        self.state_of = state_of
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = self.state_of()
+        path = scope["path"]
+        endpoint = (
+            path
+            if path in _ENDPOINTS
+            else "/v1/models"
+            if path.startswith("/v1/models/")
+            else "other"
+        )
+        status = {}
+
+        async def counted_send(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            error = self._refuse(scope, state)
+            if error is not None:
+                await error.response()(scope, receive, counted_send)
+                return
+            if scope["method"] == "POST":
+                # Bodies are JSON whatever the client says (curl -d sends a form type).
+                scope = dict(scope)
+                scope["headers"] = [(k, v) for k, v in scope["headers"] if k != b"content-type"] + [
+                    (b"content-type", b"application/json")
+                ]
+            limit = state.settings.max_body_bytes
+            seen = 0
+
+            async def limited_receive():
+                nonlocal seen
+                message = await receive()
+                if message["type"] == "http.request":
+                    seen += len(message.get("body", b""))
+                    if seen > limit:
+                        # FastAPI passes HTTPException through body parsing.
+                        raise HTTPException(413, f"the request body is over {limit} bytes")
+                return message
+
+            await self.app(scope, limited_receive, counted_send)
+        finally:
+            state.metrics.request(endpoint, status.get("code", 500))
+
+    @staticmethod
+    def _refuse(scope, state: ServerState) -> APIError | None:
+        headers = dict(scope["headers"])
+        key = state.settings.api_key
+        if key and scope["path"] != "/health":
+            auth = headers.get(b"authorization", b"").decode("latin-1")
+            scheme, _, given = auth.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), key.encode()
+            ):
+                return APIError(
+                    401,
+                    "a valid API key is required: send 'Authorization: Bearer <key>'",
+                    code="invalid_api_key",
+                    headers={"WWW-Authenticate": "Bearer"},
+                )
+        length = headers.get(b"content-length")
+        if length is not None:
+            try:
+                n = int(length)
+            except ValueError:
+                return _bad("Content-Length is not a number")
+            if n > state.settings.max_body_bytes:
+                return APIError(
+                    413, f"the request body is over {state.settings.max_body_bytes} bytes"
+                )
+        return None
+
+
+def create_app(settings: ServerSettings | None = None, state: ServerState | None = None) -> FastAPI:
+    """The FastAPI application. With no ``state``, the model is loaded at
+    start-up from ``settings`` (by default, from the environment)."""
+    holder: dict[str, ServerState] = {}
+
+    def get_state() -> ServerState:
+        if "state" not in holder:
+            holder["state"] = ServerState(settings or ServerSettings.from_env())
+        return holder["state"]
+
+    if state is not None:
+        holder["state"] = state
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        st = get_state()
+        if not st.ready:
+            await asyncio.to_thread(st.load)
+        try:
+            yield
+        finally:
+            st.close()
+
+    app = FastAPI(title="mlx-dist", version="0.1.0", lifespan=lifespan)
+    app.add_middleware(_Guard, state_of=get_state)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_request: Request, e: APIError):
+        return e.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, e: RequestValidationError):
+        errors = e.errors()
+        first = errors[0] if errors else {}
+        where = [str(p) for p in first.get("loc", ()) if p != "body"]
+        param = ".".join(where) or None
+        if first.get("type") == "json_invalid":
+            return _bad(f"the body is not valid JSON: {first.get('msg', '')}").response()
+        message = "; ".join(
+            f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
+            for err in errors[:5]
+        )
+        return APIError(422, message or "invalid request", param=param).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, e: StarletteHTTPException):
+        message = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
+        if e.status_code == 404:
+            message = f"no such endpoint: {_request.method} {_request.url.path}"
+        return APIError(e.status_code, message).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(_request: Request, e: Exception):
+        get_state().metrics.error(type(e).__name__)
+        return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+
+    def ready_state(model: str | None = None) -> ServerState:
+        st = get_state()
+        if not st.ready:
+            raise APIError(503, "the model is still loading", headers={"Retry-After": "5"})
+        if model is not None and model not in st.aliases:
+            raise APIError(
+                404,
+                f"the model {model!r} does not exist; this server serves {st.name!r}",
+                param="model",
+                code="model_not_found",
+            )
+        return st
+
+    @app.get("/v1/models")
+    async def models():
+        st = ready_state()
+        return {"object": "list", "data": [_model_card(st)]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def model_card(model_id: str):
+        return _model_card(ready_state(model_id))
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(req: ChatRequest, request: Request):
+        st = ready_state(req.model)
+        prompt = _chat_prompt(st, req)
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
+        opts = _options(st, req, prompt, max_tokens)
+        top = None
+        if req.logprobs:
+            top = req.top_logprobs or 0
+            _number(top, "top_logprobs", 0, 20)
+        elif req.top_logprobs:
+            raise _bad("top_logprobs needs logprobs: true", "top_logprobs")
+        run = _Run(st, prompt, opts, top)
+        ident = f"chatcmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _stream(_chat_chunks(st, run, ident, created, include_usage))
+        text, entries, done = "", [], None
+        async for event in run.events(request):
+            if isinstance(event, Step):
+                text += event.text
+                if top is not None:
+                    entries.append(_chat_logprob(st, event))
+            else:
+                done = event
+        if done is None:
+            return Response(status_code=499)
+        return {
+            "id": ident,
+            "object": "chat.completion",
+            "created": created,
+            "model": st.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": {"content": entries} if top is not None else None,
+                    "finish_reason": done.finish_reason,
+                }
+            ],
+            "usage": _usage(done),
+        }
+
+    @app.post("/v1/completions")
+    async def completions(req: CompletionRequest, request: Request):
+        st = ready_state(req.model)
+        if req.suffix:
+            raise _bad("suffix is not supported", "suffix")
+        if req.best_of not in (None, 1):
+            raise _bad("only best_of=1 is supported", "best_of")
+        prompt = _completion_prompt(st, req.prompt)
+        opts = _options(st, req, prompt, req.max_tokens)
+        top = req.logprobs
+        _number(top, "logprobs", 0, 20)
+        run = _Run(st, prompt, opts, top)
+        echo = st.tokenizer.decode(prompt) if req.echo else ""
+        ident = f"cmpl-{uuid.uuid4().hex}"
+        created = int(time.time())
+        if req.stream:
+            include_usage = bool(req.stream_options and req.stream_options.include_usage)
+            return _stream(_completion_chunks(st, run, ident, created, echo, include_usage))
+        text, done = echo, None
+        lp = _LegacyLogprobs(st, len(echo)) if top is not None else None
+        async for event in run.events(request):
+            if isinstance(event, Step):
+                if lp is not None:
+                    lp.add(event, len(text))
+                text += event.text
+            else:
+                done = event
+        if done is None:
+            return Response(status_code=499)
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": st.name,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": text,
+                    "logprobs": lp.body() if lp is not None else None,
+                    "finish_reason": done.finish_reason,
+                }
+            ],
+            "usage": _usage(done),
+        }
+
+    @app.post("/tokenize")
+    async def tokenize(req: TokenizeRequest):
+        st = ready_state(req.model)
+        if (req.prompt is None) == (req.messages is None):
+            raise _bad("give either prompt or messages", "prompt")
+        if req.messages is not None:
+            ids = _chat_prompt(st, req)
+        else:
+            ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
+        return {"tokens": ids, "count": len(ids), "max_model_len": st.context_length}
+
+    @app.post("/detokenize")
+    async def detokenize(req: DetokenizeRequest):
+        st = ready_state(req.model)
+        ids = _check_ids(st, req.tokens, "tokens")
+        return {"prompt": st.tokenizer.decode(ids)}
+
+    @app.get("/health")
+    async def health():
+        st = get_state()
+        if not st.ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        workers = await _workers(st, timeout=2.0) if st.distributed else []
+        ok = all(w["reachable"] for w in workers)
+        body = {"status": "ok" if ok else "degraded", "model": st.name, "workers": workers}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/cluster/status")
+    async def cluster_status():
+        st = ready_state()
+        return await _cluster_status(st)
+
+    @app.get("/metrics")
+    async def metrics():
+        st = get_state()
+        return Response(st.metrics.render(), media_type=st.metrics.content_type)
+
+    return app
+
+
+def _model_card(st: ServerState) -> dict:
+    return {
+        "id": st.name,
+        "object": "model",
+        "created": st.created,
+        "owned_by": "mlx-dist",
+        "max_model_len": st.context_length,
+    }
+
+
+def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        chunks,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def _chat_chunks(
+    st: ServerState, run: _Run, ident: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish=None, logprobs=None) -> dict:
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": st.name,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            ],
+            "usage": None,
+        }
+
+    try:
+        yield _sse(chunk({"role": "assistant", "content": ""}))
+        async for event in run.events():
+            if isinstance(event, Step):
+                logprobs = None
+                if run.job.logprobs:
+                    logprobs = {"content": [_chat_logprob(st, event)]}
+                if event.text or logprobs:
+                    yield _sse(chunk({"content": event.text}, logprobs=logprobs))
+            else:
+                yield _sse(chunk({}, finish=event.finish_reason))
+                if include_usage:
+                    last = chunk({})
+                    last["choices"] = []
+                    last["usage"] = _usage(event)
+                    yield _sse(last)
+    except APIError as e:
+        yield _sse(e.body())
+    yield _sse("[DONE]")
+
+
+class _LegacyLogprobs:
+    """``logprobs`` of the completions API: parallel lists."""
+
+    def __init__(self, st: ServerState, offset: int):
+        self.st = st
+        self.tokens, self.token_logprobs, self.top, self.offsets = [], [], [], []
+
+    def add(self, step: Step, offset: int) -> None:
+        self.tokens.append(self.st.token_text(step.token))
+        self.token_logprobs.append(step.logprob)
+        self.top.append({self.st.token_text(t): lp for t, lp in step.top_logprobs or []})
+        self.offsets.append(offset)
+
+    def body(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        }
+
+
+async def _completion_chunks(
+    st: ServerState, run: _Run, ident: str, created: int, echo: str, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(text: str, finish=None, logprobs=None) -> dict:
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": st.name,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            "usage": None,
+        }
+
+    offset = len(echo)
+    try:
+        if echo:
+            yield _sse(chunk(echo))
+        async for event in run.events():
+            if isinstance(event, Step):
+                lp = None
+                if run.job.logprobs:
+                    one = _LegacyLogprobs(st, offset)
+                    one.add(event, offset)
+                    lp = one.body()
+                offset += len(event.text)
+                if event.text or lp:
+                    yield _sse(chunk(event.text, logprobs=lp))
+            else:
+                yield _sse(chunk("", finish=event.finish_reason))
+                if include_usage:
+                    last = chunk("")
+                    last["choices"] = []
+                    last["usage"] = _usage(event)
+                    yield _sse(last)
+    except APIError as e:
+        yield _sse(e.body())
+    yield _sse("[DONE]")
+
+
+async def _workers(st: ServerState, timeout: float) -> list[dict]:
+    """Each stage's worker, asked for its device info (concurrently)."""
+    core = st.model._core
+    plan = st.model.plan_dict
+    stages = plan.get("stages", [])
+
+    async def ask(i: int, address: str, name: str) -> dict:
+        started = time.perf_counter()
+        entry: dict[str, Any] = {"stage": i, "address": address, "name": name}
+        if i < len(stages):
+            layers = stages[i]["layers"]
+            entry["layers"] = [layers["start"], layers["end"]]
+        try:
+            info = json.loads(await asyncio.to_thread(_core.worker_info, address, timeout))
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            entry.update(reachable=False, error=str(e))
+            return entry
+        entry.update(reachable=True, latency_ms=round((time.perf_counter() - started) * 1e3, 2))
+        entry["info"] = info
+        return entry
+
+    return list(
+        await asyncio.gather(
+            *(ask(i, a, n) for i, (a, n) in enumerate(zip(core.addresses, core.names, strict=True)))
+        )
+    )
+
+
+async def _cluster_status(st: ServerState) -> dict:
+    engine = st.engine
+    active, peak, cache = _core.memory()
+    body: dict[str, Any] = {
+        "model": st.name,
+        "model_type": st.model.model_type,
+        "context_length": st.context_length,
+        "distributed": st.distributed,
+        "engine": {
+            "active_sequences": engine.active,
+            "queued": engine.queued,
+            "max_concurrency": engine.max_active,
+            "max_queue": engine.max_queue,
+        },
+        "coordinator": {
+            "mlx_active_memory": active,
+            "mlx_peak_memory": peak,
+            "mlx_cache_memory": cache,
+        },
+    }
+    if st.distributed:
+        body["plan"] = st.model.plan_dict
+        body["plan_text"] = st.model.plan
+        micros = st.model.last_stage_micros
+        workers = await _workers(st, timeout=2.0)
+        for w in workers:
+            i = w["stage"]
+            w["last_step_ms"] = micros[i] / 1e3 if i < len(micros) else None
+        body["devices"] = workers
+    else:
+        info = json.loads(await asyncio.to_thread(_core.device_info, socket.gethostname()))
+        info.update(mlx_active_memory=active, mlx_peak_memory=peak)
+        body["devices"] = [
+            {
+                "stage": 0,
+                "name": info["name"],
+                "layers": [0, st.model._core.num_layers],
+                "info": info,
+            }
+        ]
+    return body
+
+
+# ``uvicorn mlx_dist.server:app``: configured from the environment at start-up.
+app = create_app()
+
+
+# ---------------------------------------------------------------------------
+# serve()
+
+
+class ServerHandle:
+    """A server running in a background thread (``serve(block=False)``)."""
+
+    def __init__(self, server, thread: threading.Thread, url: str):
+        self._server = server
+        self._thread = thread
+        self.url = url
+
+    def stop(self, timeout: float = 30.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __repr__(self) -> str:
+        return f"ServerHandle({self.url})"
+
+
+def serve(
+    model: str | None = None,
+    workers=None,
+    host: str = "127.0.0.1",
+    port: int = DEFAULT_PORT,
+    *,
+    api_key: str | None = None,
+    block: bool | None = None,
+    log_level: str = "info",
+    progress: Callable | None = None,
+    announce: Callable[[str], None] | None = None,
+    **settings,
+) -> ServerHandle | None:
+    """Serves ``model`` (default: the demo model) with the OpenAI API on
+    ``host:port``, locally or split over ``workers``.
+
+    Other settings are :class:`ServerSettings` fields (``strategy``,
+    ``model_name``, ``max_concurrency``, ...). Blocks until interrupted,
+    unless ``block=False`` or an event loop is already running in this
+    thread (Jupyter): then the server runs in the background and a
+    :class:`ServerHandle` is returned."""
+    import uvicorn
+
+    unknown = set(settings) - {f.name for f in dataclasses.fields(ServerSettings)}
+    if unknown:
+        raise TypeError(f"serve() got unexpected arguments: {sorted(unknown)}")
+    env = ServerSettings.from_env()
+    if api_key is None:
+        api_key = env.api_key
+    cfg = ServerSettings(model=model, workers=workers, api_key=api_key, **settings)
+    state = ServerState(cfg)
+    state.load(progress=progress)
+    if state.distributed and announce is not None:
+        announce(state.model.plan)
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        state.close()
+        raise OSError(f"cannot listen on {host}:{port}: {e.strerror}") from None
+    sock.listen(2048)
+    bound = sock.getsockname()[1]
+    url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(cfg, state), log_level=log_level, timeout_graceful_shutdown=5)
+    )
+    (announce or (lambda line: print(line, file=sys.stderr, flush=True)))(f"listening on {url}")
+
+    if block is None:
+        try:
+            asyncio.get_running_loop()
+            block = False
+        except RuntimeError:
+            block = True
+    if block:
+        server.run(sockets=[sock])
+        return None
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="mlx-dist-server", daemon=True
+    )
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return ServerHandle(server, thread, url)
