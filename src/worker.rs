@@ -9,7 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::Stream;
@@ -154,6 +154,25 @@ struct Stage {
     kv_bytes_per_token: u64,
 }
 
+impl Stage {
+    /// Whether this stage already holds what `req` asks to load.
+    fn holds(&self, req: &LoadShardRequest) -> bool {
+        let src = req.source.clone().unwrap_or_default();
+        let id = if src.model_id.is_empty() {
+            &src.path
+        } else {
+            &src.model_id
+        };
+        !id.is_empty()
+            && *id == self.info.model_id
+            && req.layer_start == self.info.layer_start
+            && req.layer_end == self.info.layer_end
+            && req.embed == self.info.embed
+            && req.head == self.info.head
+            && (req.cache_budget == 0 || req.cache_budget == self.cache_budget)
+    }
+}
+
 /// One sequence's state on this stage.
 struct Sequence {
     caches: Vec<KvCache>,
@@ -182,32 +201,59 @@ enum Job {
     ),
     Step(ForwardRequest, oneshot::Sender<Result<StepOut>>),
     Release(String, oneshot::Sender<u64>),
-    Info(oneshot::Sender<(Option<ShardInfo>, u64, u32)>),
+    Info(oneshot::Sender<EngineInfo>),
+}
+
+/// What the engine thread reports about itself.
+struct EngineInfo {
+    shard: Option<ShardInfo>,
+    cache_bytes: u64,
+    sequences: u32,
+    busy: Duration,
+    tokens: u64,
+    steps: u64,
 }
 
 struct Engine {
     name: String,
     stage: Option<Stage>,
     seqs: HashMap<String, Sequence>,
+    /// Time spent on steps and loads.
+    busy: Duration,
+    /// Token positions run, and steps.
+    tokens: u64,
+    steps: u64,
 }
 
 impl Engine {
     fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
         while let Ok(job) = jobs.recv() {
+            let started = Instant::now();
             match job {
                 Job::Load(req, cfg, progress) => {
                     let r = self.load(req, &cfg, &progress);
                     if let Err(e) = r {
                         let _ = progress.blocking_send(Err(status(e)));
                     }
+                    self.busy += started.elapsed();
                 }
                 Job::Step(req, reply) => {
                     let seq = req.sequence_id.clone();
+                    let positions = match &req.hidden {
+                        Some(t) if req.tokens.is_empty() => {
+                            t.shape.get(1).copied().unwrap_or(0) as u64
+                        }
+                        _ => req.tokens.len() as u64,
+                    };
                     let r = self.step(req);
                     if r.is_err() {
                         // A failed step leaves the cache in an unknown state.
                         self.seqs.remove(&seq);
+                    } else {
+                        self.tokens += positions;
+                        self.steps += 1;
                     }
+                    self.busy += started.elapsed();
                     let _ = reply.send(r);
                 }
                 Job::Release(seq, reply) => {
@@ -227,11 +273,14 @@ impl Engine {
                         .flat_map(|s| s.caches.iter())
                         .map(|c| c.nbytes() as u64)
                         .sum();
-                    let _ = reply.send((
-                        self.stage.as_ref().map(|s| s.info.clone()),
-                        bytes,
-                        self.seqs.len() as u32,
-                    ));
+                    let _ = reply.send(EngineInfo {
+                        shard: self.stage.as_ref().map(|s| s.info.clone()),
+                        cache_bytes: bytes,
+                        sequences: self.seqs.len() as u32,
+                        busy: self.busy,
+                        tokens: self.tokens,
+                        steps: self.steps,
+                    });
                 }
             }
         }
@@ -244,10 +293,25 @@ impl Engine {
         progress: &mpsc::Sender<std::result::Result<LoadProgress, Status>>,
     ) -> Result<()> {
         // A new stage replaces the old one and every sequence on it.
-        self.stage = None;
         self.seqs.clear();
-        mlx::clear_cache();
         let src = req.source.clone().unwrap_or_default();
+        if let Some(stage) = self.stage.as_mut().filter(|s| s.holds(&req)) {
+            // The same layers again (a re-plan that kept them here): only
+            // the neighbours change, no weights are read.
+            stage.next = Some(req.next.clone()).filter(|n| !n.is_empty());
+            stage.compression = Compression::try_from(req.compression).unwrap_or(Compression::None);
+            let info = stage.info.clone();
+            tracing::info!(worker = %self.name, "kept layers {}..{}", info.layer_start, info.layer_end);
+            let _ = progress.blocking_send(Ok(LoadProgress {
+                bytes_loaded: info.weight_bytes,
+                bytes_total: info.weight_bytes,
+                done: true,
+                shard: Some(info),
+            }));
+            return Ok(());
+        }
+        self.stage = None;
+        mlx::clear_cache();
         let source = if !src.path.is_empty() {
             if !cfg.allow_local_paths {
                 return Err(Error::NotFound(format!(
@@ -548,6 +612,7 @@ pub struct WorkerService {
     jobs: std_mpsc::Sender<Job>,
     /// (bytes, messages) of Forward requests sent downstream.
     sent: Arc<(AtomicU64, AtomicU64)>,
+    started: Instant,
 }
 
 impl WorkerService {
@@ -557,6 +622,9 @@ impl WorkerService {
             name: cfg.name.clone(),
             stage: None,
             seqs: HashMap::new(),
+            busy: Duration::ZERO,
+            tokens: 0,
+            steps: 0,
         };
         std::thread::Builder::new()
             .name("mlx-dist-engine".into())
@@ -566,6 +634,7 @@ impl WorkerService {
             cfg: Arc::new(cfg),
             jobs: tx,
             sent: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
+            started: Instant::now(),
         }
     }
 
@@ -604,6 +673,24 @@ impl WorkerService {
     }
 }
 
+/// How long a peer may be silent before it is declared failed: one half
+/// between keepalive pings, one half waiting for the answer.
+/// `MLX_DIST_FAILURE_TIMEOUT` (seconds, default 4).
+pub fn failure_timeout() -> Duration {
+    static T: OnceLock<Duration> = OnceLock::new();
+    *T.get_or_init(|| {
+        std::env::var("MLX_DIST_FAILURE_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .map_or(Duration::from_secs(4), Duration::from_secs_f64)
+    })
+}
+
+fn keepalive_interval() -> Duration {
+    (failure_timeout() / 2).max(Duration::from_millis(200))
+}
+
 /// Opens a channel to another worker (the next stage, or from the coordinator).
 pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
     let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
@@ -615,8 +702,8 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
         .map_err(|e| Error::InvalidArgument(format!("bad worker address {addr:?}: {e}")))?
         .connect_timeout(timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(keepalive_interval())
+        .keep_alive_timeout(keepalive_interval())
         .keep_alive_while_idle(true);
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
@@ -712,7 +799,7 @@ impl Worker for WorkerService {
         .map_err(status)?;
         let (tx, rx) = oneshot::channel();
         self.send(Job::Info(tx))?;
-        let (shard, cache_bytes, sequences) = rx
+        let engine = rx
             .await
             .map_err(|_| Status::internal("the engine thread has stopped"))?;
         Ok(Response::new(DeviceInfo {
@@ -726,9 +813,13 @@ impl Worker for WorkerService {
             bandwidth_gbs: caps.bandwidth_gbs,
             version: env!("CARGO_PKG_VERSION").to_string(),
             mlx_version: mlx::version(),
-            shard,
-            cache_bytes,
-            sequences,
+            shard: engine.shard,
+            cache_bytes: engine.cache_bytes,
+            sequences: engine.sequences,
+            busy_micros: engine.busy.as_micros() as u64,
+            tokens_processed: engine.tokens,
+            steps: engine.steps,
+            uptime_micros: self.started.elapsed().as_micros() as u64,
             mlx_active_memory: mlx::active_memory() as u64,
             mlx_peak_memory: mlx::peak_memory() as u64,
             forward_bytes_sent: self.sent.0.load(Ordering::Relaxed),
@@ -918,6 +1009,9 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
     tonic::transport::Server::builder()
         .tcp_nodelay(true)
+        // A coordinator or previous stage that vanished is noticed within seconds.
+        .http2_keepalive_interval(Some(keepalive_interval()))
+        .http2_keepalive_timeout(Some(keepalive_interval()))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, shutdown_signal())

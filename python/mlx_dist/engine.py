@@ -102,6 +102,12 @@ class Engine:
         self._limit = max_active
         self._cond = threading.Condition()
         self._stopped = False
+        # Figures for monitoring: seconds spent running the model, token
+        # positions run (prompt and generated), steps, and since when.
+        self.busy_seconds = 0.0
+        self.tokens_processed = 0
+        self.steps = 0
+        self.started = time.perf_counter()
         self._thread = threading.Thread(target=self._run, name="mlx-dist-engine", daemon=True)
         self._thread.start()
 
@@ -142,10 +148,12 @@ class Engine:
                 admit = []
                 while self._pending and len(self._active) + len(admit) < self._limit:
                     admit.append(self._pending.popleft())
+            began = time.perf_counter()
             for job in admit:
                 self._start(job)
             for run in list(self._active):
                 self._step(run)
+            self.busy_seconds += time.perf_counter() - began
         stopped = EngineStopped("the server is shutting down")
         for run in self._active:
             run.job.sink(Failed(stopped))
@@ -173,6 +181,7 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request
             self._fail(job, e)
             return
+        self.tokens_processed += len(job.prompt)
         self._active.append(_Running(job, gen, last=time.perf_counter()))
 
     def _step(self, run: _Running) -> None:
@@ -203,6 +212,8 @@ class Engine:
                 self.metrics.stage_times(self._model.last_stage_micros)
         run.last = now
         run.tokens = generated
+        self.tokens_processed += 1
+        self.steps += 1
         step = Step(text, token)
         if job.logprobs and logprobs is not None:
             step.logprob, step.top_logprobs = _pick_logprobs(logprobs, token, job.top_logprobs)

@@ -1037,6 +1037,8 @@ async def _cluster_status(st: ServerState) -> dict:
             "queued": engine.queued,
             "max_concurrency": engine.max_active,
             "max_queue": engine.max_queue,
+            "busy_seconds": engine.busy_seconds,
+            "tokens_processed": engine.tokens_processed,
         },
         "coordinator": {
             "mlx_active_memory": active,
@@ -1055,7 +1057,15 @@ async def _cluster_status(st: ServerState) -> dict:
         body["devices"] = workers
     else:
         info = json.loads(await asyncio.to_thread(_core.device_info, socket.gethostname()))
-        info.update(mlx_active_memory=active, mlx_peak_memory=peak)
+        info.update(
+            mlx_active_memory=active,
+            mlx_peak_memory=peak,
+            busy_micros=int(engine.busy_seconds * 1e6),
+            tokens_processed=engine.tokens_processed,
+            steps=engine.steps,
+            uptime_micros=int((time.perf_counter() - engine.started) * 1e6),
+            sequences=engine.active,
+        )
         body["devices"] = [
             {
                 "stage": 0,

@@ -219,6 +219,8 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "shard": shard, "cache_bytes": info.cache_bytes, "sequences": info.sequences,
         "mlx_active_memory": info.mlx_active_memory, "mlx_peak_memory": info.mlx_peak_memory,
         "forward_bytes_sent": info.forward_bytes_sent, "forward_messages_sent": info.forward_messages_sent,
+        "busy_micros": info.busy_micros, "tokens_processed": info.tokens_processed,
+        "steps": info.steps, "uptime_micros": info.uptime_micros,
     })
     .to_string())
 }
