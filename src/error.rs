@@ -28,6 +28,11 @@ pub enum Error {
     /// Not enough memory (KV cache budget, device memory) for a request.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A worker is not in the state a request assumes: it holds no shard
+    /// (it restarted) or not the sequence (a re-plan dropped it). Planning
+    /// the cluster again resolves it.
+    #[error("{0}")]
+    NotReady(String),
     /// A worker failed, could not be reached, or refused a call; the
     /// message names it.
     #[error("{0}")]

@@ -18,6 +18,8 @@ pub mod models;
 pub mod pipeline;
 /// The gRPC API (generated from `proto/`).
 pub mod proto;
+/// Re-planning around dead workers and replaying sequences on the new plan.
+pub mod recovery;
 /// Logits processors and samplers.
 pub mod sample;
 /// Placing a model's layers on devices: footprints, strategies, plans.

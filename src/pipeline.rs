@@ -81,7 +81,7 @@ pub struct StageHandle {
     client: Client,
 }
 
-/// A model loaded over a chain of workers.
+/// A model loaded over a chain of workers (one plan; `recovery` re-plans).
 pub struct Cluster {
     pub args: ModelArgs,
     pub plan: Plan,
@@ -150,6 +150,10 @@ fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
     let msg = s.message();
     match s.code() {
         tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
+        // A restarted worker or a dropped sequence: a re-plan mends it.
+        tonic::Code::FailedPrecondition => {
+            Error::Worker(format!("worker {} ({}): {msg}", stage.name, stage.address))
+        }
         tonic::Code::InvalidArgument => {
             Error::InvalidArgument(format!("worker {} ({}): {msg}", stage.name, stage.address))
         }
@@ -446,6 +450,7 @@ impl Cluster {
             offset: 0,
             logprobs,
             pending: false,
+            in_flight: 0,
             micros: self.last_stage_micros.clone(),
         };
         let max_length = (prompt.len() + max_tokens) as u32;
@@ -492,7 +497,24 @@ pub struct RemoteTokens {
     logprobs: bool,
     /// A step was sent and its reply not yet read.
     pending: bool,
+    /// Tokens in the step last sent (its deadline grows with them).
+    in_flight: usize,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
+}
+
+/// How long the coordinator waits for one step's reply before declaring
+/// the pipeline failed: `MLX_DIST_STEP_TIMEOUT` seconds (default 30) plus
+/// 0.1 s per token in the step, for long prefill chunks on slow devices.
+fn step_deadline(tokens: usize) -> Duration {
+    static BASE: OnceLock<Duration> = OnceLock::new();
+    let base = *BASE.get_or_init(|| {
+        std::env::var("MLX_DIST_STEP_TIMEOUT")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .filter(|v| *v > 0.0)
+            .map_or(Duration::from_secs(30), Duration::from_secs_f64)
+    });
+    base + Duration::from_millis(100) * tokens as u32
 }
 
 impl RemoteTokens {
@@ -514,6 +536,7 @@ impl RemoteTokens {
             max_length,
         };
         self.offset += tokens.len() as u32;
+        self.in_flight = tokens.len();
         if self.tx.send(req).await.is_err() {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
@@ -527,7 +550,16 @@ impl RemoteTokens {
     }
 
     async fn receive(&mut self) -> Result<ForwardReply> {
-        match self.replies.message().await {
+        let deadline = step_deadline(self.in_flight);
+        let Ok(reply) = tokio::time::timeout(deadline, self.replies.message()).await else {
+            return Err(Error::Worker(format!(
+                "the pipeline from worker {} ({}) gave no reply within {:.0} s",
+                self.first.name,
+                self.first.address,
+                deadline.as_secs_f64()
+            )));
+        };
+        match reply {
             Ok(Some(r)) => {
                 if let Ok(mut m) = self.micros.lock() {
                     *m = r.stage_micros.clone();

@@ -140,6 +140,7 @@ fn status(e: Error) -> Status {
         | Error::InvalidModel { .. }
         | Error::UnsupportedArchitecture { .. } => Status::invalid_argument(e.to_string()),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::NotReady(m) => Status::failed_precondition(m),
         other => Status::internal(other.to_string()),
     }
 }
@@ -410,7 +411,7 @@ impl Engine {
     fn step(&mut self, req: ForwardRequest) -> Result<StepOut> {
         let started = Instant::now();
         let stage = self.stage.as_ref().ok_or_else(|| {
-            Error::InvalidArgument(format!(
+            Error::NotReady(format!(
                 "worker {} holds no model: load a shard first",
                 self.name
             ))
@@ -423,7 +424,7 @@ impl Engine {
         }
         if !self.seqs.contains_key(&req.sequence_id) {
             if req.offset != 0 {
-                return Err(Error::InvalidArgument(format!(
+                return Err(Error::NotReady(format!(
                     "sequence {} is unknown here (its cache was released or never made) but the step starts at position {}",
                     req.sequence_id, req.offset
                 )));

@@ -11,15 +11,28 @@ from pathlib import Path
 
 
 class WorkerProcess:
-    def __init__(self, name: str, log_dir: Path, *args: str):
-        env = dict(os.environ, MLX_DIST_CACHE=str(log_dir / f"cache-{name}"), MLX_DIST_LOG="info")
-        self.log = log_dir / f"{name}.log"
-        cmd = [sys.executable, "-m", "mlx_dist.cli", "worker", "--port", "0", "--name", name, *args]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=self.log.open("wb"), env=env, text=True
-        )
+    def __init__(self, name: str, log_dir: Path, *args: str, port: int = 0):
         self.name = name
+        self.log_dir = log_dir
+        self.args = args
+        self.log = log_dir / f"{name}.log"
+        self._launch(port)
+
+    def _launch(self, port: int) -> None:
+        env = dict(
+            os.environ, MLX_DIST_CACHE=str(self.log_dir / f"cache-{self.name}"), MLX_DIST_LOG="info"
+        )
+        cmd = [sys.executable, "-m", "mlx_dist.cli", "worker", "--port", str(port)]
+        cmd += ["--name", self.name, *self.args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=self.log.open("ab"), env=env, text=True
+        )
         self.address = self._wait_listening()
+
+    def restart(self) -> None:
+        """A fresh process (no model loaded) on the same address."""
+        self.stop()
+        self._launch(int(self.address.rsplit(":", 1)[1]))
 
     def _wait_listening(self, timeout: float = 60.0) -> str:
         deadline = time.monotonic() + timeout

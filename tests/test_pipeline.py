@@ -179,11 +179,12 @@ def test_unreachable_worker_is_named_within_seconds(six_layer, workers):
 
 
 def test_killed_worker_fails_the_request_naming_it(six_layer, tmp_path_factory):
+    """With recovery off (test_recovery.py covers it on)."""
     procs = start_workers(3, tmp_path_factory.mktemp("kill"), prefix="k")
     try:
         path = six_layer["llama"]
         model, tok = mlx_dist.load(
-            str(path), workers=[p.address for p in procs], strategy="uniform"
+            str(path), workers=[p.address for p in procs], strategy="uniform", recover=False
         )
         stream = mlx_dist.stream_generate(model, tok, PROMPT, max_tokens=200)
         next(stream)

@@ -461,7 +461,8 @@ def test_overload_gets_429_with_retry_after(model_path, tmp_path):
         server.stop()
 
 
-def test_dead_worker_gives_503_not_a_hang(model_path, tmp_path):
+def test_dead_workers_give_503_not_a_hang(model_path, tmp_path):
+    """Every worker gone: no plan can hold the model (test_recovery.py covers re-plans)."""
     workers = start_workers(2, tmp_path, prefix="d")
     server = ServerProcess(
         tmp_path,
@@ -471,14 +472,17 @@ def test_dead_worker_gives_503_not_a_hang(model_path, tmp_path):
         ",".join(w.address for w in workers),
         "--strategy",
         "uniform",
+        "--recovery-wait",
+        "2",
     )
     try:
         assert httpx.get(f"{server.url}/health").status_code == 200
-        workers[1].kill()
+        for w in workers:
+            w.kill()
         health = httpx.get(f"{server.url}/health", timeout=30)
         assert health.status_code == 503
         dead = [w for w in health.json()["workers"] if not w["reachable"]]
-        assert [w["address"] for w in dead] == [workers[1].address]
+        assert {w["address"] for w in dead} == {w.address for w in workers}
         started = time.monotonic()
         r = httpx.post(
             f"{server.url}/v1/chat/completions",
@@ -486,7 +490,7 @@ def test_dead_worker_gives_503_not_a_hang(model_path, tmp_path):
             timeout=60,
         )
         assert r.status_code == 503
-        assert workers[1].address in r.json()["error"]["message"] or "d1" in r.text
+        assert "could not recover" in r.json()["error"]["message"]
         assert time.monotonic() - started < 30
         # The stream form ends with an error event, not a hang.
         with httpx.stream(

@@ -126,6 +126,8 @@ def _serve(args: argparse.Namespace) -> int:
         max_queue=args.max_queue,
         max_tokens=args.max_tokens,
         temperature=args.temp,
+        recovery_wait=args.recovery_wait,
+        token=args.token,
     )
     return 0
 
@@ -201,6 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     s.add_argument("--temp", type=float, default=0.0, help="temperature when a request gives none")
     s.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
+    s.add_argument(
+        "--recovery-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait for room for the model after a worker fails (then 503)",
+    )
     s.add_argument("--log-level", default="info", help="uvicorn's log level")
     _add_cluster(s)
     s.set_defaults(func=_serve)

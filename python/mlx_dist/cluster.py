@@ -51,6 +51,21 @@ class DistributedModel:
         """Compute time of each stage in the last step (microseconds)."""
         return self._core.last_stage_micros
 
+    @property
+    def epoch(self) -> int:
+        """Re-plans after failures so far (0: as first loaded)."""
+        return self._core.epoch
+
+    @property
+    def excluded(self) -> list[str]:
+        """Workers left out of the plan because they stopped answering."""
+        return self._core.excluded
+
+    @property
+    def recoveries(self) -> list[dict]:
+        """The latest re-plans: when, why, who was left out, how long."""
+        return json.loads(self._core.recoveries_json)
+
     def __call__(self, inputs):
         raise NotImplementedError("a distributed model generates tokens; it does not return logits")
 
@@ -182,6 +197,8 @@ def load_distributed(
     connect_timeout: float = 10.0,
     progress=None,
     token: str | None = None,
+    recover: bool = True,
+    recovery_wait: float = 30.0,
 ):
     from mlx_dist.utils import TokenizerWrapper
 
@@ -199,6 +216,8 @@ def load_distributed(
         float(connect_timeout),
         json.dumps(declared) if any(declared) else None,
         progress,
+        bool(recover),
+        float(recovery_wait),
     )
     config = _model_config(path_or_repo)
     return DistributedModel(core, config), TokenizerWrapper(tokenizer)

@@ -64,6 +64,9 @@ class ServerSettings:
     temperature: float = 0.0
     top_p: float = 1.0
     max_body_bytes: int = 8 << 20
+    recovery_wait: float = 30.0
+    health_interval: float = 2.0
+    token: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
@@ -113,6 +116,7 @@ class ServerState:
         self.name = ""
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
+        self._replanning: threading.Thread | None = None
 
     @property
     def ready(self) -> bool:
@@ -144,6 +148,8 @@ class ServerState:
                 compression=s.compression or cfg.get("compression") or "none",
                 kv_tokens=int(s.kv_tokens or cfg.get("kv_tokens", 4096)),
                 progress=progress,
+                token=s.token,
+                recovery_wait=s.recovery_wait,
             )
         else:
             self.model, self.tokenizer = load(model)
@@ -158,6 +164,20 @@ class ServerState:
             metrics=self.metrics,
         )
         self.metrics.watch_engine(lambda: self.engine.queued, lambda: self.engine.active)
+
+    def replan_soon(self, reason: str) -> None:
+        """Re-plans in the background (one at a time)."""
+        if self._replanning is not None and self._replanning.is_alive():
+            return
+
+        def run() -> None:
+            try:
+                self.model._core.replan(reason)
+            except (ConnectionError, ValueError, RuntimeError, MemoryError) as e:
+                print(f"mlx-dist: re-plan failed: {e}", file=sys.stderr, flush=True)
+
+        self._replanning = threading.Thread(target=run, name="mlx-dist-replan", daemon=True)
+        self._replanning.start()
 
     def close(self) -> None:
         if self.engine is not None:
@@ -323,6 +343,10 @@ class TokenizeRequest(_Body):
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     add_special_tokens: bool = True
+
+
+class JoinRequest(_Body):
+    address: str
 
 
 class DetokenizeRequest(_Body):
@@ -577,6 +601,7 @@ def _sse(data: dict | str) -> str:
 
 
 _ENDPOINTS = {
+    "/cluster/join",
     "/v1/chat/completions",
     "/v1/completions",
     "/v1/models",
@@ -647,6 +672,13 @@ class _Guard:
     def _refuse(scope, state: ServerState) -> APIError | None:
         headers = dict(scope["headers"])
         key = state.settings.api_key
+        token = state.settings.token or os.environ.get("MLX_DIST_TOKEN")
+        if scope["path"] == "/cluster/join" and token:
+            # Workers announce themselves with the cluster token, not the API key.
+            given = headers.get(b"x-mlx-dist-token", b"")
+            if not hmac.compare_digest(given, token.encode()):
+                return APIError(401, "joining needs the cluster token", code="invalid_token")
+            return None
         if key and scope["path"] != "/health":
             auth = headers.get(b"authorization", b"").decode("latin-1")
             scheme, _, given = auth.partition(" ")
@@ -690,9 +722,12 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         st = get_state()
         if not st.ready:
             await asyncio.to_thread(st.load)
+        monitor = asyncio.create_task(_monitor(st)) if st.distributed else None
         try:
             yield
         finally:
+            if monitor is not None:
+                monitor.cancel()
             st.close()
 
     app = FastAPI(title="mlx-dist", version="0.1.0", lifespan=lifespan)
@@ -866,7 +901,23 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         workers = await _workers(st, timeout=2.0) if st.distributed else []
         ok = all(w["reachable"] for w in workers)
         body = {"status": "ok" if ok else "degraded", "model": st.name, "workers": workers}
+        if st.distributed:
+            body["excluded"] = st.model.excluded
         return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.post("/cluster/join")
+    async def cluster_join(req: JoinRequest):
+        st = ready_state()
+        if not st.distributed:
+            raise _bad("this server runs the model on one device: it takes no workers")
+        try:
+            added = st.model._core.add_worker(req.address)
+        except ValueError as e:
+            raise _bad(str(e), "address") from None
+        if added or req.address in st.model.excluded:
+            # The next plan uses it; sequences running replay onto it.
+            st.replan_soon(f"worker {req.address} announced itself")
+        return {"address": req.address, "added": added, "workers": st.model._core.all_workers}
 
     @app.get("/cluster/status")
     async def cluster_status():
@@ -1015,6 +1066,12 @@ async def _workers(st: ServerState, timeout: float) -> list[dict]:
             return entry
         entry.update(reachable=True, latency_ms=round((time.perf_counter() - started) * 1e3, 2))
         entry["info"] = info
+        shard = info.get("shard")
+        held = [shard["layer_start"], shard["layer_end"]] if shard else None
+        if held != entry.get("layers"):
+            # Answering, but not holding its part of the plan (it restarted).
+            entry["reachable"] = False
+            entry["error"] = f"holds layers {held} instead of {entry.get('layers')}"
         return entry
 
     return list(
@@ -1022,6 +1079,29 @@ async def _workers(st: ServerState, timeout: float) -> list[dict]:
             *(ask(i, a, n) for i, (a, n) in enumerate(zip(core.addresses, core.names, strict=True)))
         )
     )
+
+
+async def _monitor(st: ServerState) -> None:
+    """Health checks between requests: a stage that stops answering gets
+    the model re-planned without it before the next request needs it, and
+    a worker left out that answers again is taken back."""
+    interval = st.settings.health_interval
+    while True:
+        await asyncio.sleep(interval)
+        if st.engine.active:
+            # Running sequences notice a failure themselves (their streams
+            # break or miss their deadline); a probe now could wait behind
+            # a long step and misread a busy worker as a dead one.
+            continue
+        try:
+            down = [w for w in await _workers(st, timeout=interval) if not w["reachable"]]
+            if down:
+                names = ", ".join(f"{w['name']} ({w['address']})" for w in down)
+                st.replan_soon(f"no answer to health checks from {names}")
+            elif await asyncio.to_thread(st.model._core.excluded_back):
+                st.replan_soon("a worker left out of the plan answers again")
+        except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+            print(f"mlx-dist: health check failed: {e}", file=sys.stderr, flush=True)
 
 
 async def _cluster_status(st: ServerState) -> dict:
@@ -1047,6 +1127,11 @@ async def _cluster_status(st: ServerState) -> dict:
         },
     }
     if st.distributed:
+        core = st.model._core
+        body["epoch"] = core.epoch
+        body["workers"] = core.all_workers
+        body["excluded"] = core.excluded
+        body["recoveries"] = st.model.recoveries
         body["plan"] = st.model.plan_dict
         body["plan_text"] = st.model.plan
         micros = st.model.last_stage_micros

@@ -132,7 +132,16 @@ def load(
     over those workers (``strategy``: uniform, memory_proportional,
     compute_proportional, balanced, or custom with ``proportions=[...]``); the
     returned model drives ``generate``/``stream_generate`` like a local one."""
-    dist_keys = {"proportions", "compression", "kv_tokens", "connect_timeout", "progress", "token"}
+    dist_keys = {
+        "proportions",
+        "compression",
+        "kv_tokens",
+        "connect_timeout",
+        "progress",
+        "token",
+        "recover",
+        "recovery_wait",
+    }
     unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"} - dist_keys
     if unknown:
         raise TypeError(f"load() got unexpected arguments: {sorted(unknown)}")

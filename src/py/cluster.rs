@@ -8,8 +8,9 @@ use pyo3::prelude::*;
 use super::tokenizer::PyTokenizer;
 use crate::device::Capabilities;
 use crate::error::Error;
-use crate::pipeline::{runtime, Cluster, ClusterOptions, WorkerSpec};
+use crate::pipeline::{runtime, ClusterOptions, WorkerSpec};
 use crate::proto::Compression;
+use crate::recovery::{ClusterHandle, RecoveryOptions};
 use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{resolve, Weights};
@@ -17,7 +18,7 @@ use crate::worker::{serve, WorkerConfig};
 
 #[pyclass(name = "Cluster", module = "mlx_dist._core", frozen)]
 pub struct PyCluster {
-    pub inner: Arc<Cluster>,
+    pub inner: Arc<ClusterHandle>,
 }
 
 fn compression(name: &str) -> Result<Compression, Error> {
@@ -33,9 +34,11 @@ fn compression(name: &str) -> Result<Compression, Error> {
 /// Loads `path_or_repo` over `workers` ("host:port" each), planned with
 /// `strategy`. `declared_json` optionally gives a JSON list (one entry per
 /// worker, or null) of declared capabilities. `progress(stage, done,
-/// total, message)` is called while shards load.
+/// total, message)` is called while shards load. When a stage fails, the
+/// cluster re-plans over the workers left (unless `recover` is false),
+/// waiting up to `recovery_wait` seconds for room for the model.
 #[pyfunction]
-#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None))]
+#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0))]
 #[allow(clippy::too_many_arguments)]
 pub fn load_cluster(
     py: Python<'_>,
@@ -47,6 +50,8 @@ pub fn load_cluster(
     connect_timeout: f64,
     declared_json: Option<String>,
     progress: Option<Py<PyAny>>,
+    recover: bool,
+    recovery_wait: f64,
 ) -> PyResult<(PyCluster, PyTokenizer)> {
     let strategy: Strategy = strategy.parse()?;
     let declared: Vec<Option<Capabilities>> = match declared_json {
@@ -80,10 +85,21 @@ pub fn load_cluster(
             });
         }
     };
-    let (cluster, tokenizer) = py.detach(|| -> crate::Result<(Cluster, Tokenizer)> {
+    let recovery = RecoveryOptions {
+        enabled: recover,
+        wait: Duration::from_secs_f64(recovery_wait.max(0.0)),
+        ..RecoveryOptions::default()
+    };
+    let (cluster, tokenizer) = py.detach(|| -> crate::Result<(ClusterHandle, Tokenizer)> {
         let weights = Weights::open(&resolve(&path_or_repo)?)?;
         let tokenizer = Tokenizer::for_model(&weights)?;
-        let cluster = runtime().block_on(Cluster::load(&path_or_repo, &specs, &opts, &report))?;
+        let cluster = runtime().block_on(ClusterHandle::load(
+            &path_or_repo,
+            &specs,
+            &opts,
+            recovery,
+            &report,
+        ))?;
         Ok((cluster, tokenizer))
     })?;
     Ok((
@@ -99,47 +115,53 @@ impl PyCluster {
     /// Which device holds which layers, and why (a table).
     #[getter]
     fn plan_text(&self) -> String {
-        self.inner.plan.to_string()
+        self.inner.current().plan.to_string()
     }
 
     /// The plan as JSON.
     #[getter]
     fn plan_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.inner.plan).map_err(|e| Error::from(e).into())
+        serde_json::to_string(&self.inner.current().plan).map_err(|e| Error::from(e).into())
     }
 
     /// Layers of the model.
     #[getter]
     fn num_layers(&self) -> usize {
-        self.inner.args.num_hidden_layers
+        self.inner.current().args.num_hidden_layers
     }
 
     #[getter]
     fn vocab_size(&self) -> i32 {
-        self.inner.args.vocab_size
+        self.inner.current().args.vocab_size
     }
 
     /// The longest sequence the model was trained for, when its config says.
     #[getter]
     fn context_length(&self) -> Option<i64> {
-        self.inner.args.max_position_embeddings
+        self.inner.current().args.max_position_embeddings
     }
 
     #[getter]
     fn model_type(&self) -> String {
-        self.inner.args.model_type.clone()
+        self.inner.current().args.model_type.clone()
     }
 
     /// Worker names, first stage first.
     #[getter]
     fn names(&self) -> Vec<String> {
-        self.inner.stages.iter().map(|s| s.name.clone()).collect()
+        self.inner
+            .current()
+            .stages
+            .iter()
+            .map(|s| s.name.clone())
+            .collect()
     }
 
     /// Worker addresses, first stage first.
     #[getter]
     fn addresses(&self) -> Vec<String> {
         self.inner
+            .current()
             .stages
             .iter()
             .map(|s| s.address.clone())
@@ -150,10 +172,63 @@ impl PyCluster {
     #[getter]
     fn last_stage_micros(&self) -> Vec<u32> {
         self.inner
+            .current()
             .last_stage_micros
             .lock()
             .map(|m| m.clone())
             .unwrap_or_default()
+    }
+
+    /// Re-plans so far (0: the cluster runs as first loaded).
+    #[getter]
+    fn epoch(&self) -> u64 {
+        self.inner.epoch()
+    }
+
+    /// Every worker configured or announced, in or out of the plan.
+    #[getter]
+    fn all_workers(&self) -> Vec<String> {
+        self.inner
+            .workers()
+            .into_iter()
+            .map(|w| w.address)
+            .collect()
+    }
+
+    /// Workers left out of the current plan because they did not answer.
+    #[getter]
+    fn excluded(&self) -> Vec<String> {
+        self.inner.excluded()
+    }
+
+    /// The re-plans so far (the latest 32), as JSON.
+    #[getter]
+    fn recoveries_json(&self) -> PyResult<String> {
+        serde_json::to_string(&self.inner.events()).map_err(|e| Error::from(e).into())
+    }
+
+    /// Adds a worker that announced itself; true if it was not known.
+    fn add_worker(&self, address: String) -> PyResult<bool> {
+        check_address(&address)?;
+        Ok(self.inner.add_worker(&address))
+    }
+
+    /// Whether a worker left out of the plan answers again.
+    fn excluded_back(&self, py: Python<'_>) -> bool {
+        let h = self.inner.clone();
+        py.detach(move || runtime().block_on(h.excluded_back()))
+    }
+
+    /// Plans the model again over the workers that answer now (blocking).
+    /// Sequences running continue on the new plan by replaying their tokens.
+    fn replan(&self, py: Python<'_>, reason: String) -> PyResult<u64> {
+        let h = self.inner.clone();
+        py.detach(move || {
+            let epoch = h.epoch();
+            runtime().block_on(h.replan(epoch, &reason))?;
+            Ok::<_, Error>(h.epoch())
+        })
+        .map_err(Into::into)
     }
 }
 
@@ -231,4 +306,18 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
 #[pyo3(signature = (token = None))]
 pub fn set_cluster_token(token: Option<String>) {
     crate::worker::set_cluster_token(token);
+}
+
+/// A worker address must be `host:port`.
+fn check_address(address: &str) -> crate::Result<()> {
+    let ok = address
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if ok && address.len() <= 256 {
+        Ok(())
+    } else {
+        Err(Error::InvalidArgument(format!(
+            "bad worker address {address:?}: expected host:port"
+        )))
+    }
 }

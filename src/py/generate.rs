@@ -10,7 +10,7 @@ use super::model::PyModel;
 use super::tokenizer::PyTokenizer;
 use crate::generate::{GenerateOptions, Generation, Response};
 use crate::mlx::Array;
-use crate::pipeline::runtime;
+use crate::recovery::SequenceSpec;
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 
 #[pyclass(name = "Generation", module = "mlx_dist._core")]
@@ -129,16 +129,16 @@ impl PyGeneration {
             let inner = py.detach(move || -> crate::Result<Generation> {
                 opts.validate()?;
                 let started = Instant::now();
-                let step = opts.prefill_step;
-                let remote = runtime().block_on(cluster.start(
-                    &prompt,
-                    &sampler,
-                    &processors,
+                let n = prompt.len();
+                let remote = cluster.start(SequenceSpec {
+                    prompt,
+                    sampler,
+                    processors,
                     max_tokens,
-                    step,
+                    prefill_step: opts.prefill_step,
                     logprobs,
-                ))?;
-                Generation::from_source(Box::new(remote), tok, prompt.len(), opts, started)
+                })?;
+                Generation::from_source(Box::new(remote), tok, n, opts, started)
             })?;
             return Ok(PyGeneration { inner });
         }

@@ -1,0 +1,219 @@
+"""Chaos: workers die (kill -9) or restart mid-generation; the cluster
+re-plans over the workers left, replays each sequence's tokens, and the
+output equals a run with no failure."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import mlx_dist
+import pytest
+from cluster_utils import start_workers
+from server_utils import ServerProcess
+
+PROMPTS = ["the quick brown fox jumps over the lazy dog", "a prompt about cats and dogs"]
+N = 240
+
+
+@pytest.fixture(scope="module")
+def model_path(tiny_model):
+    return tiny_model("qwen3", num_layers=6)
+
+
+@pytest.fixture(scope="module")
+def reference(model_path):
+    """Greedy text and tokens of each prompt on one device (no failure)."""
+    model, tok = mlx_dist.load(str(model_path))
+    out = {}
+    for p in PROMPTS:
+        rs = list(mlx_dist.stream_generate(model, tok, p, max_tokens=N))
+        assert rs[-1].finish_reason == "length"  # long enough to kill mid-way
+        out[p] = ("".join(r.text for r in rs), [r.token for r in rs])
+    return out
+
+
+def _stream_and_kill(model, tok, prompt, after, action):
+    """Tokens of a greedy run over `model`, with `action()` done after `after` tokens."""
+    tokens, text = [], ""
+    for i, r in enumerate(mlx_dist.stream_generate(model, tok, prompt, max_tokens=N)):
+        if i == after:
+            action()
+        tokens.append(r.token)
+        text += r.text
+    return text, tokens
+
+
+def test_killed_worker_mid_stream_loses_no_token(model_path, reference, tmp_path):
+    workers = start_workers(3, tmp_path)
+    try:
+        model, tok = mlx_dist.load(
+            str(model_path), workers=[w.address for w in workers], strategy="uniform"
+        )
+        text, tokens = _stream_and_kill(model, tok, PROMPTS[0], 40, workers[1].kill)
+        assert (text, tokens) == reference[PROMPTS[0]]
+        assert model.epoch >= 1
+        assert model.excluded == [workers[1].address]
+        assert workers[1].address not in model.workers
+        assert len(model.recoveries) >= 1
+        # The next sequence runs on the new plan.
+        again = [r.token for r in mlx_dist.stream_generate(model, tok, PROMPTS[0], max_tokens=20)]
+        assert again == reference[PROMPTS[0]][1][:20]
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_restarted_worker_is_used_again(model_path, reference, tmp_path):
+    workers = start_workers(3, tmp_path)
+    try:
+        model, tok = mlx_dist.load(
+            str(model_path), workers=[w.address for w in workers], strategy="uniform"
+        )
+        text, tokens = _stream_and_kill(model, tok, PROMPTS[1], 30, workers[2].restart)
+        assert (text, tokens) == reference[PROMPTS[1]]
+        assert model.epoch >= 1
+        # Same address, fresh process: it holds a stage of the new plan.
+        assert sorted(model.workers) == sorted(w.address for w in workers)
+        assert model.excluded == []
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_two_sequences_in_flight_both_survive(model_path, reference, tmp_path):
+    workers = start_workers(3, tmp_path)
+    try:
+        model, tok = mlx_dist.load(
+            str(model_path), workers=[w.address for w in workers], strategy="uniform"
+        )
+        got: dict = {}
+        progress = threading.Semaphore(0)
+
+        def run(p):
+            tokens = []
+            for r in mlx_dist.stream_generate(model, tok, p, max_tokens=N):
+                tokens.append(r.token)
+                if len(tokens) == 25:
+                    progress.release()
+            got[p] = tokens
+
+        threads = [threading.Thread(target=run, args=(p,)) for p in PROMPTS]
+        for t in threads:
+            t.start()
+        for _ in PROMPTS:
+            assert progress.acquire(timeout=60)
+        workers[0].kill()  # the first stage, which holds the embedding
+        for t in threads:
+            t.join(120)
+        assert got == {p: reference[p][1] for p in PROMPTS}
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def _chat_stream(url: str, prompt: str, on_chunk=None) -> tuple[str, str | None, str]:
+    """(text, finish_reason, raw body) of a streamed completion."""
+    text, finish, raw = "", None, ""
+    body = {"prompt": prompt, "max_tokens": N, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=120) as r:
+        for i, line in enumerate(r.iter_lines()):
+            raw += line + "\n"
+            if on_chunk is not None:
+                on_chunk(i)
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            data = json.loads(line[6:])
+            for c in data.get("choices", []):
+                text += c["text"]
+                finish = c["finish_reason"] or finish
+    return text, finish, raw
+
+
+def test_server_stream_survives_a_killed_worker(model_path, reference, tmp_path):
+    workers = start_workers(3, tmp_path)
+    server = ServerProcess(
+        tmp_path,
+        "--model",
+        str(model_path),
+        "--workers",
+        ",".join(w.address for w in workers),
+        "--strategy",
+        "uniform",
+    )
+    try:
+
+        def kill_at(i):
+            if i == 60:
+                workers[1].kill()
+
+        text, finish, raw = _chat_stream(server.url, PROMPTS[0], kill_at)
+        assert '"error"' not in raw
+        assert text == reference[PROMPTS[0]][0]
+        assert finish == "length"
+        status = httpx.get(f"{server.url}/cluster/status").json()
+        assert status["epoch"] >= 1
+        assert status["excluded"] == [workers[1].address]
+        assert httpx.get(f"{server.url}/health").status_code == 200
+    finally:
+        server.stop()
+        for w in workers:
+            w.stop()
+
+
+def test_no_capacity_is_a_clean_error_and_the_server_recovers(model_path, reference, tmp_path):
+    local, _ = mlx_dist.load(str(model_path))
+    # Each worker may use 70% of what the model needs: both are needed. (A
+    # plan keeps 10% and 256 MiB of each device for activations.)
+    gb = (local.nbytes * 0.7 + (256 << 20)) / 0.9 / (1 << 30)
+    workers = start_workers(2, tmp_path)
+    config = tmp_path / "cluster.json"
+    config.write_text(
+        json.dumps(
+            {
+                "kv_tokens": 8,
+                "workers": [{"address": w.address, "memory_gb": gb} for w in workers],
+            }
+        )
+    )
+    server = ServerProcess(
+        tmp_path,
+        "--model",
+        str(model_path),
+        "--cluster-config",
+        str(config),
+        "--strategy",
+        "uniform",
+        "--recovery-wait",
+        "3",
+    )
+    try:
+        workers[1].kill()
+        started = time.monotonic()
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": PROMPTS[0], "max_tokens": 5},
+            timeout=60,
+        )
+        assert r.status_code == 503, r.text
+        assert "could not recover" in r.json()["error"]["message"]
+        assert time.monotonic() - started < 20
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 503
+        # Capacity returns: the next request is answered.
+        workers[1].restart()
+        r = httpx.post(
+            f"{server.url}/v1/completions",
+            json={"prompt": PROMPTS[0], "max_tokens": 5},
+            timeout=60,
+        )
+        assert r.status_code == 200, r.text
+        model, tok = mlx_dist.load(str(model_path))
+        want = mlx_dist.generate(model, tok, PROMPTS[0], max_tokens=5)
+        assert r.json()["choices"][0]["text"] == want
+        assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    finally:
+        server.stop()
+        for w in workers:
+            w.stop()
