@@ -518,6 +518,11 @@ fn step_deadline(tokens: usize) -> Duration {
 }
 
 impl RemoteTokens {
+    /// The id the workers know this sequence by.
+    pub fn sequence_id(&self) -> &str {
+        &self.seq
+    }
+
     async fn send(
         &mut self,
         tokens: &[u32],

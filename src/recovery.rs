@@ -312,7 +312,8 @@ impl RecoveringTokens {
                 return Err(last);
             }
             tracing::warn!(
-                "sequence stopped after {} tokens: {last}; resuming",
+                sequence = %self.inner.sequence_id(),
+                "stopped after {} tokens: {last}; resuming",
                 self.produced.len()
             );
             let cluster = runtime().block_on(handle.replan(self.epoch, &last.to_string()))?;

@@ -228,6 +228,9 @@ struct Engine {
 
 impl Engine {
     fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
+        // Every line this thread logs names the worker.
+        let span = tracing::info_span!("worker", name = %self.name);
+        let _in = span.enter();
         while let Ok(job) = jobs.recv() {
             let started = Instant::now();
             match job {
@@ -262,6 +265,9 @@ impl Engine {
                         .seqs
                         .remove(&seq)
                         .map_or(0, |s| s.caches.iter().map(|c| c.nbytes() as u64).sum());
+                    if freed > 0 {
+                        tracing::info!(sequence = %seq, "released, {:.1} MB freed", freed as f64 / 1e6);
+                    }
                     if self.seqs.is_empty() {
                         mlx::clear_cache();
                     }
@@ -302,7 +308,7 @@ impl Engine {
             stage.next = Some(req.next.clone()).filter(|n| !n.is_empty());
             stage.compression = Compression::try_from(req.compression).unwrap_or(Compression::None);
             let info = stage.info.clone();
-            tracing::info!(worker = %self.name, "kept layers {}..{}", info.layer_start, info.layer_end);
+            tracing::info!("kept layers {}..{}", info.layer_start, info.layer_end);
             let _ = progress.blocking_send(Ok(LoadProgress {
                 bytes_loaded: info.weight_bytes,
                 bytes_total: info.weight_bytes,
@@ -379,7 +385,6 @@ impl Engine {
             weight_bytes: total,
         };
         tracing::info!(
-            worker = %self.name,
             "loaded layers {}..{} ({:.1} MB){}{}",
             req.layer_start,
             req.layer_end,
@@ -448,6 +453,11 @@ impl Engine {
             } else {
                 None
             };
+            tracing::info!(
+                sequence = %req.sequence_id,
+                "started: up to {length} tokens, {:.1} MB of KV reserved",
+                need as f64 / 1e6
+            );
             self.seqs.insert(
                 req.sequence_id.clone(),
                 Sequence {
@@ -925,7 +935,8 @@ impl Worker for WorkerService {
                     // The client went away or finished: its sequences end.
                     Ok(None) | Err(_) => break,
                 };
-                seen.insert(msg.sequence_id.clone());
+                let sequence = msg.sequence_id.clone();
+                seen.insert(sequence.clone());
                 let reply = match svc.step(msg.clone()).await {
                     Err(e) => Err(e),
                     Ok(out) => match out.hidden {
@@ -966,7 +977,7 @@ impl Worker for WorkerService {
                 };
                 let failed = reply.is_err();
                 if let Err(e) = &reply {
-                    tracing::warn!(worker = %svc.cfg.name, "step failed: {}", e.message());
+                    tracing::warn!(worker = %svc.cfg.name, sequence = %sequence, "step failed: {}", e.message());
                 }
                 if tx.send(reply).await.is_err() || failed {
                     break;

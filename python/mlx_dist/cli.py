@@ -163,6 +163,12 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_recovery(args: argparse.Namespace) -> int:
+    from mlx_dist.bench_recovery import main as bench_main
+
+    return bench_main(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="mlx-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -264,6 +270,17 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--gen-tokens", type=int, default=128)
     bp.add_argument("--repeats", type=int, default=3)
     bp.set_defaults(func=_bench_pipeline)
+
+    br = sub.add_parser(
+        "bench-recovery", help="kill a worker mid-generation: recovery time and tokens lost"
+    )
+    br.add_argument("--model", default=None, help="model (default: the demo model)")
+    br.add_argument("--workers", type=int, default=3)
+    br.add_argument("--kill", type=int, default=1, help="index of the worker to kill")
+    br.add_argument("--kill-after", type=int, default=40, help="tokens before the kill")
+    br.add_argument("--tokens", type=int, default=160)
+    br.add_argument("--prompt", default="Tell me a short story about a lighthouse keeper.")
+    br.set_defaults(func=_bench_recovery)
 
     args = parser.parse_args(argv)
     try:

@@ -90,6 +90,8 @@ pub fn load_cluster(
         wait: Duration::from_secs_f64(recovery_wait.max(0.0)),
         ..RecoveryOptions::default()
     };
+    // Recoveries are worth a line in the coordinator's log.
+    init_logging();
     let (cluster, tokenizer) = py.detach(|| -> crate::Result<(ClusterHandle, Tokenizer)> {
         let weights = Weights::open(&resolve(&path_or_repo)?)?;
         let tokenizer = Tokenizer::for_model(&weights)?;
