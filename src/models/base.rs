@@ -479,6 +479,37 @@ impl Attention {
         mask: &AttnMask,
         cache: Option<&mut KvCache>,
     ) -> Result<Array> {
+        let (q, k, v) = self.project(x)?;
+        self.o_proj
+            .forward(&attend(&q, &k, &v, &self.rope, self.scale, mask, cache)?)
+    }
+
+    /// One decode step of several sequences at once: `x` is `[B, 1, hidden]`,
+    /// row `b` belongs to the sequence of `caches[b]`. The projections run
+    /// as one batch; attention runs per row, each on its own cache length.
+    pub fn forward_rows(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
+        let (q, k, v) = self.project(x)?;
+        let mut rows = Vec::with_capacity(caches.len());
+        for (b, cache) in caches.iter_mut().enumerate() {
+            let b = b as i32;
+            let row = |a: &Array| a.slice_axis(0, b, b + 1);
+            rows.push(attend(
+                &row(&q)?,
+                &row(&k)?,
+                &row(&v)?,
+                &self.rope,
+                self.scale,
+                &AttnMask::None,
+                Some(&mut **cache),
+            )?);
+        }
+        let rows: Vec<&Array> = rows.iter().collect();
+        self.o_proj
+            .forward(&crate::mlx::ops::concatenate(&rows, 0)?)
+    }
+
+    /// Queries, keys and values as `[B, heads, L, head_dim]`.
+    fn project(&self, x: &Array) -> Result<(Array, Array, Array)> {
         let Heads {
             n_heads,
             n_kv_heads,
@@ -518,8 +549,7 @@ impl Attention {
             _ => (Heads::split(&q, n_heads)?, Heads::split(&k, n_kv_heads)?),
         };
         let v = Heads::split(&v, n_kv_heads)?;
-        self.o_proj
-            .forward(&attend(&q, &k, &v, &self.rope, self.scale, mask, cache)?)
+        Ok((q, k, v))
     }
 
     fn arrays(&self) -> Vec<&Array> {
@@ -625,6 +655,19 @@ impl super::Block for DecoderBlock {
             mask,
             cache,
         )?)?;
+        h.add(
+            &self
+                .mlp
+                .forward(&self.post_attention_layernorm.forward(&h)?)?,
+        )
+    }
+
+    fn forward_rows(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
+        let h = x.add(
+            &self
+                .self_attn
+                .forward_rows(&self.input_layernorm.forward(x)?, caches)?,
+        )?;
         h.add(
             &self
                 .mlp

@@ -24,6 +24,8 @@ use base::{AttnMask, Embedding, Linear, RmsNorm};
 /// One transformer block of some architecture.
 pub trait Block: Send + Sync {
     fn forward(&self, x: &Array, mask: &AttnMask, cache: Option<&mut KvCache>) -> Result<Array>;
+    /// One decode step of `x.dim(0)` sequences, row `b` on `caches[b]`.
+    fn forward_rows(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array>;
     /// The arrays it holds (to evaluate, or to weigh).
     fn arrays(&self) -> Vec<&Array>;
 }
@@ -266,6 +268,39 @@ impl Model {
         Ok(h)
     }
 
+    /// One decode step of several sequences through this shard's layers:
+    /// `h` is `[B, 1, hidden]`, row `b` on `caches[b]` (one cache per layer).
+    /// Scheduled every `every` blocks as in `forward_layers_eager`.
+    pub fn forward_layers_rows(
+        &self,
+        mut h: Array,
+        caches: &mut [&mut [KvCache]],
+        every: usize,
+    ) -> Result<Array> {
+        if caches.len() != h.dim(0) as usize || h.dim(1) != 1 {
+            return Err(Error::InvalidArgument(format!(
+                "a batched step takes one token per sequence: {:?} for {} sequences",
+                h.shape(),
+                caches.len()
+            )));
+        }
+        if let Some(c) = caches.iter().find(|c| c.len() != self.blocks.len()) {
+            return Err(Error::InvalidArgument(format!(
+                "{} caches for {} layers",
+                c.len(),
+                self.blocks.len()
+            )));
+        }
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mut layer: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c[i]).collect();
+            h = block.forward_rows(&h, &mut layer)?;
+            if every > 0 && (i + 1) % every == 0 && i + 1 < self.blocks.len() {
+                crate::mlx::async_eval(&[&h])?;
+            }
+        }
+        Ok(h)
+    }
+
     /// Final norm and output head: `[B, L, hidden]` -> `[B, L, vocab]`.
     pub fn logits(&self, h: &Array) -> Result<Array> {
         let (Some(norm), Some(head)) = (&self.norm, &self.head) else {
@@ -408,6 +443,67 @@ pub(crate) mod tests {
         .err()
         .unwrap();
         assert!(err.to_string().contains("outside"), "{err}");
+    }
+
+    #[test]
+    fn a_batched_decode_step_equals_one_step_per_sequence() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_llama(tmp.path(), 2);
+        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
+        let model = Model::load(&weights, None).unwrap();
+        let ids = |t: &[i32]| Array::from_slice(t, &[1, t.len() as i32]).unwrap();
+        // Three sequences with caches of different lengths.
+        let prompts: [&[i32]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
+        let prefill = || -> Vec<Vec<KvCache>> {
+            prompts
+                .iter()
+                .map(|p| {
+                    let mut c = model.make_cache();
+                    let h = model.embed(&ids(p)).unwrap();
+                    model
+                        .forward_layers(h, Some(&mut c))
+                        .unwrap()
+                        .eval()
+                        .unwrap();
+                    c
+                })
+                .collect()
+        };
+        let next = [11, 12, 13];
+        let mut one = prefill();
+        let want: Vec<Vec<f32>> = (0..3)
+            .map(|b| {
+                let h = model.embed(&ids(&next[b..b + 1])).unwrap();
+                let h = model.forward_layers(h, Some(&mut one[b])).unwrap();
+                h.to_vec::<f32>().unwrap()
+            })
+            .collect();
+        let mut batch = prefill();
+        let h = model
+            .embed(&Array::from_slice(&next, &[3, 1]).unwrap())
+            .unwrap();
+        let mut rows: Vec<&mut [KvCache]> = batch.iter_mut().map(|c| c.as_mut_slice()).collect();
+        let got = model.forward_layers_rows(h, &mut rows, 1).unwrap();
+        assert_eq!(got.shape(), vec![3, 1, 256]);
+        for (b, w) in want.iter().enumerate() {
+            let g = got
+                .slice_axis(0, b as i32, b as i32 + 1)
+                .unwrap()
+                .to_vec::<f32>()
+                .unwrap();
+            let diff = g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0f32, f32::max);
+            assert!(diff < 1e-4, "row {b} differs by {diff}");
+            assert_eq!(batch[b][0].offset(), one[b][0].offset());
+        }
+        // A step that is not one token per sequence is refused.
+        let h = model.embed(&ids(&[1, 2])).unwrap();
+        let mut rows: Vec<&mut [KvCache]> =
+            batch.iter_mut().take(1).map(|c| c.as_mut_slice()).collect();
+        assert!(model.forward_layers_rows(h, &mut rows, 0).is_err());
     }
 
     #[test]
