@@ -57,6 +57,10 @@ pub struct ClusterOptions {
     pub compression: Compression,
     /// How long to keep trying to reach each worker.
     pub connect_timeout: Duration,
+    /// Longest prompt chunk sent through the pipeline at once: smaller
+    /// chunks keep every stage busy during a long prefill and let other
+    /// sequences' decode steps in between.
+    pub prefill_chunk: usize,
 }
 
 impl Default for ClusterOptions {
@@ -66,6 +70,7 @@ impl Default for ClusterOptions {
             kv_tokens: 4096,
             compression: Compression::None,
             connect_timeout: Duration::from_secs(10),
+            prefill_chunk: 512,
         }
     }
 }
@@ -88,7 +93,12 @@ pub struct Cluster {
     pub stages: Vec<StageHandle>,
     /// Step time of each stage in the last step, microseconds.
     pub last_stage_micros: Arc<std::sync::Mutex<Vec<u32>>>,
+    /// Longest prompt chunk sent through the pipeline at once.
+    pub prefill_chunk: usize,
 }
+
+/// Prompt chunks of one sequence in flight through the pipeline at once.
+const PREFILL_IN_FLIGHT: usize = 4;
 
 /// Capabilities declared in a cluster config take the place of measured ones.
 fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
@@ -395,6 +405,7 @@ impl Cluster {
             plan,
             stages,
             last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
+            prefill_chunk: opts.prefill_chunk,
         })
     }
 
@@ -450,17 +461,26 @@ impl Cluster {
             offset: 0,
             logprobs,
             pending: false,
-            in_flight: 0,
+            outstanding: Default::default(),
             micros: self.last_stage_micros.clone(),
         };
         let max_length = (prompt.len() + max_tokens) as u32;
         let (head, last) = prompt.split_at(prompt.len() - 1);
         let mut sampling = Some(sampling);
-        for chunk in head.chunks(prefill_step.max(1)) {
+        // The chunks go out back to back: stage 1 prefills chunk k+1 while
+        // stage 2 prefills chunk k. A few at a time, so that neither side's
+        // buffers fill while the other waits.
+        let step = prefill_step.clamp(1, self.prefill_chunk.max(1));
+        for chunk in head.chunks(step) {
             r.send(chunk, false, sampling.take(), max_length).await?;
-            r.receive().await?;
+            if r.outstanding.len() >= PREFILL_IN_FLIGHT {
+                r.receive().await?;
+            }
         }
         r.send(last, true, sampling.take(), max_length).await?;
+        while r.outstanding.len() > 1 {
+            r.receive().await?;
+        }
         r.pending = true;
         Ok(r)
     }
@@ -497,8 +517,9 @@ pub struct RemoteTokens {
     logprobs: bool,
     /// A step was sent and its reply not yet read.
     pending: bool,
-    /// Tokens in the step last sent (its deadline grows with them).
-    in_flight: usize,
+    /// Tokens of each step sent and not yet answered, oldest first (the
+    /// deadline of a reply grows with them).
+    outstanding: std::collections::VecDeque<usize>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
@@ -541,7 +562,7 @@ impl RemoteTokens {
             max_length,
         };
         self.offset += tokens.len() as u32;
-        self.in_flight = tokens.len();
+        self.outstanding.push_back(tokens.len());
         if self.tx.send(req).await.is_err() {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
@@ -555,7 +576,7 @@ impl RemoteTokens {
     }
 
     async fn receive(&mut self) -> Result<ForwardReply> {
-        let deadline = step_deadline(self.in_flight);
+        let deadline = step_deadline(self.outstanding.iter().sum());
         let Ok(reply) = tokio::time::timeout(deadline, self.replies.message()).await else {
             return Err(Error::Worker(format!(
                 "the pipeline from worker {} ({}) gave no reply within {:.0} s",
@@ -566,6 +587,7 @@ impl RemoteTokens {
         };
         match reply {
             Ok(Some(r)) => {
+                self.outstanding.pop_front();
                 if let Ok(mut m) = self.micros.lock() {
                     *m = r.stage_micros.clone();
                 }

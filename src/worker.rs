@@ -213,6 +213,8 @@ struct EngineInfo {
     busy: Duration,
     tokens: u64,
     steps: u64,
+    batches: u64,
+    batched_steps: u64,
 }
 
 struct Engine {
@@ -224,15 +226,67 @@ struct Engine {
     /// Token positions run, and steps.
     tokens: u64,
     steps: u64,
+    /// Batched decode steps run, and the sequence steps in them.
+    batches: u64,
+    batched_steps: u64,
 }
+
+/// The most decode steps run as one batch.
+const MAX_BATCH: usize = 32;
 
 impl Engine {
     fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
         // Every line this thread logs names the worker.
         let span = tracing::info_span!("worker", name = %self.name);
         let _in = span.enter();
-        while let Ok(job) = jobs.recv() {
+        // A job taken while gathering a batch, to run next.
+        let mut held: Option<Job> = None;
+        loop {
+            let job = match held.take() {
+                Some(j) => j,
+                None => match jobs.recv() {
+                    Ok(j) => j,
+                    Err(_) => break,
+                },
+            };
             let started = Instant::now();
+            let job = match job {
+                // Decode steps of other sequences waiting now join this one
+                // (continuous batching: the batch is whatever is queued).
+                Job::Step(req, reply) if self.is_decode(&req) => {
+                    let mut batch = vec![(req, reply)];
+                    while batch.len() < MAX_BATCH {
+                        match jobs.try_recv() {
+                            Ok(Job::Step(r, tx))
+                                if self.is_decode(&r)
+                                    && batch
+                                        .iter()
+                                        .all(|(b, _)| b.sequence_id != r.sequence_id) =>
+                            {
+                                batch.push((r, tx))
+                            }
+                            Ok(other) => {
+                                held = Some(other);
+                                break;
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    if batch.len() == 1 {
+                        let (req, reply) = batch.pop().unwrap();
+                        Job::Step(req, reply)
+                    } else {
+                        self.batches += 1;
+                        self.batched_steps += batch.len() as u64;
+                        self.tokens += batch.len() as u64;
+                        self.steps += batch.len() as u64;
+                        self.step_batch(batch);
+                        self.busy += started.elapsed();
+                        continue;
+                    }
+                }
+                other => other,
+            };
             match job {
                 Job::Load(req, cfg, progress) => {
                     let r = self.load(req, &cfg, &progress);
@@ -287,6 +341,8 @@ impl Engine {
                         busy: self.busy,
                         tokens: self.tokens,
                         steps: self.steps,
+                        batches: self.batches,
+                        batched_steps: self.batched_steps,
                     });
                 }
             }
@@ -413,8 +469,10 @@ impl Engine {
         self.seqs.values().map(|s| s.reserved).sum()
     }
 
-    fn step(&mut self, req: ForwardRequest) -> Result<StepOut> {
-        let started = Instant::now();
+    /// Validates a step and makes its input, `[1, L, hidden]`: embedded
+    /// tokens on the first stage, decoded activations on the others. The
+    /// sequence is created on its first step.
+    fn input(&mut self, req: &ForwardRequest) -> Result<Array> {
         let stage = self.stage.as_ref().ok_or_else(|| {
             Error::NotReady(format!(
                 "worker {} holds no model: load a shard first",
@@ -505,9 +563,122 @@ impl Engine {
             }
             h
         };
+        Ok(h)
+    }
+
+    /// One step of one sequence.
+    fn step(&mut self, req: ForwardRequest) -> Result<StepOut> {
+        let started = Instant::now();
+        let h = self.input(&req)?;
+        let model = self.stage.as_ref().unwrap().model.clone();
+        let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
         // Decode steps are latency-bound: overlap graph building with compute.
         let every = if req.tokens.len() <= 1 { 2 } else { 0 };
         let h = model.forward_layers_eager(h, Some(&mut seq.caches), every)?;
+        let mut out = self.output(&req, &h, None)?;
+        if req.tokens.len() > 1 {
+            mlx::clear_cache();
+        }
+        out.micros = micros_since(started);
+        Ok(out)
+    }
+
+    /// Whether `req` is a decode step (one position) of a sequence this
+    /// stage already holds: those can run batched with others.
+    fn is_decode(&self, req: &ForwardRequest) -> bool {
+        let positions = match &req.hidden {
+            Some(t) => t.shape.len() == 3 && t.shape[0] == 1 && t.shape[1] == 1,
+            None => req.tokens.len() == 1,
+        };
+        positions && self.stage.is_some() && self.seqs.contains_key(&req.sequence_id)
+    }
+
+    /// Decode steps of several sequences as one batch: the layers run once
+    /// on `[B, 1, hidden]` (attention on each sequence's own cache), the
+    /// head once on all rows; then each sequence samples its row.
+    fn step_batch(&mut self, batch: Vec<(ForwardRequest, oneshot::Sender<Result<StepOut>>)>) {
+        let started = Instant::now();
+        let mut ready = Vec::with_capacity(batch.len());
+        for (req, reply) in batch {
+            match self.input(&req) {
+                Ok(h) => ready.push((req, reply, h)),
+                Err(e) => {
+                    self.seqs.remove(&req.sequence_id);
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+        if ready.is_empty() {
+            return;
+        }
+        let model = self.stage.as_ref().unwrap().model.clone();
+        let mut seqs: Vec<Sequence> = ready
+            .iter()
+            .filter_map(|(req, _, _)| self.seqs.remove(&req.sequence_id))
+            .collect();
+        let result = (|| -> Result<(Array, Option<Array>)> {
+            let rows: Vec<&Array> = ready.iter().map(|(_, _, h)| h).collect();
+            let h = mlx::ops::concatenate(&rows, 0)?;
+            let mut caches: Vec<&mut [KvCache]> =
+                seqs.iter_mut().map(|s| s.caches.as_mut_slice()).collect();
+            let h = model.forward_layers_rows(h, &mut caches, 2)?;
+            let logits = if self.stage.as_ref().unwrap().info.head {
+                let l = model.logits(&h)?;
+                l.eval()?;
+                Some(l)
+            } else {
+                h.eval()?;
+                None
+            };
+            Ok((h, logits))
+        })();
+        for ((req, _, _), seq) in ready.iter().zip(seqs) {
+            self.seqs.insert(req.sequence_id.clone(), seq);
+        }
+        let (h, logits) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                // The caches are in an unknown state: every sequence fails.
+                for (req, reply, _) in ready {
+                    self.seqs.remove(&req.sequence_id);
+                    let _ = reply.send(Err(Error::Mlx(format!("batched step failed: {e}"))));
+                }
+                return;
+            }
+        };
+        let micros = micros_since(started);
+        for (b, (req, reply, _)) in ready.into_iter().enumerate() {
+            let b = b as i32;
+            let out = h.slice_axis(0, b, b + 1).and_then(|row| {
+                let logits = logits
+                    .as_ref()
+                    .map(|l| l.slice_axis(0, b, b + 1))
+                    .transpose()?;
+                self.output(&req, &row, logits)
+            });
+            let out = out.map(|mut o| {
+                o.micros = micros;
+                o
+            });
+            if out.is_err() {
+                self.seqs.remove(&req.sequence_id);
+            }
+            let _ = reply.send(out);
+        }
+    }
+
+    /// What one sequence's step sends on: the last stage samples from its
+    /// logits (`[1, L, vocab]`, computed here unless given), the others
+    /// encode the activations `h` for the next stage.
+    fn output(
+        &mut self,
+        req: &ForwardRequest,
+        h: &Array,
+        logits: Option<Array>,
+    ) -> Result<StepOut> {
+        let stage = self.stage.as_ref().unwrap();
+        let model = stage.model.clone();
+        let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
         let mut out = StepOut {
             hidden: None,
             token: None,
@@ -521,7 +692,11 @@ impl Engine {
             }
             if req.sample {
                 let l = h.dim(1);
-                let mut logits = model.logits(&h.slice_axis(1, l - 1, l)?)?.squeeze(1)?;
+                let logits = match logits {
+                    Some(x) => x.slice_axis(1, l - 1, l)?,
+                    None => model.logits(&h.slice_axis(1, l - 1, l)?)?,
+                };
+                let mut logits = logits.squeeze(1)?;
                 let sampler = seq.sampler.as_mut().unwrap();
                 if sampler.needs_history() {
                     logits = sampler.process(logits, &seq.history)?;
@@ -544,14 +719,14 @@ impl Engine {
                 ));
             }
             h.eval()?;
-            out.hidden = Some(codec::encode(&h, stage.compression)?);
+            out.hidden = Some(codec::encode(h, stage.compression)?);
         }
-        if req.tokens.len() > 1 {
-            mlx::clear_cache();
-        }
-        out.micros = started.elapsed().as_micros().min(u32::MAX as u128) as u32;
         Ok(out)
     }
+}
+
+fn micros_since(t: Instant) -> u32 {
+    t.elapsed().as_micros().min(u32::MAX as u128) as u32
 }
 
 fn sampler_from(p: &SamplingParams, vocab: usize) -> Result<Sampler> {
@@ -636,6 +811,8 @@ impl WorkerService {
             busy: Duration::ZERO,
             tokens: 0,
             steps: 0,
+            batches: 0,
+            batched_steps: 0,
         };
         std::thread::Builder::new()
             .name("mlx-dist-engine".into())
@@ -763,32 +940,39 @@ impl Downstream {
             rx,
         })
     }
+}
 
-    async fn call(
-        &mut self,
-        req: ForwardRequest,
-        timeout: Duration,
-    ) -> std::result::Result<ForwardReply, Status> {
-        let lost =
-            |why: String| Status::unavailable(format!("next stage {} failed: {why}", self.addr));
-        self.tx
-            .send(req)
-            .await
-            .map_err(|_| lost("its stream closed".into()))?;
-        match tokio::time::timeout(timeout, self.rx.message()).await {
-            Err(_) => Err(lost(format!("no reply within {} s", timeout.as_secs()))),
-            Ok(Err(e))
-                if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown =>
-            {
-                Err(lost(e.message().to_string()))
-            }
-            // Errors of later stages already name them.
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(None)) => Err(lost("its stream ended".into())),
-            Ok(Ok(Some(r))) => Ok(r),
+/// One reply of the next stage, in order, within `timeout`.
+async fn downstream_reply(
+    rx: &mut Streaming<ForwardReply>,
+    addr: &str,
+    timeout: Duration,
+) -> std::result::Result<ForwardReply, Status> {
+    let lost = |why: String| Status::unavailable(format!("next stage {addr} failed: {why}"));
+    match tokio::time::timeout(timeout, rx.message()).await {
+        Err(_) => Err(lost(format!("no reply within {} s", timeout.as_secs()))),
+        Ok(Err(e)) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown => {
+            Err(lost(e.message().to_string()))
         }
+        // Errors of later stages already name them.
+        Ok(Err(e)) => Err(e),
+        Ok(Ok(None)) => Err(lost("its stream ended".into())),
+        Ok(Ok(Some(r))) => Ok(r),
     }
 }
+
+/// Where the reply to one request of a Forward stream comes from.
+enum Slot {
+    /// The stream to the next stage was opened: its replies.
+    Opened(Streaming<ForwardReply>),
+    /// Made here (the last stage, or an error).
+    Ready(std::result::Result<ForwardReply, Status>),
+    /// The next stage's reply to the request sent on, plus this stage's time.
+    Below { micros: u32, addr: String },
+}
+
+/// Requests of one Forward stream in flight below this stage at most.
+const MAX_IN_FLIGHT: usize = 8;
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
@@ -830,6 +1014,8 @@ impl Worker for WorkerService {
             busy_micros: engine.busy.as_micros() as u64,
             tokens_processed: engine.tokens,
             steps: engine.steps,
+            batches: engine.batches,
+            batched_steps: engine.batched_steps,
             uptime_micros: self.started.elapsed().as_micros() as u64,
             mlx_active_memory: mlx::active_memory() as u64,
             mlx_peak_memory: mlx::peak_memory() as u64,
@@ -925,9 +1111,40 @@ impl Worker for WorkerService {
     ) -> std::result::Result<Response<Self::ForwardStream>, Status> {
         let mut upstream = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
+        // Replies go back in request order. A step sent on to the next stage
+        // does not wait for that stage's reply before this stage takes the
+        // next request, so the chunks of a long prompt flow through the
+        // stages back to back; `slots` keeps the order (and bounds how many
+        // steps are in flight below this stage).
+        let (slots, mut pending) = mpsc::channel::<Slot>(MAX_IN_FLIGHT);
         let svc = self.clone();
+        let replies = tx.clone();
+        let timeout = svc.cfg.step_timeout;
         tokio::spawn(async move {
-            let mut downstream: Option<Downstream> = None;
+            let mut below: Option<Streaming<ForwardReply>> = None;
+            while let Some(slot) = pending.recv().await {
+                let reply = match slot {
+                    Slot::Opened(rx) => {
+                        below = Some(rx);
+                        continue;
+                    }
+                    Slot::Ready(r) => r,
+                    Slot::Below { micros, addr } => match below.as_mut() {
+                        None => Err(Status::internal("no stream to the next stage")),
+                        Some(rx) => downstream_reply(rx, &addr, timeout).await.map(|mut r| {
+                            r.stage_micros.insert(0, micros);
+                            r
+                        }),
+                    },
+                };
+                let failed = reply.is_err();
+                if replies.send(reply).await.is_err() || failed {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut downstream: Option<(String, mpsc::Sender<ForwardRequest>)> = None;
             let mut seen: HashSet<String> = HashSet::new();
             loop {
                 let msg = match upstream.message().await {
@@ -937,53 +1154,63 @@ impl Worker for WorkerService {
                 };
                 let sequence = msg.sequence_id.clone();
                 seen.insert(sequence.clone());
-                let reply = match svc.step(msg.clone()).await {
-                    Err(e) => Err(e),
+                let slot = match svc.step(msg.clone()).await {
+                    Err(e) => Slot::Ready(Err(e)),
                     Ok(out) => match out.hidden {
-                        None => Ok(ForwardReply {
+                        None => Slot::Ready(Ok(ForwardReply {
                             sequence_id: msg.sequence_id.clone(),
                             token: out.token,
                             logprobs: out.logprobs,
                             stage_micros: vec![out.micros],
-                        }),
+                        })),
                         Some(hidden) => {
                             let next = out.next.unwrap_or_default();
-                            let ds = match downstream.as_mut() {
-                                Some(d) => Ok(d),
-                                None => Downstream::open(&next, Duration::from_secs(10))
-                                    .await
-                                    .map(|d| downstream.insert(d)),
+                            if downstream.is_none() {
+                                match Downstream::open(&next, Duration::from_secs(10)).await {
+                                    Ok(d) => {
+                                        if slots.send(Slot::Opened(d.rx)).await.is_err() {
+                                            break;
+                                        }
+                                        downstream = Some((d.addr, d.tx));
+                                    }
+                                    Err(e) => {
+                                        let _ = slots.send(Slot::Ready(Err(e))).await;
+                                        break;
+                                    }
+                                }
+                            }
+                            let (addr, down) = downstream.as_ref().unwrap();
+                            let fwd = ForwardRequest {
+                                hidden: Some(hidden),
+                                ..msg
                             };
-                            match ds {
-                                Err(e) => Err(e),
-                                Ok(ds) => {
-                                    let fwd = ForwardRequest {
-                                        hidden: Some(hidden),
-                                        ..msg
-                                    };
-                                    svc.sent.0.fetch_add(
-                                        prost::Message::encoded_len(&fwd) as u64,
-                                        Ordering::Relaxed,
-                                    );
-                                    svc.sent.1.fetch_add(1, Ordering::Relaxed);
-                                    ds.call(fwd, svc.cfg.step_timeout).await.map(|mut r| {
-                                        r.stage_micros.insert(0, out.micros);
-                                        r
-                                    })
+                            svc.sent.0.fetch_add(
+                                prost::Message::encoded_len(&fwd) as u64,
+                                Ordering::Relaxed,
+                            );
+                            svc.sent.1.fetch_add(1, Ordering::Relaxed);
+                            if down.send(fwd).await.is_err() {
+                                Slot::Ready(Err(Status::unavailable(format!(
+                                    "next stage {addr} failed: its stream closed"
+                                ))))
+                            } else {
+                                Slot::Below {
+                                    micros: out.micros,
+                                    addr: addr.clone(),
                                 }
                             }
                         }
                     },
                 };
-                let failed = reply.is_err();
-                if let Err(e) = &reply {
+                let failed = matches!(slot, Slot::Ready(Err(_)));
+                if let Slot::Ready(Err(e)) = &slot {
                     tracing::warn!(worker = %svc.cfg.name, sequence = %sequence, "step failed: {}", e.message());
                 }
-                if tx.send(reply).await.is_err() || failed {
+                if slots.send(slot).await.is_err() || failed {
                     break;
                 }
             }
-            // Dropping `downstream` closes the next stage's stream, which
+            // Dropping the sender closes the next stage's stream, which
             // releases the same sequences there.
             drop(downstream);
             for seq in seen {

@@ -199,6 +199,7 @@ def load_distributed(
     token: str | None = None,
     recover: bool = True,
     recovery_wait: float = 30.0,
+    prefill_chunk: int = 512,
 ):
     from mlx_dist.utils import TokenizerWrapper
 
@@ -218,6 +219,7 @@ def load_distributed(
         progress,
         bool(recover),
         float(recovery_wait),
+        int(prefill_chunk),
     )
     config = _model_config(path_or_repo)
     return DistributedModel(core, config), TokenizerWrapper(tokenizer)

@@ -141,6 +141,7 @@ def load(
         "token",
         "recover",
         "recovery_wait",
+        "prefill_chunk",
     }
     unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"} - dist_keys
     if unknown:

@@ -38,7 +38,7 @@ fn compression(name: &str) -> Result<Compression, Error> {
 /// cluster re-plans over the workers left (unless `recover` is false),
 /// waiting up to `recovery_wait` seconds for room for the model.
 #[pyfunction]
-#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0))]
+#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 512))]
 #[allow(clippy::too_many_arguments)]
 pub fn load_cluster(
     py: Python<'_>,
@@ -52,6 +52,7 @@ pub fn load_cluster(
     progress: Option<Py<PyAny>>,
     recover: bool,
     recovery_wait: f64,
+    prefill_chunk: usize,
 ) -> PyResult<(PyCluster, PyTokenizer)> {
     let strategy: Strategy = strategy.parse()?;
     let declared: Vec<Option<Capabilities>> = match declared_json {
@@ -75,6 +76,7 @@ pub fn load_cluster(
         kv_tokens,
         compression: compression(compression_name)?,
         connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
+        prefill_chunk: prefill_chunk.max(1),
     };
     let report = move |stage: usize, done: u64, total: u64, msg: &str| {
         if let Some(cb) = &progress {
@@ -298,6 +300,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "forward_bytes_sent": info.forward_bytes_sent, "forward_messages_sent": info.forward_messages_sent,
         "busy_micros": info.busy_micros, "tokens_processed": info.tokens_processed,
         "steps": info.steps, "uptime_micros": info.uptime_micros,
+        "batches": info.batches, "batched_steps": info.batched_steps,
     })
     .to_string())
 }
