@@ -39,6 +39,10 @@ pub trait TokenSource: Send + Sync {
     fn cache_nbytes(&self) -> usize {
         0
     }
+    /// Prompt positions that were not computed, taken from a kept prefix.
+    fn cached_tokens(&self) -> usize {
+        0
+    }
 }
 
 /// Produces token ids (and their log-probabilities) one at a time.
@@ -391,6 +395,11 @@ impl Generation {
 
     pub fn cache_nbytes(&self) -> usize {
         self.tokens.cache_nbytes()
+    }
+
+    /// Prompt positions taken from a kept prefix instead of computed.
+    pub fn cached_tokens(&self) -> usize {
+        self.tokens.cached_tokens()
     }
 }
 

@@ -16,6 +16,8 @@ pub mod mlx;
 pub mod models;
 /// The coordinator's side of a pipeline of workers.
 pub mod pipeline;
+/// KV caches of ended sequences kept for later ones with the same start.
+pub mod prefix;
 /// The gRPC API (generated from `proto/`).
 pub mod proto;
 /// Re-planning around dead workers and replaying sequences on the new plan.

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::generate::{check_prompt, TokenSource};
 use crate::mlx::Array;
 use crate::models::ModelArgs;
+use crate::prefix::PrefixIndex;
 use crate::proto::{
     Compression, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadShardRequest,
     ModelSource as ProtoSource, SamplingParams,
@@ -95,6 +96,8 @@ pub struct Cluster {
     pub last_stage_micros: Arc<std::sync::Mutex<Vec<u32>>>,
     /// Longest prompt chunk sent through the pipeline at once.
     pub prefill_chunk: usize,
+    /// What the stages keep of ended sequences, for later prompts.
+    pub prefixes: Arc<std::sync::Mutex<PrefixIndex>>,
 }
 
 /// Prompt chunks of one sequence in flight through the pipeline at once.
@@ -406,6 +409,7 @@ impl Cluster {
             stages,
             last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
             prefill_chunk: opts.prefill_chunk,
+            prefixes: Default::default(),
         })
     }
 
@@ -424,10 +428,53 @@ impl Cluster {
         let vocab = self.args.vocab_size as u32;
         sampler.validate()?;
         procs.validate(vocab as usize)?;
+        // Penalties look back over the prompt, which a stage starting from a
+        // kept prefix has not seen: such sequences compute it all.
+        let penalties = procs.repetition_penalty.is_some()
+            || procs.presence_penalty.is_some()
+            || procs.frequency_penalty.is_some();
+        let prefix = if penalties {
+            None
+        } else {
+            lock(&self.prefixes).lookup(prompt)
+        };
+        let run = |prefix| {
+            self.start_from(
+                prompt,
+                sampler,
+                procs,
+                max_tokens,
+                prefill_step,
+                logprobs,
+                prefix,
+            )
+        };
+        match run(prefix.clone()).await {
+            Err(_) if prefix.is_some() => {
+                // A stage dropped the prefix (evicted, or restarted): without it.
+                lock(&self.prefixes).remove(&prefix.unwrap().0);
+                run(None).await
+            }
+            r => r,
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn start_from(
+        &self,
+        prompt: &[u32],
+        sampler: &SamplerConfig,
+        procs: &ProcessorConfig,
+        max_tokens: usize,
+        prefill_step: usize,
+        logprobs: bool,
+        prefix: Option<(String, usize)>,
+    ) -> Result<RemoteTokens> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
+        // Unique across coordinators too: ids also name kept prefixes.
         let seq = format!(
-            "{}-{}",
-            std::process::id(),
+            "{:x}-{}",
+            process_nonce(),
             NEXT.fetch_add(1, Ordering::Relaxed)
         );
         let first = self.stages[0].clone();
@@ -453,19 +500,26 @@ impl Cluster {
             frequency_context_size: procs.frequency_context_size as u32,
             logit_bias: procs.logit_bias.iter().copied().collect(),
         };
+        let cached = prefix.as_ref().map_or(0, |p| p.1);
         let mut r = RemoteTokens {
+            keep: Some((seq.clone(), self.prefixes.clone())),
+            first_step: Some((prefix.map(|p| p.0).unwrap_or_default(), seq.clone())),
             seq,
             first,
             tx,
             replies,
-            offset: 0,
+            offset: cached as u32,
             logprobs,
             pending: false,
             outstanding: Default::default(),
             micros: self.last_stage_micros.clone(),
+            fed: prompt[..cached].to_vec(),
+            acked: cached,
+            failed: false,
+            cached,
         };
         let max_length = (prompt.len() + max_tokens) as u32;
-        let (head, last) = prompt.split_at(prompt.len() - 1);
+        let (head, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
         let mut sampling = Some(sampling);
         // The chunks go out back to back: stage 1 prefills chunk k+1 while
         // stage 2 prefills chunk k. A few at a time, so that neither side's
@@ -520,6 +574,16 @@ pub struct RemoteTokens {
     /// Tokens of each step sent and not yet answered, oldest first (the
     /// deadline of a reply grows with them).
     outstanding: std::collections::VecDeque<usize>,
+    /// Every token sent, and how many of them the stages confirmed.
+    fed: Vec<u32>,
+    acked: usize,
+    failed: bool,
+    /// Prompt positions taken from a kept prefix.
+    pub cached: usize,
+    /// (prefix to start from, id to keep this sequence as), on the first step.
+    first_step: Option<(String, String)>,
+    /// Where to note, at the end, that the stages keep this sequence's cache.
+    keep: Option<(String, Arc<std::sync::Mutex<PrefixIndex>>)>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
@@ -551,6 +615,7 @@ impl RemoteTokens {
         sampling: Option<SamplingParams>,
         max_length: u32,
     ) -> Result<()> {
+        let (prefix_id, keep_as) = self.first_step.take().unwrap_or_default();
         let req = ForwardRequest {
             sequence_id: self.seq.clone(),
             offset: self.offset,
@@ -560,9 +625,12 @@ impl RemoteTokens {
             sampling,
             logprobs: self.logprobs && sample,
             max_length,
+            prefix_id,
+            keep_as,
         };
         self.offset += tokens.len() as u32;
         self.outstanding.push_back(tokens.len());
+        self.fed.extend_from_slice(tokens);
         if self.tx.send(req).await.is_err() {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
@@ -576,6 +644,12 @@ impl RemoteTokens {
     }
 
     async fn receive(&mut self) -> Result<ForwardReply> {
+        let r = self.receive_one().await;
+        self.failed |= r.is_err();
+        r
+    }
+
+    async fn receive_one(&mut self) -> Result<ForwardReply> {
         let deadline = step_deadline(self.outstanding.iter().sum());
         let Ok(reply) = tokio::time::timeout(deadline, self.replies.message()).await else {
             return Err(Error::Worker(format!(
@@ -587,7 +661,7 @@ impl RemoteTokens {
         };
         match reply {
             Ok(Some(r)) => {
-                self.outstanding.pop_front();
+                self.acked += self.outstanding.pop_front().unwrap_or(0);
                 if let Ok(mut m) = self.micros.lock() {
                     *m = r.stage_micros.clone();
                 }
@@ -635,4 +709,42 @@ impl TokenSource for RemoteTokens {
     fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
         runtime().block_on(self.next_async(schedule_next))
     }
+
+    fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+}
+
+impl Drop for RemoteTokens {
+    /// The stages keep the cache of a sequence that ended well (closing the
+    /// stream releases it there): note what it holds for later prompts.
+    fn drop(&mut self) {
+        if let Some((id, index)) = self.keep.take() {
+            if !self.failed {
+                self.fed.truncate(self.acked);
+                lock(&index).insert(id, std::mem::take(&mut self.fed));
+            }
+        }
+    }
+}
+
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A random number fixed for this process, so that sequence ids of
+/// different coordinators never collide on a shared worker.
+fn process_nonce() -> u64 {
+    static N: OnceLock<u64> = OnceLock::new();
+    *N.get_or_init(|| {
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u128(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_nanos()),
+        );
+        h.finish()
+    })
 }

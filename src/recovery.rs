@@ -240,6 +240,7 @@ impl ClusterHandle {
                     return Ok(RecoveringTokens {
                         handle: self.clone(),
                         epoch,
+                        cached: inner.cached,
                         inner,
                         produced: Vec::new(),
                         run,
@@ -301,6 +302,8 @@ pub struct RecoveringTokens {
     run: SequenceSpec,
     /// Times this sequence was restarted on a new plan.
     pub recoveries: u32,
+    /// Prompt positions its first start took from a kept prefix.
+    cached: usize,
 }
 
 impl RecoveringTokens {
@@ -351,6 +354,10 @@ impl RecoveringTokens {
 }
 
 impl TokenSource for RecoveringTokens {
+    fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+
     fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
         loop {
             match self.inner.next_token(schedule_next) {

@@ -24,6 +24,7 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
 use crate::models::{Model, Shard};
+use crate::prefix::PrefixStore;
 use crate::proto::worker_client::WorkerClient;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
@@ -182,6 +183,8 @@ struct Sequence {
     history: Vec<u32>,
     /// KV bytes reserved for its whole length.
     reserved: u64,
+    /// Keep the cache as this prefix when the sequence ends.
+    keep_as: Option<String>,
 }
 
 /// The result of one step on this stage.
@@ -194,6 +197,9 @@ struct StepOut {
     next: Option<String>,
 }
 
+// A step's request moves through the channel once; boxing it would only add
+// an allocation per step.
+#[allow(clippy::large_enum_variant)]
 enum Job {
     Load(
         LoadShardRequest,
@@ -215,6 +221,8 @@ struct EngineInfo {
     steps: u64,
     batches: u64,
     batched_steps: u64,
+    prefix_entries: u32,
+    prefix_bytes: u64,
 }
 
 struct Engine {
@@ -229,6 +237,8 @@ struct Engine {
     /// Batched decode steps run, and the sequence steps in them.
     batches: u64,
     batched_steps: u64,
+    /// KV caches of ended sequences kept for later ones with the same start.
+    prefixes: PrefixStore,
 }
 
 /// The most decode steps run as one batch.
@@ -315,10 +325,19 @@ impl Engine {
                     let _ = reply.send(r);
                 }
                 Job::Release(seq, reply) => {
-                    let freed = self
-                        .seqs
-                        .remove(&seq)
+                    let ended = self.seqs.remove(&seq);
+                    let freed = ended
+                        .as_ref()
                         .map_or(0, |s| s.caches.iter().map(|c| c.nbytes() as u64).sum());
+                    if let (Some(ended), Some(stage)) = (ended, self.stage.as_ref()) {
+                        if let Some(id) = ended.keep_as {
+                            // A quarter of the budget at most, and only what live
+                            // sequences leave free.
+                            let room = (stage.cache_budget / 4)
+                                .min(stage.cache_budget.saturating_sub(self.reserved()));
+                            self.prefixes.insert(id, ended.caches, room);
+                        }
+                    }
                     if freed > 0 {
                         tracing::info!(sequence = %seq, "released, {:.1} MB freed", freed as f64 / 1e6);
                     }
@@ -343,6 +362,8 @@ impl Engine {
                         steps: self.steps,
                         batches: self.batches,
                         batched_steps: self.batched_steps,
+                        prefix_entries: self.prefixes.len() as u32,
+                        prefix_bytes: self.prefixes.bytes(),
                     });
                 }
             }
@@ -355,8 +376,10 @@ impl Engine {
         cfg: &WorkerConfig,
         progress: &mpsc::Sender<std::result::Result<LoadProgress, Status>>,
     ) -> Result<()> {
-        // A new stage replaces the old one and every sequence on it.
+        // A new stage replaces the old one and every sequence on it; kept
+        // prefixes go too (the coordinator's index starts afresh).
         self.seqs.clear();
+        self.prefixes.clear();
         let src = req.source.clone().unwrap_or_default();
         if let Some(stage) = self.stage.as_mut().filter(|s| s.holds(&req)) {
             // The same layers again (a re-plan that kept them here): only
@@ -486,13 +509,26 @@ impl Engine {
             ));
         }
         if !self.seqs.contains_key(&req.sequence_id) {
-            if req.offset != 0 {
+            let caches = if !req.prefix_id.is_empty() {
+                self.prefixes
+                    .take(&req.prefix_id, req.offset as usize)
+                    .ok_or_else(|| {
+                        Error::NotReady(format!(
+                            "prefix {} ({} positions) is not kept here",
+                            req.prefix_id, req.offset
+                        ))
+                    })?
+            } else if req.offset != 0 {
                 return Err(Error::NotReady(format!(
                     "sequence {} is unknown here (its cache was released or never made) but the step starts at position {}",
                     req.sequence_id, req.offset
                 )));
-            }
-            let length = (req.max_length as u64).max(req.tokens.len() as u64).max(1);
+            } else {
+                model.make_cache()
+            };
+            let length = (req.max_length as u64)
+                .max(req.offset as u64 + req.tokens.len() as u64)
+                .max(1);
             let need = length * stage.kv_bytes_per_token;
             let used = self.reserved();
             if used + need > stage.cache_budget {
@@ -505,6 +541,8 @@ impl Engine {
                     stage.cache_budget as f64 / 1e6
                 )));
             }
+            // Kept prefixes give way to live sequences.
+            self.prefixes.shrink(stage.cache_budget - used - need);
             let sampler = if stage.info.head {
                 let p = req.sampling.clone().unwrap_or_default();
                 Some(sampler_from(&p, model.args.vocab_size as usize)?)
@@ -513,16 +551,18 @@ impl Engine {
             };
             tracing::info!(
                 sequence = %req.sequence_id,
-                "started: up to {length} tokens, {:.1} MB of KV reserved",
-                need as f64 / 1e6
+                "started: up to {length} tokens, {:.1} MB of KV reserved{}",
+                need as f64 / 1e6,
+                if req.offset > 0 { format!(", {} positions from a kept prefix", req.offset) } else { String::new() }
             );
             self.seqs.insert(
                 req.sequence_id.clone(),
                 Sequence {
-                    caches: model.make_cache(),
+                    caches,
                     sampler,
                     history: Vec::new(),
                     reserved: need,
+                    keep_as: Some(req.keep_as.clone()).filter(|k| !k.is_empty()),
                 },
             );
         }
@@ -813,6 +853,7 @@ impl WorkerService {
             steps: 0,
             batches: 0,
             batched_steps: 0,
+            prefixes: PrefixStore::default(),
         };
         std::thread::Builder::new()
             .name("mlx-dist-engine".into())
@@ -1016,6 +1057,8 @@ impl Worker for WorkerService {
             steps: engine.steps,
             batches: engine.batches,
             batched_steps: engine.batched_steps,
+            prefix_entries: engine.prefix_entries,
+            prefix_bytes: engine.prefix_bytes,
             uptime_micros: self.started.elapsed().as_micros() as u64,
             mlx_active_memory: mlx::active_memory() as u64,
             mlx_peak_memory: mlx::peak_memory() as u64,

@@ -540,3 +540,17 @@ def test_serve_in_the_background_from_python(model_path, library):
         assert r.choices[0].text == text
     finally:
         handle.stop()
+
+
+def test_prefix_cache_hits_are_reported_in_usage(cluster_server, library):
+    system = {"role": "system", "content": "you answer in riddles about foxes. " * 4}
+    c = client(cluster_server)
+    name = model_id(cluster_server)
+    for question in ("who are you?", "what do you eat?"):
+        messages = [system, {"role": "user", "content": question}]
+        text, _, _ = reference(library, chat_ids(library, messages), 10)
+        r = c.chat.completions.create(model=name, messages=messages, max_tokens=10)
+        assert r.choices[0].message.content == text
+        cached = r.usage.prompt_tokens_details.cached_tokens
+    # The second request reused at least the system prompt's cache.
+    assert cached > 20

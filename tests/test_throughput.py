@@ -100,3 +100,40 @@ def test_chunked_prefill_equals_unchunked(model_path, local, workers):
         assert [r.token for r in got] == [r.token for r in want], f"chunk {chunk}"
         diff = float((got[0].logprobs - want[0].logprobs).abs().max())
         assert diff < 1e-4, f"chunk {chunk}: first logprobs differ by {diff}"
+
+
+def test_prefix_cache_hit_equals_a_miss_and_reports_cached_tokens(model_path, local, workers):
+    from mlx_dist import _core
+
+    model, tok = mlx_dist.load(
+        str(model_path), workers=[w.address for w in workers], strategy="uniform"
+    )
+    system = "you are a helpful assistant who answers briefly. " * 4
+    first = tok.encode(system + "first question")
+    second = tok.encode(system + "a second, different question")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared > 8
+
+    def run(ids):
+        g = _core.Generation(model._core, tok._core, ids, max_tokens=16, logprobs=False)
+        tokens = [rec[1] for rec in g]
+        return tokens, g.cached_tokens
+
+    miss = run(first)
+    assert miss[1] == 0
+    assert miss[0] == greedy(local[0], local[1], first, 16)
+    hit = run(second)
+    # The second prompt reuses what the first left on every stage.
+    assert hit[1] == shared
+    assert hit[0] == greedy(local[0], local[1], second, 16)
+    # The same prompt again: all but its last token come from the cache.
+    again = run(second)
+    assert again[1] == len(second) - 1
+    assert again[0] == hit[0]
+    assert all(_info(w)["prefix_entries"] >= 1 for w in workers)
+    # Penalties look back over the prompt: those sequences compute it all.
+    g = _core.Generation(
+        model._core, tok._core, second, max_tokens=4, repetition_penalty=1.2, logprobs=False
+    )
+    list(g)
+    assert g.cached_tokens == 0

@@ -79,6 +79,7 @@ Record: TypeAlias = tuple[str, int, Logprobs, int, float, int, float, float, str
 class Generation(Iterator[Record]):
     tokens: list[int]
     cache_nbytes: int
+    cached_tokens: int
     def __init__(
         self,
         model: Model | Cluster,

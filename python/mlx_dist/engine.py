@@ -45,6 +45,8 @@ class Done:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    # Prompt positions taken from the prefix cache instead of computed.
+    cached_tokens: int = 0
 
 
 @dataclass
@@ -79,6 +81,7 @@ class _Running:
     gen: Any
     last: float
     tokens: int = 0
+    cached: int = 0
 
 
 class Engine:
@@ -181,8 +184,9 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request
             self._fail(job, e)
             return
-        self.tokens_processed += len(job.prompt)
-        self._active.append(_Running(job, gen, last=time.perf_counter()))
+        cached = gen.cached_tokens
+        self.tokens_processed += len(job.prompt) - cached
+        self._active.append(_Running(job, gen, last=time.perf_counter(), cached=cached))
 
     def _step(self, run: _Running) -> None:
         job = run.job
@@ -199,7 +203,7 @@ class Engine:
             return
         if rec is None:
             self._end(run)
-            job.sink(Done("stop", len(job.prompt), run.tokens))
+            job.sink(Done("stop", len(job.prompt), run.tokens, run.cached))
             return
         text, token, logprobs, prompt_tokens, _, generated, _, _, finish = rec
         now = time.perf_counter()
@@ -220,7 +224,7 @@ class Engine:
         job.sink(step)
         if finish is not None:
             self._end(run)
-            job.sink(Done(finish, prompt_tokens, generated))
+            job.sink(Done(finish, prompt_tokens, generated, run.cached))
 
     def _end(self, run: _Running) -> None:
         self._active.remove(run)

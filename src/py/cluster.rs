@@ -301,6 +301,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "busy_micros": info.busy_micros, "tokens_processed": info.tokens_processed,
         "steps": info.steps, "uptime_micros": info.uptime_micros,
         "batches": info.batches, "batched_steps": info.batched_steps,
+        "prefix_entries": info.prefix_entries, "prefix_bytes": info.prefix_bytes,
     })
     .to_string())
 }

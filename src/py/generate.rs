@@ -172,4 +172,10 @@ impl PyGeneration {
     fn cache_nbytes(&self) -> usize {
         self.inner.cache_nbytes()
     }
+
+    /// Prompt positions taken from a kept prefix instead of computed.
+    #[getter]
+    fn cached_tokens(&self) -> usize {
+        self.inner.cached_tokens()
+    }
 }
