@@ -163,6 +163,12 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_throughput(args: argparse.Namespace) -> int:
+    from mlx_dist.bench_throughput import main as bench_main
+
+    return bench_main(args)
+
+
 def _bench_recovery(args: argparse.Namespace) -> int:
     from mlx_dist.bench_recovery import main as bench_main
 
@@ -270,6 +276,22 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--gen-tokens", type=int, default=128)
     bp.add_argument("--repeats", type=int, default=3)
     bp.set_defaults(func=_bench_pipeline)
+
+    bt = sub.add_parser(
+        "bench-throughput", help="aggregate tokens/s of concurrent streams over 1, 2, 4 stages"
+    )
+    bt.add_argument("--model", default=None)
+    bt.add_argument("--random-shape", default=None)
+    bt.add_argument("--bits", type=int, default=None)
+    bt.add_argument("--dtype", default="bfloat16")
+    bt.add_argument("--stages", default="1,2,4")
+    bt.add_argument("--streams", default="1,4,8,16")
+    bt.add_argument("--gpus", type=int, default=0, help="one worker per GPU over this many GPUs")
+    bt.add_argument("--prompt-tokens", type=int, default=32)
+    bt.add_argument("--gen-tokens", type=int, default=64)
+    bt.add_argument("--ttft-tokens", type=int, default=4096)
+    bt.add_argument("--repeats", type=int, default=3)
+    bt.set_defaults(func=_bench_throughput)
 
     br = sub.add_parser(
         "bench-recovery", help="kill a worker mid-generation: recovery time and tokens lost"

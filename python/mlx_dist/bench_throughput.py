@@ -1,0 +1,126 @@
+"""``mlx-dist bench-throughput``: aggregate decode tokens/s of 1, 4, 8 and 16
+concurrent streams over 1, 2 and 4 pipeline stages, each as a ratio to one
+device running one stream, and the time to first token of a long prompt
+pipelined vs on one device, all in one run.
+
+With ``--gpus N``, worker i runs on GPU ``i % N`` (``CUDA_VISIBLE_DEVICES``),
+one worker per GPU; otherwise the workers share this host's device."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from mlx_dist.bench_pipeline import _start_worker
+
+
+def _streams(model, tok, prompts, gen) -> tuple[float, int]:
+    """Aggregate decode tokens/s of one stream per prompt, run together:
+    tokens after each stream's first, over the time from the first first
+    token to the last token."""
+    import mlx_dist
+
+    firsts, lasts, counts = [], [], []
+    lock = threading.Lock()
+
+    def run(p):
+        first = last = None
+        n = 0
+        for _ in mlx_dist.stream_generate(model, tok, p, max_tokens=gen):
+            now = time.perf_counter()
+            first = first or now
+            last = now
+            n += 1
+        with lock:
+            firsts.append(first)
+            lasts.append(last)
+            counts.append(n - 1)
+
+    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    span = max(lasts) - min(firsts)
+    return sum(counts) / span if span > 0 else 0.0, min(counts) + 1
+
+
+def _ttft(model, tok, ids, repeats) -> float:
+    import mlx_dist
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in mlx_dist.stream_generate(model, tok, ids, max_tokens=1):
+            pass
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def main(args) -> int:
+    import mlx.core as mx
+
+    import mlx_dist
+    from mlx_dist.bench import make_random_model
+
+    stage_counts = [int(s) for s in args.stages.split(",")]
+    stream_counts = [int(s) for s in args.streams.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.random_shape:
+            print(f"making a random {args.random_shape} model ...", flush=True)
+            path = str(make_random_model(args.random_shape, args.bits, Path(tmp) / "m", args.dtype))
+        else:
+            path = args.model or str(__import__("mlx_dist.demo").demo.demo_model_path())
+        procs = []
+        try:
+            for i in range(max(stage_counts)):
+                env = dict(os.environ, MLX_DIST_LOG="warn", MLX_DIST_CACHE=tmp)
+                if args.gpus:
+                    env["CUDA_VISIBLE_DEVICES"] = str(i % args.gpus)
+                procs.append(_start_worker(f"w{i}", env))
+            addrs = [a for _, a in procs]
+            local, tok = mlx_dist.load(path)
+            vocab = local.config["vocab_size"]
+
+            def prompt(seed: int, n: int) -> list[int]:
+                return [(i * 7919 + seed * 104729) % (vocab - 1) + 1 for i in range(n)]
+
+            prompts = [prompt(s, args.prompt_tokens) for s in range(max(stream_counts))]
+            _streams(local, tok, prompts[:1], 8)
+            base, _ = _streams(local, tok, prompts[:1], args.gen_tokens)
+            print(f"device: {mx.default_device()}  gpus: {args.gpus or 'shared'}  model: {path}")
+            print(
+                f"decode {args.gen_tokens} tokens per stream after a {args.prompt_tokens}-token "
+                f"prompt; one device, one stream: {base:.1f} tok/s"
+            )
+            print(f"{'stages':>7} {'streams':>8} {'tok/s':>9} {'x 1-stream':>11} {'per stage':>10}")
+            models = {}
+            for k in stage_counts:
+                model, dtok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform")
+                models[k] = (model, dtok)
+                _streams(model, dtok, prompts[:2], 8)
+                for n in stream_counts:
+                    tps, _ = _streams(model, dtok, prompts[:n], args.gen_tokens)
+                    print(
+                        f"{k:>7} {n:>8} {tps:9.1f} {tps / base:11.2f} {tps / base / k:10.2f}",
+                        flush=True,
+                    )
+            long = prompt(999, args.ttft_tokens)
+            one = _ttft(local, tok, long, args.repeats)
+            print(f"time to first token, {args.ttft_tokens}-token prompt: 1 device {one:.3f} s")
+            for k in stage_counts:
+                if k == 1:
+                    continue
+                model, dtok = models[k]
+                t = _ttft(model, dtok, long, args.repeats)
+                print(f"  {k} stages (pipelined chunks): {t:.3f} s ({t / one:.2f}x)")
+        finally:
+            for p, _ in procs:
+                p.terminate()
+            for p, _ in procs:
+                p.wait(10)
+    return 0
