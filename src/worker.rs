@@ -616,7 +616,10 @@ impl Engine {
         let every = if req.tokens.len() <= 1 { 2 } else { 0 };
         let h = model.forward_layers_eager(h, Some(&mut seq.caches), every)?;
         let mut out = self.output(&req, &h, None)?;
-        if req.tokens.len() > 1 {
+        // The buffers of a prompt's chunks are reused by the next chunk;
+        // give them back once the prompt is done (freeing them after every
+        // chunk costs an allocation per chunk, slow on CUDA).
+        if req.sample && req.tokens.len() > 1 {
             mlx::clear_cache();
         }
         out.micros = micros_since(started);

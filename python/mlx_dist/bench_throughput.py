@@ -49,11 +49,13 @@ def _streams(model, tok, prompts, gen) -> tuple[float, int]:
     return sum(counts) / span if span > 0 else 0.0, min(counts) + 1
 
 
-def _ttft(model, tok, ids, repeats) -> float:
+def _ttft(model, tok, prompts) -> float:
+    """Median time to the first token; distinct prompts, so that no run
+    starts from the prefix cache another left."""
     import mlx_dist
 
     times = []
-    for _ in range(repeats):
+    for ids in prompts:
         t0 = time.perf_counter()
         for _ in mlx_dist.stream_generate(model, tok, ids, max_tokens=1):
             pass
@@ -90,6 +92,8 @@ def main(args) -> int:
                 return [(i * 7919 + seed * 104729) % (vocab - 1) + 1 for i in range(n)]
 
             prompts = [prompt(s, args.prompt_tokens) for s in range(max(stream_counts))]
+            # Each shape's first run pays for compiling its kernels (seconds on
+            # CUDA): every measured run follows an unmeasured one like it.
             _streams(local, tok, prompts[:1], 8)
             base, _ = _streams(local, tok, prompts[:1], args.gen_tokens)
             print(f"device: {mx.default_device()}  gpus: {args.gpus or 'shared'}  model: {path}")
@@ -100,23 +104,32 @@ def main(args) -> int:
             print(f"{'stages':>7} {'streams':>8} {'tok/s':>9} {'x 1-stream':>11} {'per stage':>10}")
             models = {}
             for k in stage_counts:
-                model, dtok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform")
+                model, dtok = mlx_dist.load(
+                    path, workers=addrs[:k], strategy="uniform", prefill_chunk=args.prefill_chunk
+                )
                 models[k] = (model, dtok)
-                _streams(model, dtok, prompts[:2], 8)
                 for n in stream_counts:
+                    _streams(model, dtok, prompts[:n], args.gen_tokens)
                     tps, _ = _streams(model, dtok, prompts[:n], args.gen_tokens)
                     print(
                         f"{k:>7} {n:>8} {tps:9.1f} {tps / base:11.2f} {tps / base / k:10.2f}",
                         flush=True,
                     )
-            long = prompt(999, args.ttft_tokens)
-            one = _ttft(local, tok, long, args.repeats)
+            warm = [prompt(900, args.ttft_tokens)]
+            longs = [prompt(1000 + r, args.ttft_tokens) for r in range(args.repeats)]
+            _ttft(local, tok, warm)
+            one = _ttft(local, tok, longs)
             print(f"time to first token, {args.ttft_tokens}-token prompt: 1 device {one:.3f} s")
             for k in stage_counts:
                 if k == 1:
                     continue
                 model, dtok = models[k]
-                t = _ttft(model, dtok, long, args.repeats)
+                _ttft(model, dtok, [prompt(901 + k, args.ttft_tokens)])
+                t = _ttft(
+                    model,
+                    dtok,
+                    [prompt(2000 + 10 * k + r, args.ttft_tokens) for r in range(args.repeats)],
+                )
                 print(f"  {k} stages (pipelined chunks): {t:.3f} s ({t / one:.2f}x)")
         finally:
             for p, _ in procs:
