@@ -56,6 +56,161 @@ pub fn cluster_token() -> Option<String> {
         .filter(|t| !t.is_empty())
 }
 
+/// The CA certificate (PEM) this process trusts when it connects to workers;
+/// `None` inside: plain connections. Unset: `MLX_DIST_TLS_CA` (a PEM file).
+static TLS_CA: std::sync::RwLock<Option<Option<String>>> = std::sync::RwLock::new(None);
+
+/// Sets the CA certificate (PEM) every connection of this process to a
+/// worker trusts, turning TLS on (`None`: plain connections, whatever
+/// `MLX_DIST_TLS_CA` says). The certificate is checked here.
+pub fn set_tls_ca(pem: Option<String>) -> Result<()> {
+    let pem = pem.filter(|p| !p.trim().is_empty());
+    if let Some(p) = &pem {
+        check_ca(p)?;
+    }
+    *TLS_CA.write().unwrap_or_else(|e| e.into_inner()) = Some(pem);
+    Ok(())
+}
+
+/// The CA certificate connections trust: what `set_tls_ca` set, else the
+/// file `MLX_DIST_TLS_CA` names, else none (plain connections).
+pub fn tls_ca() -> Result<Option<String>> {
+    if let Some(ca) = TLS_CA.read().unwrap_or_else(|e| e.into_inner()).clone() {
+        return Ok(ca);
+    }
+    let Some(path) = std::env::var_os("MLX_DIST_TLS_CA").filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    let pem = std::fs::read_to_string(&path).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "MLX_DIST_TLS_CA {}: {e}",
+            Path::new(&path).display()
+        ))
+    })?;
+    check_ca(&pem)?;
+    Ok(Some(pem))
+}
+
+/// The certificates of a PEM text, each a valid X.509 certificate.
+fn pem_certificates(
+    pem: &str,
+    what: &str,
+) -> Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    use rustls::pki_types::pem::PemObject;
+    let certs = rustls::pki_types::CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<std::result::Result<Vec<_>, _>>()
+        .map_err(|e| Error::InvalidArgument(format!("{what}: not a PEM certificate: {e}")))?;
+    if certs.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "{what}: no certificate in it (expected -----BEGIN CERTIFICATE-----)"
+        )));
+    }
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &certs {
+        roots
+            .add(c.clone())
+            .map_err(|e| Error::InvalidArgument(format!("{what}: bad certificate: {e}")))?;
+    }
+    Ok(certs)
+}
+
+fn check_ca(pem: &str) -> Result<()> {
+    pem_certificates(pem, "the TLS CA certificate").map(|_| ())
+}
+
+/// A worker's TLS certificate and private key, both PEM.
+#[derive(Clone)]
+pub struct TlsIdentity {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl TlsIdentity {
+    /// Checks that both parse and that the key is the certificate's.
+    pub fn new(cert_pem: String, key_pem: String) -> Result<TlsIdentity> {
+        use rustls::pki_types::pem::PemObject;
+        let certs = pem_certificates(&cert_pem, "the TLS certificate")?;
+        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
+            .map_err(|e| Error::InvalidArgument(format!("the TLS key: not a PEM private key: {e}")))?;
+        let provider = rustls::crypto::ring::default_provider();
+        let signer = provider
+            .key_provider
+            .load_private_key(key)
+            .map_err(|e| Error::InvalidArgument(format!("the TLS key: {e}")))?;
+        rustls::sign::CertifiedKey::new(certs, signer)
+            .keys_match()
+            .map_err(|e| {
+                Error::InvalidArgument(format!(
+                    "the TLS key does not belong to the TLS certificate: {e}"
+                ))
+            })?;
+        Ok(TlsIdentity { cert_pem, key_pem })
+    }
+}
+
+impl std::fmt::Debug for TlsIdentity {
+    // The key stays out of logs and debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsIdentity")
+            .field("cert_pem", &format!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<secret>")
+            .finish()
+    }
+}
+
+/// A self-signed certificate for `hosts` (DNS names or IP addresses, its
+/// subject alternative names) and its private key, both PEM. Workers serve
+/// it; clients trust the same certificate as their CA.
+pub fn make_certificate(hosts: &[String]) -> Result<(String, String)> {
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .collect();
+    if hosts.is_empty() {
+        return Err(Error::InvalidArgument(
+            "a certificate needs at least one host name or IP address".into(),
+        ));
+    }
+    for h in &hosts {
+        // What clients will check the certificate against.
+        let h = h.trim_start_matches('[').trim_end_matches(']');
+        if rustls::pki_types::ServerName::try_from(h).is_err() || h.len() > 253 {
+            return Err(Error::InvalidArgument(format!(
+                "{h:?} is neither a host name nor an IP address"
+            )));
+        }
+    }
+    let hosts: Vec<String> = hosts
+        .iter()
+        .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+        .collect();
+    let cert_err = |e: rcgen::Error| Error::InvalidArgument(format!("certificate: {e}"));
+    let mut params = rcgen::CertificateParams::new(hosts).map_err(cert_err)?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "mlx-dist cluster");
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ServerAuth];
+    let key = rcgen::KeyPair::generate().map_err(cert_err)?;
+    let cert = params.self_signed(&key).map_err(cert_err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+/// An error and its causes, as one line (tonic's transport errors say little
+/// at the top).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut src = e.source();
+    while let Some(s) = src {
+        let s_text = s.to_string();
+        if !parts.iter().any(|p| p.contains(&s_text)) {
+            parts.push(s_text);
+        }
+        src = s.source();
+    }
+    parts.join(": ")
+}
+
 /// Adds the cluster token to every call a client makes.
 #[derive(Clone)]
 pub struct AddToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
@@ -97,9 +252,20 @@ pub type Client = WorkerClient<
     tonic::service::interceptor::InterceptedService<tonic::transport::Channel, AddToken>,
 >;
 
-/// Largest gRPC message a worker accepts or sends (activations of a long
-/// prefill chunk, pushed file chunks).
+/// Largest gRPC message a client of a worker sends or accepts (a worker
+/// refuses what is over its own `max_message_bytes`).
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
+
+/// Largest message a worker accepts unless configured: the activations of a
+/// 2048-token prompt chunk of a float32 model with hidden size 8192 are
+/// 64 MiB; pushed file chunks are 4 MiB.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 160 << 20;
+
+/// Sequences a worker holds at once unless configured.
+pub const DEFAULT_MAX_SEQUENCES: usize = 256;
+
+/// Most positions one step may carry (token ids, or activation rows).
+pub const MAX_POSITIONS: usize = 1 << 20;
 
 /// How a worker is started.
 #[derive(Clone, Debug)]
@@ -113,6 +279,12 @@ pub struct WorkerConfig {
     /// Read models from paths on this machine; when false, only pushed
     /// copies are used.
     pub allow_local_paths: bool,
+    /// Serve TLS with this certificate and key; `None`: plain gRPC.
+    pub tls: Option<TlsIdentity>,
+    /// Largest gRPC message accepted (larger ones are refused unread).
+    pub max_message_bytes: usize,
+    /// Sequences held at once; one more is refused (RESOURCE_EXHAUSTED).
+    pub max_sequences: usize,
 }
 
 impl WorkerConfig {
@@ -130,6 +302,9 @@ impl WorkerConfig {
             cache_dir: cache.join("models"),
             step_timeout: Duration::from_secs(600),
             allow_local_paths: true,
+            tls: None,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_sequences: DEFAULT_MAX_SEQUENCES,
         }
     }
 }
@@ -227,6 +402,8 @@ struct EngineInfo {
 
 struct Engine {
     name: String,
+    /// Sequences held at once at most.
+    max_sequences: usize,
     stage: Option<Stage>,
     seqs: HashMap<String, Sequence>,
     /// Time spent on steps and loads.
@@ -509,6 +686,14 @@ impl Engine {
             ));
         }
         if !self.seqs.contains_key(&req.sequence_id) {
+            if self.seqs.len() >= self.max_sequences {
+                return Err(Error::ResourceExhausted(format!(
+                    "worker {}: it holds {} sequences, its most (--max-sequences); sequence {} cannot start",
+                    self.name,
+                    self.seqs.len(),
+                    req.sequence_id
+                )));
+            }
             let caches = if !req.prefix_id.is_empty() {
                 self.prefixes
                     .take(&req.prefix_id, req.offset as usize)
@@ -582,9 +767,10 @@ impl Engine {
                     "the first stage needs token ids".into(),
                 ));
             }
-            if let Some(t) = req.tokens.iter().find(|&&t| t >= vocab) {
+            // The position, not the id: errors are logged, token ids are not.
+            if let Some(i) = req.tokens.iter().position(|&t| t >= vocab) {
                 return Err(Error::InvalidArgument(format!(
-                    "token {t} is outside the vocabulary of {vocab}"
+                    "the token at position {i} is outside the vocabulary of {vocab}"
                 )));
             }
             let ids: Vec<i32> = req.tokens.iter().map(|&t| t as i32).collect();
@@ -593,15 +779,26 @@ impl Engine {
             let t = req.hidden.as_ref().ok_or_else(|| {
                 Error::InvalidArgument("this stage needs activations from the previous one".into())
             })?;
-            let h = codec::decode(t)?;
-            let s = h.shape();
-            if s.len() != 3 || s[0] != 1 || s[1] < 1 || s[2] != model.args.hidden_size {
+            // Shape and dtype are checked before MLX sees the data.
+            let s = &t.shape;
+            let hidden = model.args.hidden_size as i64;
+            if s.len() != 3
+                || s[0] != 1
+                || !(1..=MAX_POSITIONS as i64).contains(&s[1])
+                || s[2] != hidden
+            {
                 return Err(Error::InvalidArgument(format!(
-                    "activations of shape {s:?} do not fit this model: [1, L, {}] expected",
-                    model.args.hidden_size
+                    "activations of shape {s:?} do not fit this model: [1, L, {hidden}] expected, L up to {MAX_POSITIONS}"
                 )));
             }
-            h
+            let dtype = codec::dtype_from_proto(t.dtype)?;
+            if !dtype.is_float() {
+                return Err(Error::InvalidArgument(format!(
+                    "activations must be float32, float16 or bfloat16, not {}",
+                    dtype.name()
+                )));
+            }
+            codec::decode(t)?
         };
         Ok(h)
     }
@@ -849,6 +1046,7 @@ impl WorkerService {
         let (tx, rx) = std_mpsc::channel();
         let engine = Engine {
             name: cfg.name.clone(),
+            max_sequences: cfg.max_sequences.max(1),
             stage: None,
             seqs: HashMap::new(),
             busy: Duration::ZERO,
@@ -877,6 +1075,7 @@ impl WorkerService {
     }
 
     async fn step(&self, req: ForwardRequest) -> std::result::Result<StepOut, Status> {
+        check_forward(&req).map_err(status)?;
         let (tx, rx) = oneshot::channel();
         self.send(Job::Step(req, tx))?;
         rx.await
@@ -898,9 +1097,10 @@ impl WorkerService {
     ) -> tonic::service::interceptor::InterceptedService<WorkerServer<WorkerService>, CheckToken>
     {
         let check = CheckToken(cluster_token().map(String::into_bytes));
+        let limit = self.cfg.max_message_bytes.max(1 << 20);
         let server = WorkerServer::new(self)
-            .max_decoding_message_size(MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+            .max_decoding_message_size(limit)
+            .max_encoding_message_size(limit);
         tonic::service::interceptor::InterceptedService::new(server, check)
     }
 }

@@ -217,3 +217,41 @@ def test_no_capacity_is_a_clean_error_and_the_server_recovers(model_path, refere
         server.stop()
         for w in workers:
             w.stop()
+
+
+def test_a_worker_announces_itself_and_joins_the_plan(model_path, reference, tmp_path):
+    from cluster_utils import WorkerProcess
+
+    first = start_workers(1, tmp_path, "--token", "club")
+    server = ServerProcess(
+        tmp_path,
+        "--model",
+        str(model_path),
+        "--workers",
+        first[0].address,
+        "--strategy",
+        "uniform",
+        "--token",
+        "club",
+    )
+    joined = None
+    try:
+        joined = WorkerProcess("late", tmp_path, "--coordinator", server.url, "--token", "club")
+        status = f"{server.url}/cluster/status"
+        deadline = time.monotonic() + 30
+        while len(httpx.get(status).json()["plan"]["stages"]) < 2:
+            assert time.monotonic() < deadline, httpx.get(status).text
+            time.sleep(0.2)
+        body = httpx.get(status).json()
+        assert joined.address in body["workers"]
+        assert [d["address"] for d in body["devices"]] == [first[0].address, joined.address]
+        # Without the cluster token, joining is refused.
+        r = httpx.post(f"{server.url}/cluster/join", json={"address": "10.0.0.1:1"})
+        assert r.status_code == 401
+        text, _, raw = _chat_stream(server.url, PROMPTS[1])
+        assert text == reference[PROMPTS[1]][0], raw[-500:]
+    finally:
+        server.stop()
+        for w in [*first, joined]:
+            if w is not None:
+                w.stop()

@@ -133,11 +133,27 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import os
+    import threading
+
     from mlx_dist import _core
 
     if args.token is not None:
         _core.set_cluster_token(args.token)
-    _core.run_worker(args.host, args.port, args.name, not args.no_local_files)
+    port = args.port
+    if args.coordinator:
+        from mlx_dist.announce import advertised_address, announce, free_port
+
+        port = port or free_port(args.host)
+        address = args.advertise or advertised_address(args.host, port)
+        token = args.token or os.environ.get("MLX_DIST_TOKEN")
+        threading.Thread(
+            target=announce,
+            args=(args.coordinator, address, args.host, port, token),
+            name="mlx-dist-announce",
+            daemon=True,
+        ).start()
+    _core.run_worker(args.host, port, args.name, not args.no_local_files)
     return 0
 
 
@@ -238,6 +254,16 @@ def main(argv: list[str] | None = None) -> int:
         "--no-local-files",
         action="store_true",
         help="never read model files from this machine's disk: use copies the coordinator sends",
+    )
+    w.add_argument(
+        "--coordinator",
+        default=None,
+        help="announce this worker to the server at this URL (http://host:8100) once listening",
+    )
+    w.add_argument(
+        "--advertise",
+        default=None,
+        help="the host:port the coordinator should use (default: this host's name and port)",
     )
     w.set_defaults(func=_worker)
 
