@@ -994,6 +994,37 @@ fn sampler_from(p: &SamplingParams, vocab: usize) -> Result<Sampler> {
     Sampler::new(cfg, procs)
 }
 
+/// The checks of a step that need no state, made before the step reaches
+/// the engine thread (and MLX): ids and sizes within bounds.
+fn check_forward(req: &ForwardRequest) -> Result<()> {
+    if req.sequence_id.is_empty() || req.sequence_id.len() > 256 {
+        return Err(Error::InvalidArgument(
+            "a sequence id of 1 to 256 characters is required".into(),
+        ));
+    }
+    if req.prefix_id.len() > 256 || req.keep_as.len() > 256 {
+        return Err(Error::InvalidArgument(
+            "prefix ids are at most 256 characters".into(),
+        ));
+    }
+    if req.tokens.len() > MAX_POSITIONS {
+        return Err(Error::InvalidArgument(format!(
+            "a step of {} token positions: at most {MAX_POSITIONS} are taken",
+            req.tokens.len()
+        )));
+    }
+    if let Some(t) = &req.hidden {
+        let positions = t.shape.get(1).copied().unwrap_or(0);
+        if t.shape.len() != 3 || !(1..=MAX_POSITIONS as i64).contains(&positions) {
+            return Err(Error::InvalidArgument(format!(
+                "activations of shape {:?} do not fit: [1, L, hidden] expected, L from 1 to {MAX_POSITIONS}",
+                t.shape
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// The cache folder of pushed files of `model_id`, which must be a plain
 /// name (it becomes a path).
 fn model_cache_dir(cache_dir: &Path, model_id: &str) -> Result<PathBuf> {
@@ -1395,8 +1426,23 @@ impl Worker for WorkerService {
             loop {
                 let msg = match upstream.message().await {
                     Ok(Some(m)) => m,
-                    // The client went away or finished: its sequences end.
-                    Ok(None) | Err(_) => break,
+                    // The client finished: its sequences end.
+                    Ok(None) => break,
+                    // A message that is too large or does not decode, or a
+                    // client that went away (then nobody hears this).
+                    Err(e) => {
+                        let e = if e.code() == tonic::Code::OutOfRange {
+                            Status::resource_exhausted(format!(
+                                "worker {}: {} (raise its --max-message-mb)",
+                                svc.cfg.name,
+                                e.message()
+                            ))
+                        } else {
+                            e
+                        };
+                        let _ = slots.send(Slot::Ready(Err(e))).await;
+                        break;
+                    }
                 };
                 let sequence = msg.sequence_id.clone();
                 seen.insert(sequence.clone());
