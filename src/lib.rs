@@ -45,7 +45,10 @@ mod _core {
     use pyo3::prelude::*;
 
     #[pymodule_export]
-    use crate::py::cluster::{load_cluster, run_worker, set_cluster_token, worker_info, PyCluster};
+    use crate::py::cluster::{
+        load_cluster, make_certificate, run_worker, set_cluster_token, set_tls_ca, worker_info,
+        PyCluster,
+    };
     #[pymodule_export]
     use crate::py::generate::{PyGeneration, PyLogprobs};
     #[pymodule_export]

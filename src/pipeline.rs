@@ -145,6 +145,8 @@ async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
         .await
         {
             Ok(c) => return Ok(c),
+            // A certificate problem does not go away by retrying.
+            Err(e) if crate::worker::is_tls_mismatch(&e) => return Err(e),
             Err(e) if start.elapsed() + wait >= within => {
                 return Err(Error::Worker(format!(
                     "worker {addr} is unreachable after {attempts} attempts in {:.1} s: {e}",

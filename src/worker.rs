@@ -130,8 +130,10 @@ impl TlsIdentity {
     pub fn new(cert_pem: String, key_pem: String) -> Result<TlsIdentity> {
         use rustls::pki_types::pem::PemObject;
         let certs = pem_certificates(&cert_pem, "the TLS certificate")?;
-        let key = rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes())
-            .map_err(|e| Error::InvalidArgument(format!("the TLS key: not a PEM private key: {e}")))?;
+        let key =
+            rustls::pki_types::PrivateKeyDer::from_pem_slice(key_pem.as_bytes()).map_err(|e| {
+                Error::InvalidArgument(format!("the TLS key: not a PEM private key: {e}"))
+            })?;
         let provider = rustls::crypto::ring::default_provider();
         let signer = provider
             .key_provider
@@ -199,8 +201,12 @@ pub fn make_certificate(hosts: &[String]) -> Result<(String, String)> {
 /// An error and its causes, as one line (tonic's transport errors say little
 /// at the top).
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut src = e.source();
+    causes(e.to_string(), e.source())
+}
+
+/// `top`, then each cause from `src` on that does not repeat what was said.
+fn causes(top: String, mut src: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut parts = vec![top];
     while let Some(s) = src {
         let s_text = s.to_string();
         if !parts.iter().any(|p| p.contains(&s_text)) {
@@ -1154,15 +1160,64 @@ fn keepalive_interval() -> Duration {
     (failure_timeout() / 2).max(Duration::from_millis(200))
 }
 
+/// Words of `connect`'s errors that retrying does not mend.
+const TLS_REFUSED: &str = "TLS refused";
+const NOT_TLS: &str = "does not serve TLS";
+const NOT_PLAIN: &str = "does not answer plain gRPC";
+
+/// Whether `e`, from `connect`, says that TLS does not match (the worker's
+/// certificate was refused, or one side speaks TLS and the other not):
+/// connecting again will not help, unlike a worker that is not up yet.
+pub fn is_tls_mismatch(e: &Error) -> bool {
+    matches!(e, Error::Worker(m) if [TLS_REFUSED, NOT_TLS, NOT_PLAIN].iter().any(|w| m.contains(w)))
+}
+
 /// Opens a channel to another worker (the next stage, or from the coordinator).
+///
+/// With a CA certificate set (`set_tls_ca`, `MLX_DIST_TLS_CA`) the connection
+/// is TLS, and the worker's certificate must come from that CA and name the
+/// address's host; `http://` before the address forces a plain connection.
 pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
-    let uri = if addr.starts_with("http://") || addr.starts_with("https://") {
-        addr.to_string()
+    open_client(addr, timeout, true).await
+}
+
+/// `connect`; with `probe`, a plain connection is tried with one health
+/// check first, so that a TLS worker reached without TLS says so now (a
+/// plain HTTP/2 client learns it only at its first call).
+async fn open_client(addr: &str, timeout: Duration, probe: bool) -> Result<Client> {
+    let ca = tls_ca()?;
+    let (tls, rest) = if let Some(rest) = addr.strip_prefix("http://") {
+        (None, rest)
+    } else if let Some(rest) = addr.strip_prefix("https://") {
+        let ca = ca.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "worker {addr}: https:// needs the CA certificate to trust (tls_ca=, --tls-ca or MLX_DIST_TLS_CA)"
+            ))
+        })?;
+        (Some(ca), rest)
     } else {
-        format!("http://{addr}")
+        (ca, addr)
     };
-    let endpoint = tonic::transport::Endpoint::from_shared(uri)
-        .map_err(|e| Error::InvalidArgument(format!("bad worker address {addr:?}: {e}")))?
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let mut endpoint = tonic::transport::Endpoint::from_shared(format!("{scheme}://{rest}"))
+        .map_err(|e| Error::InvalidArgument(format!("bad worker address {addr:?}: {e}")))?;
+    let host = endpoint
+        .uri()
+        .host()
+        .unwrap_or_default()
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    if let Some(ca) = &tls {
+        let config = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(host.clone())
+            .timeout(timeout);
+        endpoint = endpoint.tls_config(config).map_err(|e| {
+            Error::InvalidArgument(format!("worker {addr}: TLS: {}", error_chain(&e)))
+        })?;
+    }
+    let endpoint = endpoint
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(keepalive_interval())
@@ -1176,13 +1231,67 @@ pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
                 timeout.as_secs_f64()
             ))
         })?
-        .map_err(|e| Error::Worker(format!("worker {addr} is unreachable: {e}")))?;
+        .map_err(|e| {
+            let why = error_chain(&e);
+            if tls.is_none() {
+                Error::Worker(format!("worker {addr} is unreachable: {why}"))
+            } else if why.contains("certificate") || why.contains("CertificateUnknown") {
+                Error::Worker(format!(
+                    "worker {addr}: {TLS_REFUSED}: {why} (the worker's certificate must be signed by the CA given with tls_ca/--tls-ca and name {host})"
+                ))
+            } else if why.contains("corrupt message") || why.contains("HTTP/2 was not negotiated")
+            {
+                Error::Worker(format!(
+                    "worker {addr} {NOT_TLS}: {why} (plain workers need no tls_ca)"
+                ))
+            } else {
+                Error::Worker(format!("worker {addr} is unreachable over TLS: {why}"))
+            }
+        })?;
     let token = match cluster_token() {
-        Some(t) => Some(t.parse().map_err(|_| {
-            Error::InvalidArgument("the cluster token must be printable ASCII".into())
-        })?),
+        Some(t) => {
+            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+                t.parse().map_err(|_| {
+                    Error::InvalidArgument("the cluster token must be printable ASCII".into())
+                })?;
+            // Kept out of debug output and HPACK tables.
+            v.set_sensitive(true);
+            Some(v)
+        }
         None => None,
     };
+    if probe && tls.is_none() {
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+        let check = health.check(tonic_health::pb::HealthCheckRequest::default());
+        let refused = match tokio::time::timeout(timeout, check).await {
+            Err(_) => {
+                return Err(Error::Worker(format!(
+                    "worker {addr}: no answer within {:.1} s",
+                    timeout.as_secs_f64()
+                )))
+            }
+            // A gRPC answer of any kind (even "no health service") will do.
+            // Transport failures carry their cause; a server's answer does not.
+            Ok(Err(s))
+                if std::error::Error::source(&s).is_some()
+                    || matches!(
+                        s.code(),
+                        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+                    ) =>
+            {
+                Some(causes(
+                    s.message().to_string(),
+                    std::error::Error::source(&s),
+                ))
+            }
+            Ok(_) => None,
+        };
+        if let Some(why) = refused {
+            return Err(Error::Worker(format!(
+                "worker {addr} {NOT_PLAIN}: {why} (if it serves TLS, trust its certificate with tls_ca=, --tls-ca or MLX_DIST_TLS_CA)"
+            )));
+        }
+    }
     Ok(WorkerClient::with_interceptor(channel, AddToken(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
@@ -1200,14 +1309,23 @@ struct Downstream {
 
 impl Downstream {
     async fn open(addr: &str, timeout: Duration) -> std::result::Result<Downstream, Status> {
-        let mut client = connect(addr, timeout)
+        // No probe: a stream per sequence, no extra round trip.
+        let mut client = open_client(addr, timeout, false)
             .await
             .map_err(|e| Status::unavailable(format!("next stage {e}")))?;
         let (tx, rx) = mpsc::channel(4);
         let rx = client
             .forward(ReceiverStream::new(rx))
             .await
-            .map_err(|e| Status::unavailable(format!("next stage {addr}: {}", e.message())))?
+            .map_err(|e| {
+                let plain = !addr.starts_with("https://") && tls_ca().ok().flatten().is_none();
+                let hint = if plain && e.code() == tonic::Code::Unknown {
+                    " (if it serves TLS, start this worker with --tls-ca)"
+                } else {
+                    ""
+                };
+                Status::unavailable(format!("next stage {addr}: {}{hint}", e.message()))
+            })?
             .into_inner();
         Ok(Downstream {
             addr: addr.to_string(),
@@ -1532,13 +1650,19 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     let name = cfg.name.clone();
+    let builder = server_builder(&cfg)?;
+    let tls = cfg.tls.is_some();
     let service = WorkerService::new(cfg).into_server();
     println!("listening on {host}:{}", local.port());
     use std::io::Write;
     let _ = std::io::stdout().flush();
-    tracing::info!(worker = %name, "serving on {local}");
+    tracing::info!(
+        worker = %name,
+        "serving on {local}{}",
+        if tls { " with TLS" } else { " (plain, no TLS)" }
+    );
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    builder
         .tcp_nodelay(true)
         // A coordinator or previous stage that vanished is noticed within seconds.
         .http2_keepalive_interval(Some(keepalive_interval()))
@@ -1548,6 +1672,25 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
         .serve_with_incoming_shutdown(incoming, shutdown_signal())
         .await
         .map_err(|e| Error::Worker(format!("worker {name} stopped: {e}")))
+}
+
+/// A gRPC server builder serving TLS when `cfg` says.
+fn server_builder(cfg: &WorkerConfig) -> Result<tonic::transport::Server> {
+    let builder = tonic::transport::Server::builder();
+    let Some(id) = &cfg.tls else {
+        return Ok(builder);
+    };
+    let id = TlsIdentity::new(id.cert_pem.clone(), id.key_pem.clone())?;
+    let config = tonic::transport::ServerTlsConfig::new()
+        .identity(tonic::transport::Identity::from_pem(
+            id.cert_pem,
+            id.key_pem,
+        ))
+        // A client that never finishes its handshake is dropped.
+        .timeout(Duration::from_secs(10));
+    builder.tls_config(config).map_err(|e| {
+        Error::InvalidArgument(format!("worker {}: TLS: {}", cfg.name, error_chain(&e)))
+    })
 }
 
 async fn shutdown_signal() {
@@ -1570,13 +1713,20 @@ mod tests {
     use crate::proto::{ModelSource as ProtoSource, Tensor};
 
     async fn start(dir: &Path) -> (String, Client) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
         let mut cfg = WorkerConfig::new("test");
         cfg.cache_dir = dir.join("cache");
+        start_with(dir, cfg).await
+    }
+
+    /// A worker configured by `cfg` (TLS included) on a free port, holding
+    /// layers 1..3 and the head of the model in `dir`.
+    async fn start_with(dir: &Path, cfg: WorkerConfig) -> (String, Client) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let mut builder = server_builder(&cfg).unwrap();
         let server = WorkerService::new(cfg).into_server();
         tokio::spawn(
-            tonic::transport::Server::builder()
+            builder
                 .add_service(server)
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
         );
@@ -1711,5 +1861,473 @@ mod tests {
             assert!(reply.token.is_some());
             assert_eq!(reply.stage_micros.len(), 1);
         });
+    }
+
+    /// xorshift64*: a tiny seeded generator, so a failure replays.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            self.0 = x;
+            x.wrapping_mul(0x2545_F491_4F6C_DD1D)
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+
+        fn bytes(&mut self, n: usize) -> Vec<u8> {
+            (0..n).map(|_| self.next() as u8).collect()
+        }
+
+        /// Fewer than `most` random bytes.
+        fn some_bytes(&mut self, most: u64) -> Vec<u8> {
+            let n = self.below(most) as usize;
+            self.bytes(n)
+        }
+
+        fn pick<T: Copy>(&mut self, xs: &[T]) -> T {
+            xs[self.below(xs.len() as u64) as usize]
+        }
+    }
+
+    /// `f`'s result, or a test failure if it takes more than 10 s (a hang).
+    async fn within<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(10), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what}: no answer within 10 s"))
+    }
+
+    /// Loads a shard; an error of the call or of its progress stream is the
+    /// result's.
+    async fn load(
+        client: &mut Client,
+        req: LoadShardRequest,
+    ) -> std::result::Result<ShardInfo, Status> {
+        let mut progress = client.load_shard(req).await?.into_inner();
+        while let Some(p) = progress.message().await? {
+            if p.done {
+                return p
+                    .shard
+                    .ok_or_else(|| Status::internal("done without a shard"));
+            }
+        }
+        Err(Status::internal("the load ended before it was done"))
+    }
+
+    /// Sends `body` as the one message of a Forward stream, as it is: bytes
+    /// that need not be a ForwardRequest.
+    async fn raw_forward(addr: &str, body: Vec<u8>) -> std::result::Result<ForwardReply, Status> {
+        struct Raw;
+        impl tonic::codec::Encoder for Raw {
+            type Item = Vec<u8>;
+            type Error = Status;
+            fn encode(
+                &mut self,
+                item: Vec<u8>,
+                dst: &mut tonic::codec::EncodeBuf<'_>,
+            ) -> std::result::Result<(), Status> {
+                bytes::BufMut::put_slice(dst, &item);
+                Ok(())
+            }
+        }
+        struct Replies;
+        impl tonic::codec::Decoder for Replies {
+            type Item = ForwardReply;
+            type Error = Status;
+            fn decode(
+                &mut self,
+                src: &mut tonic::codec::DecodeBuf<'_>,
+            ) -> std::result::Result<Option<ForwardReply>, Status> {
+                prost::Message::decode(src)
+                    .map(Some)
+                    .map_err(|e| Status::internal(e.to_string()))
+            }
+        }
+        struct Codec;
+        impl tonic::codec::Codec for Codec {
+            type Encode = Vec<u8>;
+            type Decode = ForwardReply;
+            type Encoder = Raw;
+            type Decoder = Replies;
+            fn encoder(&mut self) -> Raw {
+                Raw
+            }
+            fn decoder(&mut self) -> Replies {
+                Replies
+            }
+        }
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let path =
+            tonic::codegen::http::uri::PathAndQuery::from_static("/mlx_dist.v1.Worker/Forward");
+        let mut replies = grpc
+            .streaming(Request::new(tokio_stream::once(body)), path, Codec)
+            .await?
+            .into_inner();
+        replies
+            .message()
+            .await?
+            .ok_or_else(|| Status::internal("no reply"))
+    }
+
+    /// One way to spoil a valid step; each alone makes it invalid.
+    fn spoil(rng: &mut Rng, req: &mut ForwardRequest, limit: usize) -> String {
+        let t = req.hidden.as_mut().unwrap();
+        match rng.below(14) {
+            0 => {
+                let n = rng.below(t.data.len() as u64) as usize;
+                t.data = t.data.slice(..n);
+                format!("data truncated to {n} bytes")
+            }
+            1 => {
+                let mut d = t.data.to_vec();
+                d.push(0);
+                d.extend(rng.some_bytes(64));
+                t.data = d.into();
+                "data too long".into()
+            }
+            2 => {
+                t.dtype = rng.pick(&[-1, 0, 2, 3, 4, 5, 6, 7, 99, i32::MAX, i32::MIN]);
+                format!("dtype {}", t.dtype)
+            }
+            3 => {
+                let dims = [
+                    -1,
+                    0,
+                    1,
+                    2,
+                    3,
+                    255,
+                    256,
+                    257,
+                    1 << 20,
+                    (1 << 20) + 1,
+                    1 << 40,
+                    i64::MAX,
+                    i64::MIN,
+                ];
+                let rank = rng.below(6) as usize;
+                let mut shape: Vec<i64> = (0..rank)
+                    .map(|_| {
+                        if rng.below(4) == 0 {
+                            rng.next() as i64
+                        } else {
+                            rng.pick(&dims)
+                        }
+                    })
+                    .collect();
+                if shape == [1, 1, 256] {
+                    shape[2] = 255;
+                }
+                t.shape = shape;
+                format!("shape {:?}", t.shape)
+            }
+            4 => {
+                t.compression = rng.pick(&[1, 2, 99, -1, i32::MIN]);
+                format!("compression {}", t.compression)
+            }
+            5 => {
+                let mut scales = vec![0u8];
+                scales.extend(rng.some_bytes(64));
+                t.scales = scales.into();
+                "scales on an uncompressed tensor".into()
+            }
+            6 => {
+                req.sequence_id = if rng.below(2) == 0 {
+                    String::new()
+                } else {
+                    "s".repeat(257 + rng.below(1000) as usize)
+                };
+                format!("sequence id of {} characters", req.sequence_id.len())
+            }
+            7 => {
+                req.offset = 1 + rng.below(1 << 20) as u32;
+                format!("unknown sequence at offset {}", req.offset)
+            }
+            8 => {
+                req.tokens = vec![0; MAX_POSITIONS + 1 + rng.below(100) as usize];
+                format!("{} tokens", req.tokens.len())
+            }
+            9 => {
+                t.data = vec![0u8; limit + rng.below(1 << 20) as usize].into();
+                format!("a {} byte message", t.data.len())
+            }
+            10 => {
+                req.max_length = (1 << 28) + rng.below(u32::MAX as u64 - (1 << 28)) as u32;
+                format!("max_length {}", req.max_length)
+            }
+            11 => {
+                req.prefix_id = format!("p{}", rng.next());
+                "an unknown prefix".into()
+            }
+            12 => {
+                let mut p = SamplingParams::default();
+                p.logit_bias.insert(1024 + rng.below(1 << 30) as u32, 1.0);
+                req.sampling = Some(p);
+                "a logit bias outside the vocabulary".into()
+            }
+            _ => {
+                req.hidden = None;
+                "no activations".into()
+            }
+        }
+    }
+
+    #[test]
+    fn fuzzed_requests_get_errors_and_the_worker_keeps_serving() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        let limit = 2 << 20;
+        crate::pipeline::runtime().block_on(async {
+            let mut cfg = WorkerConfig::new("fuzz");
+            cfg.cache_dir = tmp.path().join("cache");
+            cfg.max_message_bytes = limit;
+            cfg.max_sequences = 2;
+            let (addr, mut client) = start_with(tmp.path(), cfg).await;
+            let good = codec::encode(
+                &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
+                Compression::None,
+            )
+            .unwrap();
+            let path = tmp.path().display().to_string();
+            let valid_load = LoadShardRequest {
+                source: Some(ProtoSource {
+                    path: path.clone(),
+                    model_id: String::new(),
+                }),
+                layer_start: 1,
+                layer_end: 3,
+                head: true,
+                cache_budget: 1 << 30,
+                ..Default::default()
+            };
+            let started = Instant::now();
+            let mut rng = Rng(0x9E37_79B9_7F4A_7C15);
+            let mut kinds = [0usize; 4];
+            for i in 0..400 {
+                let kind = match rng.below(16) {
+                    0..=3 => 0,
+                    4..=12 => 1,
+                    13..=14 => 2,
+                    _ => 3,
+                };
+                kinds[kind] += 1;
+                match kind {
+                    // Raw bytes on the port, then gone.
+                    0 => {
+                        use tokio::io::AsyncWriteExt as _;
+                        let mut junk = if rng.below(2) == 0 {
+                            b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec()
+                        } else {
+                            Vec::new()
+                        };
+                        junk.extend(rng.some_bytes(4096));
+                        within("raw bytes", async {
+                            let mut raw = tokio::net::TcpStream::connect(&addr).await.unwrap();
+                            // The worker may hang up first: that is fine.
+                            let _ = raw.write_all(&junk).await;
+                        })
+                        .await;
+                    }
+                    // A valid step spoiled one way.
+                    1 => {
+                        let mut req = step(&format!("f{i}"), good.clone());
+                        let what = spoil(&mut rng, &mut req, limit);
+                        let r = within(&what, one_step(&mut client, req)).await;
+                        assert!(r.is_err(), "{what}: a reply, not an error");
+                    }
+                    // Bytes that need not be a ForwardRequest.
+                    2 => {
+                        let body = rng.some_bytes(2048);
+                        let r = within("raw protobuf", raw_forward(&addr, body)).await;
+                        assert!(r.is_err(), "random bytes got a reply");
+                    }
+                    // A shard that cannot be loaded; then the valid one again.
+                    _ => {
+                        let mut req = valid_load.clone();
+                        let ends = [0, 1, 2, 3, 4, 5, 1000, u32::MAX];
+                        let what = match rng.below(4) {
+                            0 => {
+                                req.layer_start = 1 + rng.below(u32::MAX as u64 - 1) as u32;
+                                req.layer_end = rng.below(req.layer_start as u64) as u32;
+                                "start after end".to_string()
+                            }
+                            1 => {
+                                req.layer_start = rng.pick(&ends[..4]);
+                                req.layer_end = rng.pick(&ends[4..]);
+                                "beyond the model".to_string()
+                            }
+                            2 => {
+                                req.source = Some(ProtoSource {
+                                    path: String::new(),
+                                    model_id: rng
+                                        .pick(&["", "../x", "a/b", "no-such-model"])
+                                        .into(),
+                                });
+                                "a bad model id".to_string()
+                            }
+                            _ => {
+                                req.source = Some(ProtoSource {
+                                    path: format!("{path}/missing-{}", rng.next()),
+                                    model_id: String::new(),
+                                });
+                                "a missing path".to_string()
+                            }
+                        };
+                        let what = format!("load: {what} ({}..{})", req.layer_start, req.layer_end);
+                        let r = within(&what, load(&mut client, req)).await;
+                        assert!(r.is_err(), "{what}: loaded");
+                        within("reload", load(&mut client, valid_load.clone()))
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            assert!(kinds.iter().all(|&k| k > 10), "{kinds:?}");
+
+            // One sequence more than allowed, on one stream.
+            let (tx, rx) = mpsc::channel(4);
+            let mut replies = client
+                .forward(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            for seq in ["m1", "m2"] {
+                tx.send(step(seq, good.clone())).await.unwrap();
+                let r = within("a step", replies.message()).await.unwrap().unwrap();
+                assert!(r.token.is_some());
+            }
+            tx.send(step("m3", good.clone())).await.unwrap();
+            let err = within("a third sequence", replies.message())
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+            assert!(err.message().contains("max-sequences"), "{err:?}");
+            drop(tx);
+
+            // An oversize message is refused with a clear word.
+            let mut big = good.clone();
+            big.data = vec![0u8; limit + 1].into();
+            let err = one_step(&mut client, step("big", big)).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+            assert!(err.message().contains("max-message-mb"), "{err:?}");
+
+            // Still serving.
+            let reply = within(
+                "a valid step",
+                one_step(&mut client, step("ok", good.clone())),
+            )
+            .await
+            .unwrap();
+            assert!(reply.token.is_some());
+            let info = within(
+                "device info",
+                client.get_device_info(DeviceInfoRequest::default()),
+            )
+            .await
+            .unwrap()
+            .into_inner();
+            assert_eq!(info.shard.unwrap().layer_end, 3);
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "{:?}",
+                started.elapsed()
+            );
+        });
+    }
+
+    #[test]
+    fn certificates_are_checked_and_made_for_their_hosts() {
+        assert!(make_certificate(&[]).is_err());
+        assert!(make_certificate(&[" ".into()]).is_err());
+        assert!(make_certificate(&["not a host!".into()]).is_err());
+        let (cert, key) =
+            make_certificate(&["127.0.0.1".into(), "localhost".into(), "[::1]".into()]).unwrap();
+        assert!(cert.starts_with("-----BEGIN CERTIFICATE-----"));
+        assert!(key.contains("PRIVATE KEY"));
+        assert!(TlsIdentity::new(cert.clone(), key.clone()).is_ok());
+        let (_, other_key) = make_certificate(&["localhost".into()]).unwrap();
+        let err = TlsIdentity::new(cert.clone(), other_key).unwrap_err();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+        assert!(TlsIdentity::new(cert.clone(), "junk".into()).is_err());
+        assert!(TlsIdentity::new("junk".into(), key.clone()).is_err());
+        assert!(set_tls_ca(Some("not a certificate".into())).is_err());
+        let id = TlsIdentity::new(cert, key).unwrap();
+        assert!(!format!("{id:?}").contains("PRIVATE"));
+    }
+
+    #[test]
+    fn tls_workers_answer_only_clients_that_trust_them() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        let (cert, key) = make_certificate(&["127.0.0.1".into(), "localhost".into()]).unwrap();
+        let (other, _) = make_certificate(&["127.0.0.1".into(), "localhost".into()]).unwrap();
+        set_tls_ca(Some(cert.clone())).unwrap();
+        crate::pipeline::runtime().block_on(async {
+            let mut cfg = WorkerConfig::new("tls");
+            cfg.cache_dir = tmp.path().join("cache");
+            cfg.tls = Some(TlsIdentity::new(cert.clone(), key).unwrap());
+            let (addr, mut client) = start_with(tmp.path(), cfg).await;
+            let good = codec::encode(
+                &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
+                Compression::None,
+            )
+            .unwrap();
+            let reply = one_step(&mut client, step("a", good.clone()))
+                .await
+                .unwrap();
+            assert!(reply.token.is_some());
+            let port = addr.rsplit_once(':').unwrap().1;
+            let mut by_name = connect(&format!("localhost:{port}"), Duration::from_secs(5))
+                .await
+                .unwrap();
+            assert!(by_name
+                .get_device_info(DeviceInfoRequest::default())
+                .await
+                .is_ok());
+
+            // A client trusting another CA, one without TLS, and a TLS
+            // client of a plain worker fail at once, naming the worker.
+            set_tls_ca(None).unwrap();
+            let (plain, _) = start(tmp.path()).await;
+            for (ca, to, word) in [
+                (Some(other), &addr, "certificate"),
+                (None, &addr, "TLS"),
+                (Some(cert.clone()), &plain, "TLS"),
+            ] {
+                set_tls_ca(ca).unwrap();
+                let t = Instant::now();
+                let Err(err) = connect(to, Duration::from_secs(5)).await else {
+                    panic!("connected to {to}");
+                };
+                assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
+                let msg = err.to_string();
+                assert!(msg.contains(to.as_str()) && msg.contains(word), "{msg}");
+                assert!(is_tls_mismatch(&err), "{msg}");
+            }
+            // A worker that is not up is worth trying again.
+            let gone = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+                l.local_addr().unwrap().to_string()
+            };
+            for ca in [None, Some(cert.clone())] {
+                set_tls_ca(ca).unwrap();
+                let err = connect(&gone, Duration::from_secs(2)).await.unwrap_err();
+                assert!(!is_tls_mismatch(&err), "{err}");
+            }
+        });
+        set_tls_ca(None).unwrap();
     }
 }

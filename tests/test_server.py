@@ -325,6 +325,13 @@ def _metrics(server, headers=None) -> dict[str, float]:
     return out
 
 
+def test_local_status_describes_this_device(local_server):
+    status = httpx.get(f"{local_server.url}/cluster/status").json()
+    [d] = status["devices"]
+    assert d["address"] == "local" and d["reachable"] and d["layers"] == [0, 4]
+    assert d["info"]["memory_total"] > 0 and 0 <= d["busy_fraction"] <= 1
+
+
 def test_metrics_parse_as_prometheus_text_and_move(local_server):
     before = _metrics(local_server)
     client(local_server).chat.completions.create(
@@ -367,6 +374,16 @@ def test_cluster_health_status_and_stage_metrics(cluster_server):
     assert len(status["plan"]["stages"]) == 2
     m = _metrics(cluster_server)
     assert m['mlx_dist_stage_step_seconds_count{"stage": "1"}'] >= 3
+    # Scheduling figures: batch sizes, busy fractions (from the second scrape on).
+    client(cluster_server).chat.completions.create(
+        model=model_id(cluster_server), messages=QUESTION, max_tokens=4
+    )
+    m = _metrics(cluster_server)
+    assert 0 <= m['mlx_dist_stage_busy_fraction{"stage": "0"}'] <= 1
+    assert m['mlx_dist_stage_tokens_per_second{"stage": "1"}'] > 0
+    assert "mlx_dist_in_flight_steps" in m
+    assert all(0 < d["busy_fraction"] <= 1 for d in status["devices"])
+    assert status["engine"]["in_flight_steps"] == 0
     # The plan was printed when the server started.
     assert any("w0" in line for line in cluster_server.stdout)
 

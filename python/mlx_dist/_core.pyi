@@ -23,12 +23,27 @@ def load_cluster(
     progress: Callable[[int, int, int, str], None] | None = None,
 ) -> tuple[Cluster, Tokenizer]: ...
 def run_worker(
-    host: str = "127.0.0.1", port: int = 0, name: str | None = None, local_files: bool = True
+    host: str = "127.0.0.1",
+    port: int = 0,
+    name: str | None = None,
+    local_files: bool = True,
+    tls_cert_pem: str | None = None,
+    tls_key_pem: str | None = None,
+    max_sequences: int | None = None,
+    max_message_bytes: int | None = None,
 ) -> None: ...
 def worker_info(address: str, timeout: float = 5.0) -> str:
     """The worker's DeviceInfo as JSON."""
 
 def set_cluster_token(token: str | None = None) -> None: ...
+def set_tls_ca(pem: str | None = None) -> None:
+    """Trust this CA certificate (PEM text) on every later connection to a
+    worker (TLS); None: plain connections."""
+
+def make_certificate(hosts: list[str]) -> tuple[str, str]:
+    """A self-signed certificate for these DNS names / IP addresses and its
+    private key: (cert PEM, key PEM)."""
+
 def convert(path_or_repo: str, out_dir: str) -> None: ...
 
 class Model:

@@ -31,6 +31,11 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--compression", default=None, help="activations on the wire: none (default) or int8"
     )
+    p.add_argument(
+        "--tls-ca",
+        default=None,
+        help="reach the workers over TLS, trusting this CA certificate (PEM; default: $MLX_DIST_TLS_CA)",
+    )
 
 
 def _load(args: argparse.Namespace):
@@ -50,9 +55,11 @@ def _load(args: argparse.Namespace):
         f"loading over {len(str(workers).split(',')) if isinstance(workers, str) else len(workers)} workers ...",
         file=sys.stderr,
     )
+    tls_ca = args.tls_ca or cfg.get("tls_ca")
     model, tokenizer = mlx_dist.load(
         model,
         workers=workers,
+        tls_ca=tls_ca,
         strategy=strategy,
         proportions=proportions,
         compression=args.compression or cfg.get("compression") or "none",
@@ -128,8 +135,21 @@ def _serve(args: argparse.Namespace) -> int:
         temperature=args.temp,
         recovery_wait=args.recovery_wait,
         token=args.token,
+        tls_ca=args.tls_ca,
     )
     return 0
+
+
+def _read_pem(path: str, what: str) -> str:
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    try:
+        return p.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what}: {p} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{what}: {p} is not a PEM text file") from None
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -140,6 +160,22 @@ def _worker(args: argparse.Namespace) -> int:
 
     if args.token is not None:
         _core.set_cluster_token(args.token)
+    cert = args.tls_cert or os.environ.get("MLX_DIST_TLS_CERT") or None
+    key = args.tls_key or os.environ.get("MLX_DIST_TLS_KEY") or None
+    if bool(cert) != bool(key):
+        raise ValueError("--tls-cert and --tls-key go together (or MLX_DIST_TLS_CERT/_KEY)")
+    cert_pem = _read_pem(cert, "--tls-cert") if cert else None
+    key_pem = _read_pem(key, "--tls-key") if key else None
+    ca = args.tls_ca or os.environ.get("MLX_DIST_TLS_CA") or None
+    if ca:
+        _core.set_tls_ca(_read_pem(ca, "--tls-ca"))
+    elif cert_pem:
+        # One certificate for the whole cluster: the next stage serves the same.
+        _core.set_tls_ca(cert_pem)
+    if args.max_sequences < 1:
+        raise ValueError("--max-sequences must be at least 1")
+    if args.max_message_mb < 1:
+        raise ValueError("--max-message-mb must be at least 1")
     port = args.port
     if args.coordinator:
         from mlx_dist.announce import advertised_address, announce, free_port
@@ -153,7 +189,47 @@ def _worker(args: argparse.Namespace) -> int:
             name="mlx-dist-announce",
             daemon=True,
         ).start()
-    _core.run_worker(args.host, port, args.name, not args.no_local_files)
+    _core.run_worker(
+        args.host,
+        port,
+        args.name,
+        not args.no_local_files,
+        cert_pem,
+        key_pem,
+        args.max_sequences,
+        args.max_message_mb << 20,
+    )
+    return 0
+
+
+def _cert(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from mlx_dist import _core
+
+    hosts = [h.strip() for h in args.hosts.split(",") if h.strip()]
+    if not hosts:
+        raise ValueError("--hosts: give the workers' host names or IP addresses, e.g. h1,10.0.0.2")
+    out = Path(args.out).expanduser()
+    cert_path, key_path = out / "cert.pem", out / "key.pem"
+    if not args.force:
+        for p in (cert_path, key_path):
+            if p.exists():
+                raise ValueError(f"{p} exists (--force replaces it)")
+    cert, key = _core.make_certificate(hosts)
+    out.mkdir(parents=True, exist_ok=True)
+    cert_path.write_text(cert)
+    # The key is readable by its owner alone.
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(key)
+    os.chmod(key_path, 0o600)
+    print(f"wrote {cert_path} and {key_path} for {', '.join(hosts)}")
+    print(
+        f"workers: mlx-dist worker --tls-cert {cert_path} --tls-key {key_path}\n"
+        f"clients: --tls-ca {cert_path} (copy {cert_path} to them, never {key_path.name})"
+    )
     return 0
 
 
@@ -177,6 +253,12 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
     from mlx_dist.bench_pipeline import main as bench_main
 
     return bench_main(args)
+
+
+def _top(args: argparse.Namespace) -> int:
+    from mlx_dist.dashboard import main as top_main
+
+    return top_main(args)
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
@@ -265,7 +347,47 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="the host:port the coordinator should use (default: this host's name and port)",
     )
+    w.add_argument(
+        "--tls-cert",
+        default=None,
+        help="serve TLS with this certificate (PEM; default: $MLX_DIST_TLS_CERT); see 'mlx-dist cert'",
+    )
+    w.add_argument(
+        "--tls-key",
+        default=None,
+        help="the certificate's private key (PEM; default: $MLX_DIST_TLS_KEY)",
+    )
+    w.add_argument(
+        "--tls-ca",
+        default=None,
+        help="reach the next stage over TLS, trusting this CA certificate "
+        "(PEM; default: $MLX_DIST_TLS_CA, else --tls-cert)",
+    )
+    w.add_argument(
+        "--max-sequences",
+        type=int,
+        default=256,
+        help="sequences held at once; one more is refused (RESOURCE_EXHAUSTED)",
+    )
+    w.add_argument(
+        "--max-message-mb",
+        type=int,
+        default=160,
+        help="largest gRPC message taken, in MiB (activations of one prompt chunk)",
+    )
     w.set_defaults(func=_worker)
+
+    ct = sub.add_parser(
+        "cert", help="make a self-signed TLS certificate and key for workers (cert.pem, key.pem)"
+    )
+    ct.add_argument("--out", required=True, help="folder to write cert.pem and key.pem into")
+    ct.add_argument(
+        "--hosts",
+        required=True,
+        help="the names and IP addresses clients reach workers by: h1,h2,10.0.0.5",
+    )
+    ct.add_argument("--force", action="store_true", help="replace existing files")
+    ct.set_defaults(func=_cert)
 
     c = sub.add_parser(
         "convert", help="write a model (e.g. a GGUF file) in the MLX directory layout"
@@ -302,6 +424,15 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--gen-tokens", type=int, default=128)
     bp.add_argument("--repeats", type=int, default=3)
     bp.set_defaults(func=_bench_pipeline)
+
+    t = sub.add_parser("top", help="a live dashboard of a server's cluster")
+    t.add_argument(
+        "url", nargs="?", default=None, help="the server (default: $MLX_DIST_URL or :8100)"
+    )
+    t.add_argument("--api-key", default=None, help="default: $MLX_DIST_API_KEY")
+    t.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    t.add_argument("--iterations", type=int, default=None, help="frames to draw (default: forever)")
+    t.set_defaults(func=_top)
 
     bt = sub.add_parser(
         "bench-throughput", help="aggregate tokens/s of concurrent streams over 1, 2, 4 stages"

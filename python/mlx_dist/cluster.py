@@ -145,13 +145,49 @@ def load_config(path: str | Path) -> dict:
     workers = cfg.get("workers", cfg.get("devices"))
     if workers is None:
         raise ValueError(f"{path}: no workers (or devices) listed")
-    allowed = {"workers", "devices", "model", "strategy", "proportions", "compression", "kv_tokens"}
+    allowed = {
+        "workers",
+        "devices",
+        "model",
+        "strategy",
+        "proportions",
+        "compression",
+        "kv_tokens",
+        "tls_ca",
+    }
     unknown = set(cfg) - allowed
     if unknown:
         raise ValueError(f"{path}: unknown settings {sorted(unknown)}")
     cfg["workers"] = parse_workers(workers)
     cfg.pop("devices", None)
+    if cfg.get("tls_ca") is not None:
+        if not isinstance(cfg["tls_ca"], str):
+            raise TypeError(f"{path}: tls_ca must be the path of a PEM file")
+        # A relative path is relative to the config file.
+        cfg["tls_ca"] = str(path.parent / Path(cfg["tls_ca"]).expanduser())
     return cfg
+
+
+def set_tls_ca(ca) -> None:
+    """Makes every later connection of this process to a worker use TLS,
+    trusting the CA certificate ``ca``: the path of a PEM file (e.g. the
+    ``cert.pem`` of ``mlx-dist cert``) or PEM text. ``None``: plain
+    connections. The setting is process-wide."""
+    if ca is None:
+        _core.set_tls_ca(None)
+        return
+    text = str(ca)
+    if "-----BEGIN" in text:
+        pem = text
+    else:
+        p = Path(text).expanduser()
+        try:
+            pem = p.read_text()
+        except FileNotFoundError:
+            raise FileNotFoundError(f"TLS CA certificate {p} does not exist") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"TLS CA certificate {p} is not a PEM text file") from None
+    _core.set_tls_ca(pem)
 
 
 def strategy_name(strategy: str, proportions=None) -> str:
@@ -200,11 +236,14 @@ def load_distributed(
     recover: bool = True,
     recovery_wait: float = 30.0,
     prefill_chunk: int = 512,
+    tls_ca=None,
 ):
     from mlx_dist.utils import TokenizerWrapper
 
     if token is not None:
         _core.set_cluster_token(token)
+    if tls_ca is not None:
+        set_tls_ca(tls_ca)
 
     specs = parse_workers(workers)
     declared = [s["declared"] for s in specs]

@@ -60,10 +60,49 @@ class Metrics:
             "mlx_dist_queue_depth", "Requests waiting for the engine", registry=r
         )
         self.active = Gauge("mlx_dist_active_sequences", "Sequences generating now", registry=r)
+        self.in_flight = Gauge(
+            "mlx_dist_in_flight_steps",
+            "Steps in flight through the pipeline (one per running sequence)",
+            registry=r,
+        )
+        self.stage_busy = Gauge(
+            "mlx_dist_stage_busy_fraction",
+            "Share of time each stage spent computing, since the previous scrape",
+            ["stage"],
+            registry=r,
+        )
+        self.stage_batch = Gauge(
+            "mlx_dist_stage_batch_size",
+            "Mean size of each stage's batched decode steps, since the worker started",
+            ["stage"],
+            registry=r,
+        )
+        self.stage_tokens = Gauge(
+            "mlx_dist_stage_tokens_per_second",
+            "Token positions each stage ran per second, since the previous scrape",
+            ["stage"],
+            registry=r,
+        )
+        from mlx_dist.dashboard import Rates
+
+        self._rates = Rates()
 
     def watch_engine(self, queued: Callable[[], float], active: Callable[[], float]) -> None:
         self.queue_depth.set_function(queued)
         self.active.set_function(active)
+        self.in_flight.set_function(active)
+
+    def stages(self, status: dict, now: float) -> None:
+        """Per-stage figures from a `/cluster/status`-shaped snapshot."""
+        rates = self._rates.update(status, now)
+        for d in status.get("devices", []):
+            stage, info = str(d.get("stage")), d.get("info") or {}
+            r = rates.get(str(d.get("address", d.get("name"))))
+            if r is not None:
+                self.stage_busy.labels(stage).set(r["busy"])
+                self.stage_tokens.labels(stage).set(r["tokens_per_s"])
+            if info.get("batches"):
+                self.stage_batch.labels(stage).set(info["batched_steps"] / info["batches"])
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()

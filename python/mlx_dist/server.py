@@ -67,6 +67,7 @@ class ServerSettings:
     recovery_wait: float = 30.0
     health_interval: float = 2.0
     token: str | None = None
+    tls_ca: str | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
@@ -150,6 +151,7 @@ class ServerState:
                 progress=progress,
                 token=s.token,
                 recovery_wait=s.recovery_wait,
+                tls_ca=s.tls_ca or cfg.get("tls_ca"),
             )
         else:
             self.model, self.tokenizer = load(model)
@@ -927,6 +929,11 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
     @app.get("/metrics")
     async def metrics():
         st = get_state()
+        if st.ready:
+            try:
+                st.metrics.stages({"devices": await _devices(st)}, time.monotonic())
+            except (ConnectionError, ValueError, RuntimeError, OSError):
+                pass  # the request figures still answer
         return Response(st.metrics.render(), media_type=st.metrics.content_type)
 
     return app
@@ -1126,6 +1133,7 @@ async def _cluster_status(st: ServerState) -> dict:
             "mlx_cache_memory": cache,
         },
     }
+    body["engine"]["in_flight_steps"] = engine.active if st.distributed else 0
     if st.distributed:
         core = st.model._core
         body["epoch"] = core.epoch
@@ -1134,32 +1142,50 @@ async def _cluster_status(st: ServerState) -> dict:
         body["recoveries"] = st.model.recoveries
         body["plan"] = st.model.plan_dict
         body["plan_text"] = st.model.plan
+    body["devices"] = await _devices(st)
+    return body
+
+
+async def _devices(st: ServerState) -> list[dict]:
+    """Each stage's device with its figures. Busy fraction and mean batch
+    here are over the worker's lifetime; ``/metrics`` has recent ones."""
+    engine = st.engine
+    if st.distributed:
         micros = st.model.last_stage_micros
         workers = await _workers(st, timeout=2.0)
         for w in workers:
             i = w["stage"]
             w["last_step_ms"] = micros[i] / 1e3 if i < len(micros) else None
-        body["devices"] = workers
-    else:
-        info = json.loads(await asyncio.to_thread(_core.device_info, socket.gethostname()))
-        info.update(
-            mlx_active_memory=active,
-            mlx_peak_memory=peak,
-            busy_micros=int(engine.busy_seconds * 1e6),
-            tokens_processed=engine.tokens_processed,
-            steps=engine.steps,
-            uptime_micros=int((time.perf_counter() - engine.started) * 1e6),
-            sequences=engine.active,
-        )
-        body["devices"] = [
-            {
-                "stage": 0,
-                "name": info["name"],
-                "layers": [0, st.model._core.num_layers],
-                "info": info,
-            }
-        ]
-    return body
+            info = w.get("info") or {}
+            if info.get("uptime_micros"):
+                w["busy_fraction"] = info["busy_micros"] / info["uptime_micros"]
+            if info.get("batches"):
+                w["mean_batch"] = info["batched_steps"] / info["batches"]
+        return workers
+    active, peak, _ = _core.memory()
+    info = json.loads(await asyncio.to_thread(_core.device_info, socket.gethostname()))
+    uptime = int((time.perf_counter() - engine.started) * 1e6)
+    info.update(
+        mlx_active_memory=active,
+        mlx_peak_memory=peak,
+        busy_micros=int(engine.busy_seconds * 1e6),
+        tokens_processed=engine.tokens_processed,
+        steps=engine.steps,
+        uptime_micros=uptime,
+        sequences=engine.active,
+    )
+    return [
+        {
+            "stage": 0,
+            "name": info["name"],
+            "address": "local",
+            "reachable": True,
+            "layers": [0, st.model._core.num_layers],
+            "last_step_ms": None,
+            "busy_fraction": info["busy_micros"] / uptime if uptime else 0.0,
+            "info": info,
+        }
+    ]
 
 
 # ``uvicorn mlx_dist.server:app``: configured from the environment at start-up.

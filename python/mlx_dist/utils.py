@@ -131,7 +131,10 @@ def load(
     With ``workers`` ("h1:p1,h2:p2" or a list), the model is split by layers
     over those workers (``strategy``: uniform, memory_proportional,
     compute_proportional, balanced, or custom with ``proportions=[...]``); the
-    returned model drives ``generate``/``stream_generate`` like a local one."""
+    returned model drives ``generate``/``stream_generate`` like a local one.
+    ``tls_ca`` (a PEM file, e.g. from ``mlx-dist cert``) reaches the workers
+    over TLS, trusting that certificate (process-wide; ``MLX_DIST_TLS_CA``
+    does the same when no ``tls_ca`` is given)."""
     dist_keys = {
         "proportions",
         "compression",
@@ -142,6 +145,7 @@ def load(
         "recover",
         "recovery_wait",
         "prefill_chunk",
+        "tls_ca",
     }
     unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"} - dist_keys
     if unknown:

@@ -14,7 +14,7 @@ use crate::recovery::{ClusterHandle, RecoveryOptions};
 use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{resolve, Weights};
-use crate::worker::{serve, WorkerConfig};
+use crate::worker::{serve, TlsIdentity, WorkerConfig};
 
 #[pyclass(name = "Cluster", module = "mlx_dist._core", frozen)]
 pub struct PyCluster {
@@ -237,16 +237,40 @@ impl PyCluster {
 }
 
 /// Runs a worker on `host:port` until interrupted (blocking). Prints
-/// `listening on HOST:PORT` once ready.
+/// `listening on HOST:PORT` once ready. With `tls_cert_pem` and
+/// `tls_key_pem` (PEM texts) it serves TLS. `max_sequences` and
+/// `max_message_bytes` bound what it takes (defaults: 256, 160 MiB).
 #[pyfunction]
-#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true))]
+#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None))]
+#[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
     host: String,
     port: u16,
     name: Option<String>,
     local_files: bool,
+    tls_cert_pem: Option<String>,
+    tls_key_pem: Option<String>,
+    max_sequences: Option<usize>,
+    max_message_bytes: Option<usize>,
 ) -> PyResult<()> {
+    let tls = match (tls_cert_pem, tls_key_pem) {
+        (Some(cert), Some(key)) => Some(TlsIdentity::new(cert, key)?),
+        (None, None) => None,
+        _ => {
+            return Err(
+                Error::InvalidArgument("TLS needs both a certificate and its key".into()).into(),
+            )
+        }
+    };
+    if max_sequences == Some(0) {
+        return Err(Error::InvalidArgument("max_sequences must be at least 1".into()).into());
+    }
+    if max_message_bytes.is_some_and(|b| b < 1 << 20) {
+        return Err(
+            Error::InvalidArgument("max_message_bytes must be at least 1 MiB".into()).into(),
+        );
+    }
     init_logging();
     let name = name.unwrap_or_else(|| {
         let h = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
@@ -255,6 +279,13 @@ pub fn run_worker(
     });
     let mut cfg = WorkerConfig::new(&name);
     cfg.allow_local_paths = local_files;
+    cfg.tls = tls;
+    if let Some(n) = max_sequences {
+        cfg.max_sequences = n;
+    }
+    if let Some(b) = max_message_bytes {
+        cfg.max_message_bytes = b;
+    }
     py.detach(|| runtime().block_on(serve(&host, port, cfg)))?;
     Ok(())
 }
@@ -312,6 +343,23 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
 #[pyo3(signature = (token = None))]
 pub fn set_cluster_token(token: Option<String>) {
     crate::worker::set_cluster_token(token);
+}
+
+/// Sets the CA certificate (PEM text) this process trusts when it connects
+/// to workers, turning TLS on for every later connection; `None`: plain
+/// connections (also ignoring `MLX_DIST_TLS_CA`).
+#[pyfunction]
+#[pyo3(signature = (pem = None))]
+pub fn set_tls_ca(pem: Option<String>) -> PyResult<()> {
+    crate::worker::set_tls_ca(pem)?;
+    Ok(())
+}
+
+/// A self-signed certificate naming `hosts` (DNS names or IP addresses) and
+/// its private key, as PEM texts `(cert, key)`.
+#[pyfunction]
+pub fn make_certificate(hosts: Vec<String>) -> PyResult<(String, String)> {
+    Ok(crate::worker::make_certificate(&hosts)?)
 }
 
 /// A worker address must be `host:port`.
