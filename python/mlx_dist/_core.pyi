@@ -21,6 +21,9 @@ def load_cluster(
     connect_timeout: float = 10.0,
     declared_json: str | None = None,
     progress: Callable[[int, int, int, str], None] | None = None,
+    recover: bool = True,
+    recovery_wait: float = 30.0,
+    prefill_chunk: int = 512,
 ) -> tuple[Cluster, Tokenizer]: ...
 def run_worker(
     host: str = "127.0.0.1",
@@ -66,6 +69,13 @@ class Cluster:
     names: list[str]
     addresses: list[str]
     last_stage_micros: list[int]
+    epoch: int
+    all_workers: list[str]
+    excluded: list[str]
+    recoveries_json: str
+    def add_worker(self, address: str) -> bool: ...
+    def excluded_back(self) -> bool: ...
+    def replan(self, reason: str) -> int: ...
 
 class Tokenizer:
     eos_token_ids: list[int]
