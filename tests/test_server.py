@@ -382,6 +382,12 @@ def test_cluster_health_status_and_stage_metrics(cluster_server):
     assert 0 <= m['mlx_dist_stage_busy_fraction{"stage": "0"}'] <= 1
     assert m['mlx_dist_stage_tokens_per_second{"stage": "1"}'] > 0
     assert "mlx_dist_in_flight_steps" in m
+    assert m['mlx_dist_stage_up{"stage": "1"}'] == 1
+    assert (
+        0
+        < m['mlx_dist_stage_memory_bytes{"stage": "0"}']
+        < m['mlx_dist_stage_memory_total_bytes{"stage": "0"}']
+    )
     assert all(0 < d["busy_fraction"] <= 1 for d in status["devices"])
     assert status["engine"]["in_flight_steps"] == 0
     # The plan was printed when the server started.

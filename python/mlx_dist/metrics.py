@@ -83,6 +83,21 @@ class Metrics:
             ["stage"],
             registry=r,
         )
+        self.stage_up = Gauge(
+            "mlx_dist_stage_up",
+            "1 when the stage answers and holds its layers",
+            ["stage"],
+            registry=r,
+        )
+        self.stage_memory = Gauge(
+            "mlx_dist_stage_memory_bytes", "MLX memory in use on each stage", ["stage"], registry=r
+        )
+        self.stage_memory_total = Gauge(
+            "mlx_dist_stage_memory_total_bytes",
+            "Memory of each stage's device",
+            ["stage"],
+            registry=r,
+        )
         from mlx_dist.dashboard import Rates
 
         self._rates = Rates()
@@ -103,6 +118,10 @@ class Metrics:
                 self.stage_tokens.labels(stage).set(r["tokens_per_s"])
             if info.get("batches"):
                 self.stage_batch.labels(stage).set(info["batched_steps"] / info["batches"])
+            self.stage_up.labels(stage).set(1 if d.get("reachable", True) else 0)
+            if info:
+                self.stage_memory.labels(stage).set(info.get("mlx_active_memory", 0))
+                self.stage_memory_total.labels(stage).set(info.get("memory_total", 0))
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()
