@@ -1156,6 +1156,20 @@ pub fn failure_timeout() -> Duration {
     })
 }
 
+/// HTTP/2 flow-control window of each stream: a prompt chunk's activations
+/// (megabytes) cross in one window instead of many 64 KiB round trips.
+/// `MLX_DIST_H2_WINDOW_MB` (default 16; 0: HTTP/2's default of 64 KiB).
+fn h2_window() -> Option<u32> {
+    static W: OnceLock<Option<u32>> = OnceLock::new();
+    *W.get_or_init(|| {
+        let mb = std::env::var("MLX_DIST_H2_WINDOW_MB")
+            .ok()
+            .and_then(|v| v.parse::<u32>().ok())
+            .unwrap_or(16);
+        (mb > 0).then(|| mb.min(512) << 20)
+    })
+}
+
 fn keepalive_interval() -> Duration {
     (failure_timeout() / 2).max(Duration::from_millis(200))
 }
@@ -1222,7 +1236,9 @@ async fn open_client(addr: &str, timeout: Duration, probe: bool) -> Result<Clien
         .tcp_nodelay(true)
         .http2_keep_alive_interval(keepalive_interval())
         .keep_alive_timeout(keepalive_interval())
-        .keep_alive_while_idle(true);
+        .keep_alive_while_idle(true)
+        .initial_stream_window_size(h2_window())
+        .initial_connection_window_size(h2_window().map(|w| w.saturating_mul(2)));
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| {
@@ -1676,7 +1692,10 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
 
 /// A gRPC server builder serving TLS when `cfg` says.
 fn server_builder(cfg: &WorkerConfig) -> Result<tonic::transport::Server> {
-    let builder = tonic::transport::Server::builder();
+    let window = h2_window();
+    let builder = tonic::transport::Server::builder()
+        .initial_stream_window_size(window)
+        .initial_connection_window_size(window.map(|w| w.saturating_mul(2)));
     let Some(id) = &cfg.tls else {
         return Ok(builder);
     };
