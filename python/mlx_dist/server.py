@@ -208,10 +208,6 @@ def _model_name(source: str) -> str:
     return p.name or source
 
 
-# ---------------------------------------------------------------------------
-# Errors in OpenAI's shape
-
-
 class APIError(Exception):
     """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
 
@@ -278,7 +274,6 @@ def _engine_error(e: BaseException) -> APIError:
     return APIError(500, f"{type(e).__name__}: {e}", code="internal_error")
 
 
-# ---------------------------------------------------------------------------
 # Request bodies. Types are checked here (a wrong type is a 422); values are
 # checked by the handlers (a bad value is a 400).
 
@@ -354,10 +349,6 @@ class JoinRequest(_Body):
 class DetokenizeRequest(_Body):
     model: str | None = None
     tokens: list[int]
-
-
-# ---------------------------------------------------------------------------
-# From request to engine job
 
 
 _ROLES = {"system", "user", "assistant", "tool", "developer"}
@@ -522,10 +513,6 @@ def _stops(stop) -> list[str]:
     return stops
 
 
-# ---------------------------------------------------------------------------
-# Running a job from the event loop
-
-
 class _Run:
     """A job submitted to the engine and its events, as an async iterator."""
 
@@ -596,10 +583,6 @@ def _chat_logprob(state: ServerState, step: Step) -> dict:
 
 def _sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
-# ---------------------------------------------------------------------------
-# The application
 
 
 _ENDPOINTS = {
@@ -1190,10 +1173,6 @@ async def _devices(st: ServerState) -> list[dict]:
 
 # ``uvicorn mlx_dist.server:app``: configured from the environment at start-up.
 app = create_app()
-
-
-# ---------------------------------------------------------------------------
-# serve()
 
 
 class ServerHandle:
