@@ -1323,12 +1323,41 @@ struct Downstream {
     rx: Streaming<ForwardReply>,
 }
 
+/// One channel per next-stage address, shared by every sequence's stream:
+/// a sequence's first step pays no connection (or TLS handshake).
+static CHANNELS: std::sync::Mutex<Option<HashMap<String, Client>>> = std::sync::Mutex::new(None);
+
 impl Downstream {
     async fn open(addr: &str, timeout: Duration) -> std::result::Result<Downstream, Status> {
-        // No probe: a stream per sequence, no extra round trip.
-        let mut client = open_client(addr, timeout, false)
+        let cached = CHANNELS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .get(addr)
+            .cloned();
+        if let Some(client) = cached {
+            if let Ok(d) = Self::open_on(client, addr).await {
+                return Ok(d);
+            }
+            // The stage behind it went away (or restarted): connect afresh.
+            if let Some(m) = CHANNELS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+                m.remove(addr);
+            }
+        }
+        // No probe: the stream itself tells whether the stage answers.
+        let client = open_client(addr, timeout, false)
             .await
             .map_err(|e| Status::unavailable(format!("next stage {e}")))?;
+        let d = Self::open_on(client.clone(), addr).await?;
+        CHANNELS
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get_or_insert_with(HashMap::new)
+            .insert(addr.to_string(), client);
+        Ok(d)
+    }
+
+    async fn open_on(mut client: Client, addr: &str) -> std::result::Result<Downstream, Status> {
         let (tx, rx) = mpsc::channel(4);
         let rx = client
             .forward(ReceiverStream::new(rx))
