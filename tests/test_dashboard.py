@@ -67,10 +67,12 @@ def test_render_shows_figures_and_down_devices():
     assert all(len(line) <= 40 for line in render(_status(0, 1, 0, 0), {}, "u", 40).splitlines())
 
 
-def _screen(url: str, iterations: int) -> tuple[list[str], int]:
-    """Runs `mlx-dist top` in a 120x30 pseudo-terminal; its last screen."""
+def _screen(url: str, iterations: int, size: bool = True) -> tuple[list[str], int]:
+    """Runs `mlx-dist top` in a 120x30 pseudo-terminal; its last screen.
+    Without `size`, the terminal reports no size (0 columns)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
+    if size:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 30, 120, 0, 0))
     cmd = [sys.executable, "-m", "mlx_dist.cli", "top", url, "--interval", "0.5"]
     proc = subprocess.Popen(
         [*cmd, "--iterations", str(iterations)], stdin=slave, stdout=slave, stderr=slave
@@ -144,3 +146,45 @@ def test_top_renders_the_live_cluster_in_a_terminal(tiny_model, tmp_path):
     # Nobody listening: an error on screen, not a crash.
     lines, rc = _screen("http://127.0.0.1:9", 2)
     assert rc == 0 and "no answer" in "\n".join(lines)
+
+
+def _one_answer_server(answer: bytes) -> tuple[str, threading.Event]:
+    """A loopback TCP server that answers every connection with `answer`."""
+    import socket
+
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(0.2)
+    done = threading.Event()
+
+    def serve() -> None:
+        while not done.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(4096)
+                conn.sendall(answer)
+        srv.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return f"http://127.0.0.1:{srv.getsockname()[1]}", done
+
+
+def test_top_survives_servers_that_answer_garbage():
+    body = b'{"devices": "x"}'
+    wrong_shape = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    for answer, shown in [(b"garbage\r\n\r\n", "no answer"), (wrong_shape, "unexpected status")]:
+        url, done = _one_answer_server(answer)
+        try:
+            lines, rc = _screen(url, 2)
+        finally:
+            done.set()
+        assert rc == 0 and shown in "\n".join(lines), "\n".join(lines)
+
+
+def test_top_draws_in_a_terminal_that_reports_no_size():
+    lines, rc = _screen("http://127.0.0.1:9", 1, size=False)
+    assert rc == 0 and "mlx-dist top" in "\n".join(lines)

@@ -8,6 +8,7 @@ snapshots of the workers' counters, so the first frame shows "-"."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import shutil
@@ -166,33 +167,35 @@ def _width(out) -> int:
     """The terminal's width: asked of the terminal itself first ($COLUMNS
     may be stale or inherited)."""
     try:
-        return os.get_terminal_size(out.fileno()).columns
+        columns = os.get_terminal_size(out.fileno()).columns
     except (OSError, ValueError, AttributeError):
-        return shutil.get_terminal_size((120, 30)).columns
+        columns = 0
+    # A pty nobody sized reports 0 columns: fall back rather than draw blank lines.
+    return columns or shutil.get_terminal_size((120, 30)).columns or 120
 
 
 def main(args) -> int:
     url = args.url or os.environ.get("MLX_DIST_URL", "http://127.0.0.1:8100")
     key = args.api_key or os.environ.get("MLX_DIST_API_KEY")
     rates = Rates()
-    status, frame = None, 0
+    frame = 0
     out = sys.stdout
     out.write("\x1b[?25l")  # hide the cursor while redrawing
     try:
         while args.iterations is None or frame < args.iterations:
-            error = ""
+            width = _width(out)
             try:
                 status = fetch(url, key)
-                current = rates.update(status, time.monotonic())
-            except (urllib.error.URLError, OSError, ValueError, TypeError) as e:
-                error = str(getattr(e, "reason", e))
-                current = {}
-            width = _width(out)
-            out.write(
-                "\x1b[H\x1b[2J"
-                + render(status if not error else None, current, url, width, error)
-                + "\n"
-            )
+                screen = render(status, rates.update(status, time.monotonic()), url, width)
+            except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
+                # Down, refusing, or not speaking HTTP/JSON: say so and keep polling.
+                screen = render(
+                    None, {}, url, width, str(getattr(e, "reason", e)).strip() or repr(e)
+                )
+            except (AttributeError, TypeError, KeyError, IndexError) as e:
+                # JSON of another shape (another service on that port?).
+                screen = render(None, {}, url, width, f"unexpected status: {e!r}")
+            out.write("\x1b[H\x1b[2J" + screen + "\n")
             out.flush()
             frame += 1
             if args.iterations is None or frame < args.iterations:
