@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::generate::TokenSource;
 use crate::mlx::Array;
-use crate::pipeline::{runtime, Cluster, ClusterOptions, Progress, RemoteTokens, WorkerSpec};
+use crate::pipeline::{lock, runtime, Cluster, ClusterOptions, Progress, RemoteTokens, WorkerSpec};
 use crate::proto::DeviceInfoRequest;
 use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::sharding::Strategy;
@@ -274,10 +274,6 @@ fn surviving_strategy(s: &Strategy, all: &[WorkerSpec], up: &[WorkerSpec]) -> St
         Strategy::Custom(p) if p.len() != up.len() => Strategy::Uniform,
         other => other.clone(),
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What a sequence needs to start, or to start again from its history.
