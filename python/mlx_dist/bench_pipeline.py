@@ -35,6 +35,21 @@ def _start_worker(name: str, env: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"worker {name} did not start")
 
 
+def model_path(args, tmp: Path) -> str:
+    """The model a bench runs: a random one of `--random-shape` made in
+    `tmp`, else `--model`, else the demo model."""
+    from mlx_dist.bench import make_random_model
+
+    if args.random_shape:
+        print(f"making a random {args.random_shape} model ...", flush=True)
+        return str(make_random_model(args.random_shape, args.bits, tmp / "m", args.dtype))
+    if args.model:
+        return args.model
+    from mlx_dist.demo import demo_model_path
+
+    return str(demo_model_path())
+
+
 def _decode(model, tok, ids, gen, repeats):
     """Median decode tokens/s, tokens made, and the median per-step compute
     time of each stage (distributed models), in ms."""
@@ -86,16 +101,11 @@ def main(args) -> int:
     import mlx.core as mx
 
     import mlx_dist
-    from mlx_dist.bench import make_random_model
 
     env = dict(os.environ)
     # Workers of one host share its accelerator; each gets the same device.
     with tempfile.TemporaryDirectory() as tmp:
-        if args.random_shape:
-            print(f"making a random {args.random_shape} model ...", flush=True)
-            path = str(make_random_model(args.random_shape, args.bits, Path(tmp) / "m", args.dtype))
-        else:
-            path = args.model or str(__import__("mlx_dist.demo").demo.demo_model_path())
+        path = model_path(args, Path(tmp))
         stages = [int(s) for s in args.stages.split(",")]
         procs = []
         try:

@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlx_dist.bench_pipeline import _start_worker
+from mlx_dist.bench_pipeline import _start_worker, model_path
 
 
 def _streams(model, tok, prompts, gen) -> tuple[float, int]:
@@ -67,16 +67,11 @@ def main(args) -> int:
     import mlx.core as mx
 
     import mlx_dist
-    from mlx_dist.bench import make_random_model
 
     stage_counts = [int(s) for s in args.stages.split(",")]
     stream_counts = [int(s) for s in args.streams.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
-        if args.random_shape:
-            print(f"making a random {args.random_shape} model ...", flush=True)
-            path = str(make_random_model(args.random_shape, args.bits, Path(tmp) / "m", args.dtype))
-        else:
-            path = args.model or str(__import__("mlx_dist.demo").demo.demo_model_path())
+        path = model_path(args, Path(tmp))
         procs = []
         try:
             for i in range(max(stage_counts)):
