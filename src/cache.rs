@@ -1,8 +1,14 @@
-//! The KV cache protocol: one cache per layer per sequence, grown in steps
-//! of 256 positions as mlx-lm's `KVCache` does (same buffers, same slices, so
-//! attention sees bit-identical inputs). Model code only calls
-//! `update_and_fetch`.
-use crate::error::Result;
+//! The KV cache protocol. Two stores behind one `update_and_fetch`:
+//! - `KvCache`: one sequence's cache per layer, grown in steps of 256
+//!   positions as mlx-lm's `KVCache` does (same buffers, same slices, so
+//!   attention sees bit-identical inputs);
+//! - `SlotCache`: the caches of all the sequences a worker holds, one row
+//!   (slot) each in one buffer per layer, so that a decode step of many
+//!   sequences writes with one scatter and attends with one call.
+//!
+//! Model code only calls `CacheRef::update_and_fetch` (and asks it for the
+//! positions to rotate by and the mask to attend with).
+use crate::error::{Error, Result};
 use crate::mlx::{ops, Array};
 
 const STEP: i32 = 256;
@@ -75,6 +81,16 @@ impl KvCache {
         }
     }
 
+    /// A cache holding `keys` and `values` (`[1, H, capacity, D]`), of which
+    /// the first `offset` positions are used.
+    pub fn from_parts(keys: Array, values: Array, offset: i32) -> KvCache {
+        KvCache {
+            keys: Some(keys),
+            values: Some(values),
+            offset,
+        }
+    }
+
     /// Drops the last `n` positions; returns how many were dropped.
     pub fn trim(&mut self, n: i32) -> i32 {
         let n = n.min(self.offset);
@@ -91,6 +107,318 @@ impl KvCache {
     /// The arrays to evaluate to materialise the cache.
     pub fn state(&self) -> Vec<&Array> {
         self.keys.iter().chain(self.values.iter()).collect()
+    }
+}
+
+fn round_up(n: i32) -> i32 {
+    (n + STEP - 1) / STEP * STEP
+}
+
+/// One layer's caches of many sequences: `[slots, H, capacity, D]` keys and
+/// values, row `s` holding sequence `s`'s first `lengths[s]` positions.
+/// Rows and capacity grow (copying the buffer) as sequences join and
+/// lengthen; a freed row is reused.
+#[derive(Default)]
+pub struct SlotCache {
+    keys: Option<Array>,
+    values: Option<Array>,
+    lengths: Vec<i32>,
+    capacity: i32,
+}
+
+impl SlotCache {
+    pub fn new() -> SlotCache {
+        SlotCache::default()
+    }
+
+    /// Rows.
+    pub fn slots(&self) -> usize {
+        self.lengths.len()
+    }
+
+    /// Positions held in `slot`.
+    pub fn length(&self, slot: usize) -> i32 {
+        self.lengths.get(slot).copied().unwrap_or(0)
+    }
+
+    /// Positions each row has room for (after `reserve`, at the next write).
+    pub fn capacity(&self) -> i32 {
+        self.capacity
+    }
+
+    /// Makes room for `slots` rows of `positions` each; the buffers grow at
+    /// their next write.
+    pub fn reserve(&mut self, slots: usize, positions: i32) {
+        if slots > self.lengths.len() {
+            self.lengths.resize(slots, 0);
+        }
+        self.capacity = self.capacity.max(round_up(positions));
+    }
+
+    /// Forgets what `slot` holds (its row is reused as is).
+    pub fn clear_slot(&mut self, slot: usize) {
+        if let Some(l) = self.lengths.get_mut(slot) {
+            *l = 0;
+        }
+    }
+
+    /// Drops the buffers.
+    pub fn clear(&mut self) {
+        *self = SlotCache::default();
+    }
+
+    /// Brings the buffers to `[slots, H, capacity, D]`.
+    fn grow(&mut self, keys: &Array, values: &Array) -> Result<()> {
+        let rows = self.lengths.len() as i32;
+        let cap = self.capacity;
+        let grown = |buf: Option<Array>, like: &Array| -> Result<Array> {
+            let (h, d) = (like.dim(1), like.dim(3));
+            let Some(mut b) = buf else {
+                return Array::zeros(&[rows, h, cap, d], like.dtype());
+            };
+            if b.dim(2) < cap {
+                let more = Array::zeros(&[b.dim(0), h, cap - b.dim(2), d], b.dtype())?;
+                b = ops::concatenate(&[&b, &more], 2)?;
+            }
+            if b.dim(0) < rows {
+                let more = Array::zeros(&[rows - b.dim(0), h, cap, d], b.dtype())?;
+                b = ops::concatenate(&[&b, &more], 0)?;
+            }
+            Ok(b)
+        };
+        let k = grown(self.keys.take(), keys)?;
+        let v = grown(self.values.take(), values)?;
+        self.keys = Some(k);
+        self.values = Some(v);
+        Ok(())
+    }
+
+    /// Appends `[1, H, L, D]` keys and values to `slot`; returns all it holds.
+    fn update_slot(&mut self, slot: usize, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let prev = self.length(slot);
+        let (l, end) = (keys.dim(2), prev + keys.dim(2));
+        self.reserve(slot + 1, end);
+        self.grow(keys, values)?;
+        let s = slot as i32;
+        let write = |buf: &Array, x: &Array| {
+            buf.slice_update(x, &[s, 0, prev, 0], &[s + 1, x.dim(1), end, x.dim(3)])
+        };
+        let k = write(self.keys.as_ref().unwrap(), keys)?;
+        let v = write(self.values.as_ref().unwrap(), values)?;
+        self.keys = Some(k);
+        self.values = Some(v);
+        self.lengths[slot] = prev + l;
+        let read = |buf: &Array| {
+            buf.slice(
+                &[s, 0, 0, 0],
+                &[s + 1, buf.dim(1), end, buf.dim(3)],
+                &[1, 1, 1, 1],
+            )
+        };
+        Ok((
+            read(self.keys.as_ref().unwrap())?,
+            read(self.values.as_ref().unwrap())?,
+        ))
+    }
+
+    /// Appends one position (`[B, 1, H, D]` keys and values, row `b` for
+    /// `rows.slots[b]`); returns `[B, H, L, D]` keys and values of those
+    /// slots, `L` the longest, to attend with `rows.mask`.
+    fn update_rows(&mut self, rows: &Rows, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        let top = rows.slots.iter().max().map_or(0, |&s| s + 1);
+        self.reserve(top, rows.longest);
+        self.grow(keys, values)?;
+        let at = [&rows.ids, &rows.positions];
+        let write = |buf: &Array, x: &Array| {
+            let (b, h, d) = (x.dim(0), x.dim(1), x.dim(3));
+            buf.scatter(&at, &x.reshape(&[b, 1, h, 1, d])?, &[0, 2])
+        };
+        let k = write(self.keys.as_ref().unwrap(), keys)?;
+        let v = write(self.values.as_ref().unwrap(), values)?;
+        self.keys = Some(k);
+        self.values = Some(v);
+        for &s in &rows.slots {
+            self.lengths[s] += 1;
+        }
+        let read = |buf: &Array| -> Result<Array> {
+            let used = buf.slice_axis(2, 0, rows.longest)?;
+            if rows.all {
+                Ok(used)
+            } else {
+                used.take(&rows.ids, 0)
+            }
+        };
+        Ok((
+            read(self.keys.as_ref().unwrap())?,
+            read(self.values.as_ref().unwrap())?,
+        ))
+    }
+
+    /// Puts a sequence's own cache (a kept prefix) into `slot`.
+    pub fn copy_in(&mut self, slot: usize, from: &KvCache) -> Result<()> {
+        self.clear_slot(slot);
+        if let (Some(k), Some(v)) = (&from.keys, &from.values) {
+            let n = from.offset;
+            if n > 0 {
+                self.update_slot(slot, &k.slice_axis(2, 0, n)?, &v.slice_axis(2, 0, n)?)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// A copy of what `slot` holds as a sequence's own cache, evaluated (a
+    /// view would pin the shared buffer and stop in-place writes to it).
+    pub fn copy_out(&self, slot: usize) -> Result<KvCache> {
+        let n = self.length(slot);
+        let (Some(keys), Some(values)) = (&self.keys, &self.values) else {
+            return Ok(KvCache::new());
+        };
+        if n == 0 {
+            return Ok(KvCache::new());
+        }
+        let s = slot as i32;
+        let own = |buf: &Array| -> Result<Array> {
+            let (h, d) = (buf.dim(1), buf.dim(3));
+            let row = buf.slice(&[s, 0, 0, 0], &[s + 1, h, n, d], &[1, 1, 1, 1])?;
+            Array::zeros(&[1, h, round_up(n), d], buf.dtype())?.slice_update(
+                &row,
+                &[0, 0, 0, 0],
+                &[1, h, n, d],
+            )
+        };
+        let (k, v) = (own(keys)?, own(values)?);
+        crate::mlx::eval(&[&k, &v])?;
+        Ok(KvCache::from_parts(k, v, n))
+    }
+
+    /// Bytes held by the buffers (every row's capacity).
+    pub fn nbytes(&self) -> usize {
+        self.keys.as_ref().map_or(0, |k| k.nbytes())
+            + self.values.as_ref().map_or(0, |v| v.nbytes())
+    }
+
+    /// The arrays to evaluate to materialise the cache.
+    pub fn state(&self) -> Vec<&Array> {
+        self.keys.iter().chain(self.values.iter()).collect()
+    }
+}
+
+/// The sequences of one batched decode step, read off a `SlotCache` before
+/// it: where each writes, and the mask that keeps each row to its own
+/// positions. Built once per step, shared by every layer.
+pub struct Rows {
+    slots: Vec<usize>,
+    /// `slots` as int32 `[B]`.
+    ids: Array,
+    /// Where each row writes: its length before the step, int32 `[B]`.
+    positions: Array,
+    /// `[B, 1, 1, longest]`: true where row `b` attends.
+    mask: Array,
+    /// Positions of the longest row after the step.
+    longest: i32,
+    /// Whether the rows are every slot in order (attend on the buffer as is).
+    all: bool,
+}
+
+impl Rows {
+    pub fn new(cache: &SlotCache, slots: &[usize]) -> Result<Rows> {
+        let mut seen = vec![false; cache.slots()];
+        for &s in slots {
+            if s >= cache.slots() || std::mem::replace(&mut seen[s], true) {
+                return Err(Error::InvalidArgument(format!(
+                    "slot {s} is not held or is in the batch twice"
+                )));
+            }
+        }
+        let positions: Vec<i32> = slots.iter().map(|&s| cache.length(s)).collect();
+        let longest = positions.iter().max().map_or(1, |p| p + 1);
+        let mut mask = Vec::with_capacity(slots.len() * longest as usize);
+        for &p in &positions {
+            mask.extend((0..longest).map(|j| j <= p));
+        }
+        let b = slots.len() as i32;
+        let ids: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
+        Ok(Rows {
+            slots: slots.to_vec(),
+            ids: Array::from_slice(&ids, &[b])?,
+            positions: Array::from_slice(&positions, &[b])?,
+            mask: Array::from_slice(&mask, &[b, 1, 1, longest])?,
+            longest,
+            all: slots.len() == cache.slots() && slots.iter().enumerate().all(|(i, &s)| i == s),
+        })
+    }
+}
+
+/// Where rotary embeddings start: one offset for all rows, or one per row.
+pub enum Positions<'a> {
+    From(i32),
+    PerRow(&'a Array),
+}
+
+/// The cache one layer's attention appends to.
+pub enum CacheRef<'a> {
+    /// A sequence's own cache.
+    Seq(&'a mut KvCache),
+    /// One sequence's row of a shared cache.
+    Slot(&'a mut SlotCache, usize),
+    /// One decode position for each of several rows of a shared cache.
+    Rows(&'a mut SlotCache, &'a Rows),
+}
+
+impl CacheRef<'_> {
+    /// The positions of the keys and values about to be appended.
+    pub fn positions(&self) -> Positions<'_> {
+        match self {
+            CacheRef::Seq(c) => Positions::From(c.offset()),
+            CacheRef::Slot(c, s) => Positions::From(c.length(*s)),
+            CacheRef::Rows(_, r) => Positions::PerRow(&r.positions),
+        }
+    }
+
+    /// A mask to attend with in place of the causal/none one, if any.
+    pub fn mask(&self) -> Option<&Array> {
+        match self {
+            CacheRef::Rows(_, r) => Some(&r.mask),
+            _ => None,
+        }
+    }
+
+    /// Appends `[B, H, L, D]` keys and values; returns those to attend to.
+    pub fn update_and_fetch(&mut self, keys: &Array, values: &Array) -> Result<(Array, Array)> {
+        match self {
+            CacheRef::Seq(c) => c.update_and_fetch(keys, values),
+            CacheRef::Slot(c, s) => c.update_slot(*s, keys, values),
+            CacheRef::Rows(c, r) => c.update_rows(r, keys, values),
+        }
+    }
+}
+
+/// The caches of a forward pass through several layers, one per layer.
+pub enum Caches<'a> {
+    None,
+    Seq(&'a mut [KvCache]),
+    Slot(&'a mut [SlotCache], usize),
+    Rows(&'a mut [SlotCache], &'a Rows),
+}
+
+impl Caches<'_> {
+    /// Layers covered (`None`: any).
+    pub fn layers(&self) -> Option<usize> {
+        match self {
+            Caches::None => None,
+            Caches::Seq(c) => Some(c.len()),
+            Caches::Slot(c, _) | Caches::Rows(c, _) => Some(c.len()),
+        }
+    }
+
+    /// Layer `i`'s cache.
+    pub fn layer(&mut self, i: usize) -> Option<CacheRef<'_>> {
+        match self {
+            Caches::None => None,
+            Caches::Seq(c) => Some(CacheRef::Seq(&mut c[i])),
+            Caches::Slot(c, s) => Some(CacheRef::Slot(&mut c[i], *s)),
+            Caches::Rows(c, r) => Some(CacheRef::Rows(&mut c[i], r)),
+        }
     }
 }
 

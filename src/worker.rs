@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::cache::KvCache;
+use crate::cache::{Caches, SlotCache};
 use crate::codec;
 use crate::device;
 use crate::error::{Error, Result};
@@ -358,7 +358,8 @@ impl Stage {
 
 /// One sequence's state on this stage.
 struct Sequence {
-    caches: Vec<KvCache>,
+    /// Its row in every layer's `SlotCache`.
+    slot: usize,
     /// The last stage samples.
     sampler: Option<Sampler>,
     history: Vec<u32>,
@@ -412,6 +413,10 @@ struct Engine {
     max_sequences: usize,
     stage: Option<Stage>,
     seqs: HashMap<String, Sequence>,
+    /// The KV caches of all sequences, one `SlotCache` per layer held.
+    caches: Vec<SlotCache>,
+    /// Slots of ended sequences, to reuse.
+    free: Vec<usize>,
     /// Time spent on steps and loads.
     busy: Duration,
     /// Token positions run, and steps.
@@ -499,7 +504,7 @@ impl Engine {
                     let r = self.step(req);
                     if r.is_err() {
                         // A failed step leaves the cache in an unknown state.
-                        self.seqs.remove(&seq);
+                        self.end(&seq);
                     } else {
                         self.tokens += positions;
                         self.steps += 1;
@@ -508,34 +513,22 @@ impl Engine {
                     let _ = reply.send(r);
                 }
                 Job::Release(seq, reply) => {
-                    let ended = self.seqs.remove(&seq);
-                    let freed = ended
-                        .as_ref()
-                        .map_or(0, |s| s.caches.iter().map(|c| c.nbytes() as u64).sum());
-                    if let (Some(ended), Some(stage)) = (ended, self.stage.as_ref()) {
-                        if let Some(id) = ended.keep_as {
-                            // A quarter of the budget at most, and only what live
-                            // sequences leave free.
-                            let room = (stage.cache_budget / 4)
-                                .min(stage.cache_budget.saturating_sub(self.reserved()));
-                            self.prefixes.insert(id, ended.caches, room);
-                        }
+                    let kept = self.keep(&seq);
+                    let freed = self.end(&seq).map_or(0, |s| s.reserved);
+                    if let (Some((id, caches)), Some(stage)) = (kept, self.stage.as_ref()) {
+                        // A quarter of the budget at most, and only what live
+                        // sequences leave free.
+                        let room = (stage.cache_budget / 4)
+                            .min(stage.cache_budget.saturating_sub(self.reserved()));
+                        self.prefixes.insert(id, caches, room);
                     }
                     if freed > 0 {
                         tracing::info!(sequence = %seq, "released, {:.1} MB freed", freed as f64 / 1e6);
                     }
-                    if self.seqs.is_empty() {
-                        mlx::clear_cache();
-                    }
                     let _ = reply.send(freed);
                 }
                 Job::Info(reply) => {
-                    let bytes = self
-                        .seqs
-                        .values()
-                        .flat_map(|s| s.caches.iter())
-                        .map(|c| c.nbytes() as u64)
-                        .sum();
+                    let bytes = self.caches.iter().map(|c| c.nbytes() as u64).sum();
                     let _ = reply.send(EngineInfo {
                         shard: self.stage.as_ref().map(|s| s.info.clone()),
                         cache_bytes: bytes,
@@ -562,6 +555,10 @@ impl Engine {
         // A new stage replaces the old one and every sequence on it; kept
         // prefixes go too (the coordinator's index starts afresh).
         self.seqs.clear();
+        self.free.clear();
+        for c in &mut self.caches {
+            c.clear();
+        }
         self.prefixes.clear();
         let src = req.source.clone().unwrap_or_default();
         if let Some(stage) = self.stage.as_mut().filter(|s| s.holds(&req)) {
@@ -654,6 +651,9 @@ impl Engine {
             if req.embed { " + embedding" } else { "" },
             if req.head { " + head" } else { "" }
         );
+        self.caches = (layers.start..layers.end)
+            .map(|_| SlotCache::new())
+            .collect();
         self.stage = Some(Stage {
             model: Arc::new(model),
             info: info.clone(),
@@ -673,6 +673,52 @@ impl Engine {
 
     fn reserved(&self) -> u64 {
         self.seqs.values().map(|s| s.reserved).sum()
+    }
+
+    /// A new sequence's slot: the lowest free one, else a new row.
+    fn take_slot(&mut self) -> usize {
+        self.free.sort_unstable_by(|a, b| b.cmp(a));
+        let slot = self
+            .free
+            .pop()
+            .unwrap_or_else(|| self.caches.first().map_or(0, |c| c.slots()));
+        for c in &mut self.caches {
+            c.reserve(slot + 1, 0);
+        }
+        slot
+    }
+
+    /// Ends a sequence: its slot is freed for reuse, and once no sequence is
+    /// left the caches' memory goes back.
+    fn end(&mut self, seq: &str) -> Option<Sequence> {
+        let ended = self.seqs.remove(seq)?;
+        for c in &mut self.caches {
+            c.clear_slot(ended.slot);
+        }
+        self.free.push(ended.slot);
+        if self.seqs.is_empty() {
+            for c in &mut self.caches {
+                c.clear();
+            }
+            self.free.clear();
+            mlx::clear_cache();
+        }
+        Some(ended)
+    }
+
+    /// A copy of an ending sequence's cache, if it asked to be kept as a
+    /// prefix: its id and one cache per layer.
+    fn keep(&self, seq: &str) -> Option<(String, Vec<crate::cache::KvCache>)> {
+        let s = self.seqs.get(seq)?;
+        let id = s.keep_as.clone()?;
+        let caches: Result<Vec<_>> = self.caches.iter().map(|c| c.copy_out(s.slot)).collect();
+        match caches {
+            Ok(c) => Some((id, c)),
+            Err(e) => {
+                tracing::warn!(sequence = %seq, "could not keep the prefix: {e}");
+                None
+            }
+        }
     }
 
     /// Validates a step and makes its input, `[1, L, hidden]`: embedded
@@ -700,46 +746,72 @@ impl Engine {
                     req.sequence_id
                 )));
             }
-            let caches = if !req.prefix_id.is_empty() {
-                self.prefixes
-                    .take(&req.prefix_id, req.offset as usize)
-                    .ok_or_else(|| {
-                        Error::NotReady(format!(
-                            "prefix {} ({} positions) is not kept here",
-                            req.prefix_id, req.offset
-                        ))
-                    })?
+            let prefix = if !req.prefix_id.is_empty() {
+                Some(
+                    self.prefixes
+                        .take(&req.prefix_id, req.offset as usize)
+                        .ok_or_else(|| {
+                            Error::NotReady(format!(
+                                "prefix {} ({} positions) is not kept here",
+                                req.prefix_id, req.offset
+                            ))
+                        })?,
+                )
             } else if req.offset != 0 {
                 return Err(Error::NotReady(format!(
                     "sequence {} is unknown here (its cache was released or never made) but the step starts at position {}",
                     req.sequence_id, req.offset
                 )));
             } else {
-                model.make_cache()
+                None
             };
             let length = (req.max_length as u64)
                 .max(req.offset as u64 + req.tokens.len() as u64)
                 .max(1);
             let need = length * stage.kv_bytes_per_token;
             let used = self.reserved();
-            if used + need > stage.cache_budget {
+            // The slot caches give every row the longest row's room.
+            let rows =
+                self.caches.first().map_or(0, |c| c.slots()) + usize::from(self.free.is_empty());
+            let room = self
+                .caches
+                .first()
+                .map_or(0, |c| c.capacity() as u64)
+                .max(length.div_ceil(256) * 256);
+            let held = (used + need).max(rows as u64 * room * stage.kv_bytes_per_token);
+            if held > stage.cache_budget {
                 return Err(Error::ResourceExhausted(format!(
-                    "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens, but only {:.1} MB of the {:.1} MB budget is free",
+                    "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens ({:.1} MB held in all with it, each of {rows} sequences with room for {room} tokens), but the budget is {:.1} MB",
                     self.name,
                     req.sequence_id,
                     need as f64 / 1e6,
-                    stage.cache_budget.saturating_sub(used) as f64 / 1e6,
+                    held as f64 / 1e6,
                     stage.cache_budget as f64 / 1e6
                 )));
             }
             // Kept prefixes give way to live sequences.
-            self.prefixes.shrink(stage.cache_budget - used - need);
+            self.prefixes.shrink(stage.cache_budget - held);
             let sampler = if stage.info.head {
                 let p = req.sampling.clone().unwrap_or_default();
                 Some(sampler_from(&p, model.args.vocab_size as usize)?)
             } else {
                 None
             };
+            let slot = self.take_slot();
+            let copied = self.caches.iter_mut().enumerate().try_for_each(|(i, c)| {
+                c.reserve(slot + 1, length as i32);
+                match &prefix {
+                    Some(p) => c.copy_in(slot, &p[i]),
+                    None => Ok(()),
+                }
+            });
+            if let Err(e) = copied {
+                for c in &mut self.caches {
+                    c.clear_slot(slot);
+                }
+                self.free.push(slot);
+                return Err(e);
+            }
             tracing::info!(
                 sequence = %req.sequence_id,
                 "started: up to {length} tokens, {:.1} MB of KV reserved{}",
@@ -749,7 +821,7 @@ impl Engine {
             self.seqs.insert(
                 req.sequence_id.clone(),
                 Sequence {
-                    caches,
+                    slot,
                     sampler,
                     history: Vec::new(),
                     reserved: need,
@@ -759,7 +831,7 @@ impl Engine {
         }
         let stage = self.stage.as_ref().unwrap();
         let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
-        let offset = seq.caches.first().map_or(0, |c| c.offset()) as u32;
+        let offset = self.caches.first().map_or(0, |c| c.length(seq.slot)) as u32;
         if offset != req.offset {
             return Err(Error::InvalidArgument(format!(
                 "sequence {}: step starts at position {} but this stage's cache holds {offset}",
@@ -814,10 +886,10 @@ impl Engine {
         let started = Instant::now();
         let h = self.input(&req)?;
         let model = self.stage.as_ref().unwrap().model.clone();
-        let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
+        let slot = self.seqs[&req.sequence_id].slot;
         // Decode steps are latency-bound: overlap graph building with compute.
         let every = if req.tokens.len() <= 1 { 2 } else { 0 };
-        let h = model.forward_layers_eager(h, Some(&mut seq.caches), every)?;
+        let h = model.forward_layers_eager(h, Caches::Slot(&mut self.caches, slot), every)?;
         let mut out = self.output(&req, &h, None)?;
         // The buffers of a prompt's chunks are reused by the next chunk;
         // give them back once the prompt is done (freeing them after every
@@ -840,8 +912,9 @@ impl Engine {
     }
 
     /// Decode steps of several sequences as one batch: the layers run once
-    /// on `[B, 1, hidden]` (attention on each sequence's own cache), the
-    /// head once on all rows; then each sequence samples its row.
+    /// on `[B, 1, hidden]` (attention on the sequences' rows of the slot
+    /// caches), the head once on all rows; then each sequence samples its
+    /// row, all evaluated together.
     fn step_batch(&mut self, batch: Vec<(ForwardRequest, oneshot::Sender<Result<StepOut>>)>) {
         let started = Instant::now();
         let mut ready = Vec::with_capacity(batch.len());
@@ -849,7 +922,7 @@ impl Engine {
             match self.input(&req) {
                 Ok(h) => ready.push((req, reply, h)),
                 Err(e) => {
-                    self.seqs.remove(&req.sequence_id);
+                    self.end(&req.sequence_id);
                     let _ = reply.send(Err(e));
                 }
             }
@@ -858,59 +931,99 @@ impl Engine {
             return;
         }
         let model = self.stage.as_ref().unwrap().model.clone();
-        let mut seqs: Vec<Sequence> = ready
+        let head = self.stage.as_ref().unwrap().info.head;
+        let slots: Vec<usize> = ready
             .iter()
-            .filter_map(|(req, _, _)| self.seqs.remove(&req.sequence_id))
+            .map(|(req, _, _)| self.seqs[&req.sequence_id].slot)
             .collect();
         let result = (|| -> Result<(Array, Option<Array>)> {
             let rows: Vec<&Array> = ready.iter().map(|(_, _, h)| h).collect();
             let h = mlx::ops::concatenate(&rows, 0)?;
-            let mut caches: Vec<&mut [KvCache]> =
-                seqs.iter_mut().map(|s| s.caches.as_mut_slice()).collect();
-            let h = model.forward_layers_rows(h, &mut caches, 2)?;
-            let logits = if self.stage.as_ref().unwrap().info.head {
-                let l = model.logits(&h)?;
-                l.eval()?;
-                Some(l)
+            let h = model.forward_layers_rows(h, &mut self.caches, &slots, 2)?;
+            if head {
+                Ok((h.clone(), Some(model.logits(&h)?.squeeze(1)?)))
             } else {
                 h.eval()?;
-                None
-            };
-            Ok((h, logits))
+                Ok((h, None))
+            }
         })();
-        for ((req, _, _), seq) in ready.iter().zip(seqs) {
-            self.seqs.insert(req.sequence_id.clone(), seq);
-        }
-        let (h, logits) = match result {
-            Ok(r) => r,
+        let outs = result.and_then(|(h, logits)| match logits {
+            Some(l) => self.sample_rows(&ready, &l),
+            None => ready
+                .iter()
+                .enumerate()
+                .map(|(b, (req, _, _))| {
+                    let b = b as i32;
+                    self.output(req, &h.slice_axis(0, b, b + 1)?, None)
+                })
+                .collect(),
+        });
+        let outs = match outs {
+            Ok(o) => o,
             Err(e) => {
                 // The caches are in an unknown state: every sequence fails.
                 for (req, reply, _) in ready {
-                    self.seqs.remove(&req.sequence_id);
+                    self.end(&req.sequence_id);
                     let _ = reply.send(Err(Error::Mlx(format!("batched step failed: {e}"))));
                 }
                 return;
             }
         };
         let micros = micros_since(started);
-        for (b, (req, reply, _)) in ready.into_iter().enumerate() {
-            let b = b as i32;
-            let out = h.slice_axis(0, b, b + 1).and_then(|row| {
-                let logits = logits
-                    .as_ref()
-                    .map(|l| l.slice_axis(0, b, b + 1))
-                    .transpose()?;
-                self.output(&req, &row, logits)
-            });
-            let out = out.map(|mut o| {
-                o.micros = micros;
-                o
-            });
-            if out.is_err() {
-                self.seqs.remove(&req.sequence_id);
-            }
-            let _ = reply.send(out);
+        for ((_, reply, _), mut out) in ready.into_iter().zip(outs) {
+            out.micros = micros;
+            let _ = reply.send(Ok(out));
         }
+    }
+
+    /// The last stage's outputs of a batched decode step from its logits
+    /// (`[B, vocab]`): each sequence samples its row with its own sampler;
+    /// all rows are evaluated at once.
+    fn sample_rows(
+        &mut self,
+        ready: &[(ForwardRequest, oneshot::Sender<Result<StepOut>>, Array)],
+        logits: &Array,
+    ) -> Result<Vec<StepOut>> {
+        let next = self.stage.as_ref().unwrap().next.clone();
+        let shared = logits.sub(&logits.logsumexp(-1, true)?)?;
+        let mut picks = Vec::with_capacity(ready.len());
+        for (b, (req, _, _)) in ready.iter().enumerate() {
+            let b = b as i32;
+            let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
+            let sampler = seq.sampler.as_mut().unwrap();
+            let logprobs = if sampler.needs_history() {
+                seq.history.extend_from_slice(&req.tokens);
+                let l = sampler.process(logits.slice_axis(0, b, b + 1)?, &seq.history)?;
+                l.sub(&l.logsumexp(mlx::ops::ALL_AXES, true)?)?
+            } else {
+                shared.slice_axis(0, b, b + 1)?
+            };
+            let token = sampler.sample(&logprobs)?;
+            picks.push((token, logprobs));
+        }
+        let pending: Vec<&Array> = picks
+            .iter()
+            .zip(ready)
+            .flat_map(|((t, l), (req, _, _))| std::iter::once(t).chain(req.logprobs.then_some(l)))
+            .collect();
+        mlx::eval(&pending)?;
+        picks
+            .into_iter()
+            .zip(ready)
+            .map(|((token, logprobs), (req, _, _))| {
+                Ok(StepOut {
+                    hidden: None,
+                    token: Some(token.item::<u32>()?),
+                    logprobs: if req.logprobs {
+                        Some(codec::encode(&logprobs.squeeze(0)?, Compression::None)?)
+                    } else {
+                        None
+                    },
+                    micros: 0,
+                    next: next.clone(),
+                })
+            })
+            .collect()
     }
 
     /// What one sequence's step sends on: the last stage samples from its
@@ -955,7 +1068,7 @@ impl Engine {
                     out.logprobs = Some(codec::encode(&logprobs.squeeze(0)?, Compression::None)?);
                 }
             } else {
-                let state: Vec<&Array> = seq.caches.iter().flat_map(|c| c.state()).collect();
+                let state: Vec<&Array> = self.caches.iter().flat_map(|c| c.state()).collect();
                 mlx::eval(&state)?;
             }
         } else {
@@ -1086,6 +1199,8 @@ impl WorkerService {
             max_sequences: cfg.max_sequences.max(1),
             stage: None,
             seqs: HashMap::new(),
+            caches: Vec::new(),
+            free: Vec::new(),
             busy: Duration::ZERO,
             tokens: 0,
             steps: 0,

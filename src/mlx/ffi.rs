@@ -93,6 +93,14 @@ extern "C" {
     pub fn mlxd_take_along_axis(out: *mut Arr, a: CArr, idx: CArr, axis: c_int) -> c_int;
     pub fn mlxd_put_along_axis(out: *mut Arr, a: CArr, idx: CArr, vals: CArr, axis: c_int)
         -> c_int;
+    pub fn mlxd_scatter(
+        out: *mut Arr,
+        a: CArr,
+        idx: *const CArr,
+        n: c_int,
+        upd: CArr,
+        axes: *const c_int,
+    ) -> c_int;
     pub fn mlxd_where(out: *mut Arr, c: CArr, x: CArr, y: CArr) -> c_int;
     pub fn mlxd_softmax(out: *mut Arr, a: CArr, axis: c_int, precise: bool) -> c_int;
     pub fn mlxd_argpartition(out: *mut Arr, a: CArr, kth: c_int, axis: c_int) -> c_int;
@@ -143,6 +151,17 @@ extern "C" {
         base: f32,
         scale: f32,
         offset: c_int,
+        freqs: CArr,
+    ) -> c_int;
+    pub fn mlxd_rope_rows(
+        out: *mut Arr,
+        x: CArr,
+        dims: c_int,
+        traditional: bool,
+        has_base: bool,
+        base: f32,
+        scale: f32,
+        offsets: CArr,
         freqs: CArr,
     ) -> c_int;
     pub fn mlxd_sdpa(

@@ -4,7 +4,7 @@ use std::ffi::CString;
 use std::os::raw::c_int;
 
 use super::array::{make, Array, Dtype};
-use super::ffi::{self, Arr};
+use super::ffi::{self, Arr, CArr};
 use crate::error::Result;
 
 #[repr(i32)]
@@ -267,6 +267,22 @@ impl Array {
             ffi::mlxd_put_along_axis(o, self.raw(), indices.raw(), values.raw(), axis)
         })
     }
+    /// Writes `updates` at the positions `indices` give along `axes`
+    /// (`updates`: the indices' shape, then this array's with the indexed
+    /// axes of size 1). Done in place when this array has no other user.
+    pub fn scatter(&self, indices: &[&Array], updates: &Array, axes: &[i32]) -> Result<Array> {
+        let idx = raws(indices);
+        make(|o| unsafe {
+            ffi::mlxd_scatter(
+                o,
+                self.raw(),
+                idx.as_ptr() as *const CArr,
+                idx.len() as i32,
+                updates.raw(),
+                axes.as_ptr(),
+            )
+        })
+    }
     pub fn softmax(&self, axis: i32, precise: bool) -> Result<Array> {
         make(|o| unsafe { ffi::mlxd_softmax(o, self.raw(), axis, precise) })
     }
@@ -398,6 +414,31 @@ pub fn rope(
             base.unwrap_or(0.0),
             scale,
             offset,
+            Array::opt_raw(freqs),
+        )
+    })
+}
+
+/// `rope` with one position offset per batch row (`offsets`: int32 `[B]`).
+pub fn rope_rows(
+    x: &Array,
+    dims: i32,
+    traditional: bool,
+    base: Option<f32>,
+    scale: f32,
+    offsets: &Array,
+    freqs: Option<&Array>,
+) -> Result<Array> {
+    make(|o| unsafe {
+        ffi::mlxd_rope_rows(
+            o,
+            x.raw(),
+            dims,
+            traditional,
+            base.is_some(),
+            base.unwrap_or(0.0),
+            scale,
+            offsets.raw(),
             Array::opt_raw(freqs),
         )
     })

@@ -274,6 +274,14 @@ int mlxd_take_along_axis(arr** out, const arr* a, const arr* idx, int axis) {
 int mlxd_put_along_axis(arr** out, const arr* a, const arr* idx, const arr* vals, int axis) {
   GUARD(*out = box(mx::put_along_axis(*a, *idx, *vals, axis)))
 }
+// Writes `upd` into `a` at the positions `idx[0..n]` give along `axes`.
+int mlxd_scatter(arr** out, const arr* a, const arr* const* idx, int n, const arr* upd, const int* axes) {
+  GUARD({
+    std::vector<mx::array> indices;
+    for (int i = 0; i < n; ++i) indices.push_back(*idx[i]);
+    *out = box(mx::scatter(*a, indices, *upd, std::vector<int>(axes, axes + n)));
+  })
+}
 int mlxd_where(arr** out, const arr* c, const arr* x, const arr* y) {
   GUARD(*out = box(mx::where(*c, *x, *y)))
 }
@@ -315,6 +323,14 @@ int mlxd_rope(arr** out, const arr* x, int dims, bool traditional, bool has_base
   GUARD({
     std::optional<float> b = has_base ? std::optional<float>(base) : std::nullopt;
     *out = box(mx::fast::rope(*x, dims, traditional, b, scale, offset, opt(freqs)));
+  })
+}
+// `mlxd_rope` with one offset per batch row.
+int mlxd_rope_rows(arr** out, const arr* x, int dims, bool traditional, bool has_base, float base, float scale,
+                   const arr* offsets, const arr* freqs) {
+  GUARD({
+    std::optional<float> b = has_base ? std::optional<float>(base) : std::nullopt;
+    *out = box(mx::fast::rope(*x, dims, traditional, b, scale, *offsets, opt(freqs)));
   })
 }
 int mlxd_sdpa(arr** out, const arr* q, const arr* k, const arr* v, float scale, const char* mask_mode,

@@ -4,7 +4,7 @@
 //! that results are bit-identical to mlx-lm's.
 use serde_json::Value;
 
-use crate::cache::KvCache;
+use crate::cache::{CacheRef, Positions};
 use crate::error::{Error, Result};
 use crate::mlx::{ops, Array, Dtype, Mask};
 use crate::weights::Weights;
@@ -345,14 +345,21 @@ impl Rope {
         })
     }
 
-    pub fn forward(&self, x: &Array, offset: i32) -> Result<Array> {
+    /// Rotates `x` (`[B, H, L, D]`) for positions starting at `at`.
+    pub fn forward(&self, x: &Array, at: &Positions) -> Result<Array> {
+        let rope = |x: &Array, dims, traditional, base, scale, freqs| match at {
+            Positions::From(offset) => ops::rope(x, dims, traditional, base, scale, *offset, freqs),
+            Positions::PerRow(offsets) => {
+                ops::rope_rows(x, dims, traditional, base, scale, offsets, freqs)
+            }
+        };
         match self {
             Rope::Base {
                 dims,
                 traditional,
                 base,
                 scale,
-            } => ops::rope(x, *dims, *traditional, Some(*base), *scale, offset, None),
+            } => rope(x, *dims, *traditional, Some(*base), *scale, None),
             Rope::Freqs {
                 dims,
                 traditional,
@@ -374,7 +381,7 @@ impl Rope {
                     }
                     None => x.clone(),
                 };
-                ops::rope(&x, *dims, *traditional, None, 1.0, offset, Some(freqs))
+                rope(&x, *dims, *traditional, None, 1.0, Some(freqs))
             }
         }
     }
@@ -414,19 +421,27 @@ pub fn attend(
     rope: &Rope,
     scale: f32,
     mask: &AttnMask,
-    cache: Option<&mut KvCache>,
+    cache: Option<CacheRef<'_>>,
 ) -> Result<Array> {
-    let offset = cache.as_ref().map_or(0, |c| c.offset());
-    let q = rope.forward(q, offset)?;
-    let k = rope.forward(k, offset)?;
-    let (k, v) = match cache {
-        Some(c) => c.update_and_fetch(&k, v)?,
-        None => (k, v.clone()),
+    let Some(mut cache) = cache else {
+        let at = Positions::From(0);
+        let (q, k) = (rope.forward(q, &at)?, rope.forward(k, &at)?);
+        return Heads::merge(&ops::scaled_dot_product_attention(
+            &q,
+            &k,
+            v,
+            scale,
+            mask.as_mask(),
+        )?);
     };
-    let m = match mask {
-        AttnMask::None => Mask::None,
-        AttnMask::Causal => Mask::Causal,
-        AttnMask::Array(a) => Mask::Array(a),
+    let (q, k) = {
+        let at = cache.positions();
+        (rope.forward(q, &at)?, rope.forward(k, &at)?)
+    };
+    let (k, v) = cache.update_and_fetch(&k, v)?;
+    let m = match cache.mask() {
+        Some(rows) => Mask::Array(rows),
+        None => mask.as_mask(),
     };
     Heads::merge(&ops::scaled_dot_product_attention(&q, &k, &v, scale, m)?)
 }
@@ -440,6 +455,14 @@ pub enum AttnMask {
 }
 
 impl AttnMask {
+    fn as_mask(&self) -> Mask<'_> {
+        match self {
+            AttnMask::None => Mask::None,
+            AttnMask::Causal => Mask::Causal,
+            AttnMask::Array(a) => Mask::Array(a),
+        }
+    }
+
     pub fn for_length(l: i32) -> AttnMask {
         if l > 1 {
             AttnMask::Causal
@@ -477,35 +500,11 @@ impl Attention {
         &self,
         x: &Array,
         mask: &AttnMask,
-        cache: Option<&mut KvCache>,
+        cache: Option<CacheRef<'_>>,
     ) -> Result<Array> {
         let (q, k, v) = self.project(x)?;
         self.o_proj
             .forward(&attend(&q, &k, &v, &self.rope, self.scale, mask, cache)?)
-    }
-
-    /// One decode step of several sequences at once: `x` is `[B, 1, hidden]`,
-    /// row `b` belongs to the sequence of `caches[b]`. The projections run
-    /// as one batch; attention runs per row, each on its own cache length.
-    pub fn forward_rows(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
-        let (q, k, v) = self.project(x)?;
-        let mut rows = Vec::with_capacity(caches.len());
-        for (b, cache) in caches.iter_mut().enumerate() {
-            let b = b as i32;
-            let row = |a: &Array| a.slice_axis(0, b, b + 1);
-            rows.push(attend(
-                &row(&q)?,
-                &row(&k)?,
-                &row(&v)?,
-                &self.rope,
-                self.scale,
-                &AttnMask::None,
-                Some(&mut **cache),
-            )?);
-        }
-        let rows: Vec<&Array> = rows.iter().collect();
-        self.o_proj
-            .forward(&crate::mlx::ops::concatenate(&rows, 0)?)
     }
 
     /// Queries, keys and values as `[B, heads, L, head_dim]`.
@@ -649,25 +648,12 @@ impl DecoderBlock {
 }
 
 impl super::Block for DecoderBlock {
-    fn forward(&self, x: &Array, mask: &AttnMask, cache: Option<&mut KvCache>) -> Result<Array> {
+    fn forward(&self, x: &Array, mask: &AttnMask, cache: Option<CacheRef<'_>>) -> Result<Array> {
         let h = x.add(&self.self_attn.forward(
             &self.input_layernorm.forward(x)?,
             mask,
             cache,
         )?)?;
-        h.add(
-            &self
-                .mlp
-                .forward(&self.post_attention_layernorm.forward(&h)?)?,
-        )
-    }
-
-    fn forward_rows(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array> {
-        let h = x.add(
-            &self
-                .self_attn
-                .forward_rows(&self.input_layernorm.forward(x)?, caches)?,
-        )?;
         h.add(
             &self
                 .mlp

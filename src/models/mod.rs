@@ -15,7 +15,7 @@ use std::ops::Range;
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::cache::KvCache;
+use crate::cache::{CacheRef, Caches, KvCache, Rows, SlotCache};
 use crate::error::{Error, Result};
 use crate::mlx::{Array, Dtype};
 use crate::weights::Weights;
@@ -23,9 +23,7 @@ use base::{AttnMask, Embedding, Linear, RmsNorm};
 
 /// One transformer block of some architecture.
 pub trait Block: Send + Sync {
-    fn forward(&self, x: &Array, mask: &AttnMask, cache: Option<&mut KvCache>) -> Result<Array>;
-    /// One decode step of `x.dim(0)` sequences, row `b` on `caches[b]`.
-    fn forward_rows(&self, x: &Array, caches: &mut [&mut KvCache]) -> Result<Array>;
+    fn forward(&self, x: &Array, mask: &AttnMask, cache: Option<CacheRef<'_>>) -> Result<Array>;
     /// The arrays it holds (to evaluate, or to weigh).
     fn arrays(&self) -> Vec<&Array>;
 }
@@ -234,33 +232,35 @@ impl Model {
 
     /// Runs the held blocks over `[B, L, hidden]` activations.
     pub fn forward_layers(&self, h: Array, caches: Option<&mut [KvCache]>) -> Result<Array> {
-        if let Some(c) = &caches {
-            if c.len() != self.blocks.len() {
+        let caches = match caches {
+            Some(c) => Caches::Seq(c),
+            None => Caches::None,
+        };
+        self.forward_layers_eager(h, caches, 0)
+    }
+
+    /// `forward_layers` on any of the cache stores, scheduling the work
+    /// built so far every `every` blocks (0: never), so the device runs the
+    /// first layers while the graph of the next ones is built. A pipeline
+    /// stage, which must wait for its result before sending it on, uses this
+    /// to hide graph-building time. The results are the same.
+    pub fn forward_layers_eager(
+        &self,
+        mut h: Array,
+        mut caches: Caches<'_>,
+        every: usize,
+    ) -> Result<Array> {
+        if let Some(n) = caches.layers() {
+            if n != self.blocks.len() {
                 return Err(Error::InvalidArgument(format!(
-                    "{} caches for {} layers",
-                    c.len(),
+                    "{n} caches for {} layers",
                     self.blocks.len()
                 )));
             }
         }
-        self.forward_layers_eager(h, caches, 0)
-    }
-
-    /// `forward_layers`, scheduling the work built so far every `every`
-    /// blocks (0: never), so the device runs the first layers while the
-    /// graph of the next ones is built. A pipeline stage, which must wait
-    /// for its result before sending it on, uses this to hide graph-building
-    /// time. The results are the same.
-    pub fn forward_layers_eager(
-        &self,
-        mut h: Array,
-        mut caches: Option<&mut [KvCache]>,
-        every: usize,
-    ) -> Result<Array> {
         let mask = AttnMask::for_length(h.dim(1));
         for (i, block) in self.blocks.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            h = block.forward(&h, &mask, cache)?;
+            h = block.forward(&h, &mask, caches.layer(i))?;
             if every > 0 && (i + 1) % every == 0 && i + 1 < self.blocks.len() {
                 crate::mlx::async_eval(&[&h])?;
             }
@@ -269,36 +269,28 @@ impl Model {
     }
 
     /// One decode step of several sequences through this shard's layers:
-    /// `h` is `[B, 1, hidden]`, row `b` on `caches[b]` (one cache per layer).
-    /// Scheduled every `every` blocks as in `forward_layers_eager`.
+    /// `h` is `[B, 1, hidden]`, row `b` for the sequence in slot
+    /// `slots[b]` of `caches` (one `SlotCache` per layer). Scheduled every
+    /// `every` blocks as in `forward_layers_eager`.
     pub fn forward_layers_rows(
         &self,
-        mut h: Array,
-        caches: &mut [&mut [KvCache]],
+        h: Array,
+        caches: &mut [SlotCache],
+        slots: &[usize],
         every: usize,
     ) -> Result<Array> {
-        if caches.len() != h.dim(0) as usize || h.dim(1) != 1 {
+        if slots.len() != h.dim(0) as usize || h.dim(1) != 1 {
             return Err(Error::InvalidArgument(format!(
                 "a batched step takes one token per sequence: {:?} for {} sequences",
                 h.shape(),
-                caches.len()
+                slots.len()
             )));
         }
-        if let Some(c) = caches.iter().find(|c| c.len() != self.blocks.len()) {
-            return Err(Error::InvalidArgument(format!(
-                "{} caches for {} layers",
-                c.len(),
-                self.blocks.len()
-            )));
-        }
-        for (i, block) in self.blocks.iter().enumerate() {
-            let mut layer: Vec<&mut KvCache> = caches.iter_mut().map(|c| &mut c[i]).collect();
-            h = block.forward_rows(&h, &mut layer)?;
-            if every > 0 && (i + 1) % every == 0 && i + 1 < self.blocks.len() {
-                crate::mlx::async_eval(&[&h])?;
-            }
-        }
-        Ok(h)
+        let first = caches.first().ok_or_else(|| {
+            Error::InvalidArgument("a batched step needs this shard's caches".into())
+        })?;
+        let rows = Rows::new(first, slots)?;
+        self.forward_layers_eager(h, Caches::Rows(caches, &rows), every)
     }
 
     /// Final norm and output head: `[B, L, hidden]` -> `[B, L, vocab]`.
@@ -446,64 +438,99 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn a_batched_decode_step_equals_one_step_per_sequence() {
+    fn slot_caches_give_what_own_caches_give_one_by_one_or_batched() {
+        // Its buffers would disturb the memory tests' readings.
+        let _serial = crate::mlx::MEMORY_TEST_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         write_llama(tmp.path(), 2);
         let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
         let model = Model::load(&weights, None).unwrap();
         let ids = |t: &[i32]| Array::from_slice(t, &[1, t.len() as i32]).unwrap();
-        // Three sequences with caches of different lengths.
-        let prompts: [&[i32]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
-        let prefill = || -> Vec<Vec<KvCache>> {
-            prompts
-                .iter()
-                .map(|p| {
-                    let mut c = model.make_cache();
-                    let h = model.embed(&ids(p)).unwrap();
-                    model
-                        .forward_layers(h, Some(&mut c))
-                        .unwrap()
-                        .eval()
-                        .unwrap();
-                    c
-                })
-                .collect()
-        };
-        let next = [11, 12, 13];
-        let mut one = prefill();
-        let want: Vec<Vec<f32>> = (0..3)
-            .map(|b| {
-                let h = model.embed(&ids(&next[b..b + 1])).unwrap();
-                let h = model.forward_layers(h, Some(&mut one[b])).unwrap();
-                h.to_vec::<f32>().unwrap()
-            })
-            .collect();
-        let mut batch = prefill();
-        let h = model
-            .embed(&Array::from_slice(&next, &[3, 1]).unwrap())
-            .unwrap();
-        let mut rows: Vec<&mut [KvCache]> = batch.iter_mut().map(|c| c.as_mut_slice()).collect();
-        let got = model.forward_layers_rows(h, &mut rows, 1).unwrap();
-        assert_eq!(got.shape(), vec![3, 1, 256]);
-        for (b, w) in want.iter().enumerate() {
-            let g = got
-                .slice_axis(0, b as i32, b as i32 + 1)
-                .unwrap()
-                .to_vec::<f32>()
-                .unwrap();
+        let rows = |t: &[i32]| Array::from_slice(t, &[t.len() as i32, 1]).unwrap();
+        let values = |a: &Array| a.to_vec::<f32>().unwrap();
+        let row = |a: &Array, b: i32| values(&a.slice_axis(0, b, b + 1).unwrap());
+        let close = |g: &[f32], w: &[f32], what: &str| {
             let diff = g
                 .iter()
                 .zip(w)
                 .map(|(a, b)| (a - b).abs())
                 .fold(0.0f32, f32::max);
-            assert!(diff < 1e-4, "row {b} differs by {diff}");
-            assert_eq!(batch[b][0].offset(), one[b][0].offset());
+            assert!(
+                g.len() == w.len() && diff < 1e-4,
+                "{what} differs by {diff}"
+            );
+        };
+        // Three sequences of different lengths, then two decode steps each.
+        let prompts: [&[i32]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
+        let steps = [[11, 21], [12, 22], [13, 23]];
+        let want: Vec<Vec<Vec<f32>>> = (0..3)
+            .map(|b| {
+                let mut c = model.make_cache();
+                let h = model.embed(&ids(prompts[b])).unwrap();
+                let mut out = vec![values(&model.forward_layers(h, Some(&mut c)).unwrap())];
+                for t in steps[b] {
+                    let h = model.embed(&ids(&[t])).unwrap();
+                    out.push(values(&model.forward_layers(h, Some(&mut c)).unwrap()));
+                }
+                out
+            })
+            .collect();
+        let mut pool: Vec<SlotCache> = (0..2).map(|_| SlotCache::new()).collect();
+        for (b, p) in prompts.iter().enumerate() {
+            let h = model.embed(&ids(p)).unwrap();
+            let got = model
+                .forward_layers_eager(h, Caches::Slot(&mut pool, b), 0)
+                .unwrap();
+            assert_eq!(values(&got), want[b][0], "prefill of slot {b}");
         }
-        // A step that is not one token per sequence is refused.
+        // Some slots, out of order; one alone; then every slot.
+        let h = model.embed(&rows(&[13, 11])).unwrap();
+        let got = model.forward_layers_rows(h, &mut pool, &[2, 0], 1).unwrap();
+        assert_eq!(got.shape(), vec![2, 1, 256]);
+        close(&row(&got, 0), &want[2][1], "slot 2, step 1");
+        close(&row(&got, 1), &want[0][1], "slot 0, step 1");
+        let h = model.embed(&ids(&[12])).unwrap();
+        let got = model
+            .forward_layers_eager(h, Caches::Slot(&mut pool, 1), 0)
+            .unwrap();
+        close(&values(&got), &want[1][1], "slot 1, step 1");
+        let h = model.embed(&rows(&[21, 22, 23])).unwrap();
+        let got = model
+            .forward_layers_rows(h, &mut pool, &[0, 1, 2], 0)
+            .unwrap();
+        for b in 0..3 {
+            close(
+                &row(&got, b),
+                &want[b as usize][2],
+                &format!("slot {b}, step 2"),
+            );
+        }
+        assert_eq!(
+            (pool[0].length(0), pool[1].length(1), pool[1].length(2)),
+            (7, 3, 5)
+        );
+        // A slot copied out and into another continues the same.
+        let mut own: Vec<KvCache> = pool.iter().map(|c| c.copy_out(0).unwrap()).collect();
+        for (c, o) in pool.iter_mut().zip(&own) {
+            c.clear_slot(1);
+            c.copy_in(1, o).unwrap();
+        }
+        let h = model.embed(&ids(&[5])).unwrap();
+        let a = model.forward_layers(h.clone(), Some(&mut own)).unwrap();
+        let b = model
+            .forward_layers_eager(h, Caches::Slot(&mut pool, 1), 0)
+            .unwrap();
+        assert_eq!(values(&a), values(&b));
+        // Refused: not one token per sequence, a slot twice, an unknown slot.
         let h = model.embed(&ids(&[1, 2])).unwrap();
-        let mut rows: Vec<&mut [KvCache]> =
-            batch.iter_mut().take(1).map(|c| c.as_mut_slice()).collect();
-        assert!(model.forward_layers_rows(h, &mut rows, 0).is_err());
+        assert!(model.forward_layers_rows(h, &mut pool, &[0], 0).is_err());
+        let h = model.embed(&rows(&[1, 2])).unwrap();
+        assert!(model
+            .forward_layers_rows(h.clone(), &mut pool, &[0, 0], 0)
+            .is_err());
+        assert!(model.forward_layers_rows(h, &mut pool, &[0, 7], 0).is_err());
     }
 
     #[test]
