@@ -49,6 +49,59 @@ def _streams(model, tok, prompts, gen) -> tuple[float, int]:
     return sum(counts) / span if span > 0 else 0.0, min(counts) + 1
 
 
+def _mlx_lm_batched(path: str, prompts, gen) -> float | None:
+    """mlx-lm's continuous batching (``BatchGenerator``, what ``mlx_lm.server``
+    batches with) on this device, measured as `_streams` measures: aggregate
+    decode tokens/s of one stream per prompt. None without mlx-lm, or for a
+    model it cannot read (GGUF)."""
+    if not (Path(path) / "config.json").is_file():
+        return None
+    try:
+        from mlx_lm.generate import BatchGenerator
+        from mlx_lm.utils import load_model
+    except ImportError:
+        return None
+    model, _ = load_model(Path(path))
+    rates = []
+    for _ in range(2):  # the first run compiles this batch size's kernels
+        gen_ = BatchGenerator(model, max_tokens=gen, completion_batch_size=max(32, len(prompts)))
+        gen_.insert(prompts, [gen] * len(prompts))
+        firsts, lasts, counts = {}, {}, {}
+        while responses := gen_.next_generated():
+            now = time.perf_counter()
+            for r in responses:
+                firsts.setdefault(r.uid, now)
+                lasts[r.uid] = now
+                counts[r.uid] = counts.get(r.uid, 0) + 1
+        gen_.close()
+        span = max(lasts.values()) - min(firsts.values())
+        rates.append(sum(c - 1 for c in counts.values()) / span if span > 0 else 0.0)
+    return rates[-1]
+
+
+def _stage_batches(addrs) -> str:
+    """Mean decode batch size per stage since the last call, from the
+    workers' counters."""
+    import json
+
+    from mlx_dist import _core
+
+    parts = []
+    for a in addrs:
+        i = json.loads(_core.worker_info(a))
+        prev = _stage_batches.seen.get(a, (0, 0, 0))
+        now = (i["steps"], i["batches"], i["batched_steps"])
+        steps, batches, batched = (n - p for n, p in zip(now, prev, strict=True))
+        _stage_batches.seen[a] = now
+        # Steps run alone are batches of one.
+        runs = batches + steps - batched
+        parts.append(f"{steps / runs:.1f}" if runs else "-")
+    return "/".join(parts)
+
+
+_stage_batches.seen = {}
+
+
 def _ttft(model, tok, prompts) -> float:
     """Median time to the first token; distinct prompts, so that no run
     starts from the prefix cache another left."""
@@ -96,7 +149,10 @@ def main(args) -> int:
                 f"decode {args.gen_tokens} tokens per stream after a {args.prompt_tokens}-token "
                 f"prompt; one device, one stream: {base:.1f} tok/s"
             )
-            print(f"{'stages':>7} {'streams':>8} {'tok/s':>9} {'x 1-stream':>11} {'per stage':>10}")
+            print(
+                f"{'stages':>7} {'streams':>8} {'tok/s':>9} {'x 1-stream':>11} {'per stage':>10}"
+                f"  batch per stage"
+            )
             models = {}
             for k in stage_counts:
                 model, dtok = mlx_dist.load(
@@ -105,9 +161,24 @@ def main(args) -> int:
                 models[k] = (model, dtok)
                 for n in stream_counts:
                     _streams(model, dtok, prompts[:n], args.gen_tokens)
+                    _stage_batches(addrs[:k])
                     tps, _ = _streams(model, dtok, prompts[:n], args.gen_tokens)
                     print(
-                        f"{k:>7} {n:>8} {tps:9.1f} {tps / base:11.2f} {tps / base / k:10.2f}",
+                        f"{k:>7} {n:>8} {tps:9.1f} {tps / base:11.2f} {tps / base / k:10.2f}"
+                        f"  {_stage_batches(addrs[:k])}",
+                        flush=True,
+                    )
+            if args.reference:
+                for n in stream_counts:
+                    tps = _mlx_lm_batched(path, prompts[:n], args.gen_tokens)
+                    if tps is None:
+                        print(
+                            "no mlx-lm reference: mlx-lm is not installed or cannot read this model"
+                        )
+                        break
+                    print(
+                        f"mlx-lm BatchGenerator, 1 device, {n:>2} streams: {tps:9.1f} tok/s "
+                        f"({tps / base:.2f}x)",
                         flush=True,
                     )
             warm = [prompt(900, args.ttft_tokens)]

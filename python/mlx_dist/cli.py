@@ -449,6 +449,12 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--ttft-tokens", type=int, default=4096)
     bt.add_argument("--prefill-chunk", type=int, default=512, help="pipelined prompt chunk")
     bt.add_argument("--repeats", type=int, default=3)
+    bt.add_argument(
+        "--reference",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run mlx-lm's batched generation on one device",
+    )
     bt.set_defaults(func=_bench_throughput)
 
     br = sub.add_parser(
