@@ -367,6 +367,10 @@ struct Sequence {
     reserved: u64,
     /// Keep the cache as this prefix when the sequence ends.
     keep_as: Option<String>,
+    /// When its last step here ended, and how long its next step takes to
+    /// come back (the rest of the pipeline and the coordinator), smoothed.
+    done: Option<Instant>,
+    back_after: Option<Duration>,
 }
 
 /// The result of one step on this stage.
@@ -388,7 +392,8 @@ enum Job {
         Arc<WorkerConfig>,
         mpsc::Sender<std::result::Result<LoadProgress, Status>>,
     ),
-    Step(ForwardRequest, oneshot::Sender<Result<StepOut>>),
+    /// A step, with when it arrived.
+    Step(ForwardRequest, oneshot::Sender<Result<StepOut>>, Instant),
     Release(String, oneshot::Sender<u64>),
     Info(oneshot::Sender<EngineInfo>),
 }
@@ -427,10 +432,17 @@ struct Engine {
     batched_steps: u64,
     /// KV caches of ended sequences kept for later ones with the same start.
     prefixes: PrefixStore,
+    /// How long the last decode step (batched or not) took.
+    last_decode: Duration,
 }
 
 /// The most decode steps run as one batch.
 const MAX_BATCH: usize = 32;
+
+/// The longest a decode batch waits for sequences due back, and how late
+/// one may be.
+const MAX_GATHER: Duration = Duration::from_millis(2);
+const GATHER_SLACK: Duration = Duration::from_micros(200);
 
 impl Engine {
     fn run(mut self, jobs: std_mpsc::Receiver<Job>) {
@@ -450,35 +462,24 @@ impl Engine {
             let started = Instant::now();
             let job = match job {
                 // Decode steps of other sequences waiting now join this one
-                // (continuous batching: the batch is whatever is queued).
-                Job::Step(req, reply) if self.is_decode(&req) => {
+                // (continuous batching: the batch is whatever is queued),
+                // and those due back soon are waited for a little.
+                Job::Step(req, reply, at) if self.is_decode(&req) => {
+                    self.arrived(&req.sequence_id, at);
                     let mut batch = vec![(req, reply)];
-                    while batch.len() < MAX_BATCH {
-                        match jobs.try_recv() {
-                            Ok(Job::Step(r, tx))
-                                if self.is_decode(&r)
-                                    && batch
-                                        .iter()
-                                        .all(|(b, _)| b.sequence_id != r.sequence_id) =>
-                            {
-                                batch.push((r, tx))
-                            }
-                            Ok(other) => {
-                                held = Some(other);
-                                break;
-                            }
-                            Err(_) => break,
-                        }
-                    }
+                    held = self.gather(&jobs, &mut batch);
                     if batch.len() == 1 {
                         let (req, reply) = batch.pop().unwrap();
-                        Job::Step(req, reply)
+                        Job::Step(req, reply, at)
                     } else {
                         self.batches += 1;
                         self.batched_steps += batch.len() as u64;
                         self.tokens += batch.len() as u64;
                         self.steps += batch.len() as u64;
+                        let ids: Vec<String> =
+                            batch.iter().map(|(r, _)| r.sequence_id.clone()).collect();
                         self.step_batch(batch);
+                        self.finished(&ids, started);
                         self.busy += started.elapsed();
                         continue;
                     }
@@ -493,7 +494,8 @@ impl Engine {
                     }
                     self.busy += started.elapsed();
                 }
-                Job::Step(req, reply) => {
+                Job::Step(req, reply, at) => {
+                    self.arrived(&req.sequence_id, at);
                     let seq = req.sequence_id.clone();
                     let positions = match &req.hidden {
                         Some(t) if req.tokens.is_empty() => {
@@ -508,6 +510,9 @@ impl Engine {
                     } else {
                         self.tokens += positions;
                         self.steps += 1;
+                        if positions == 1 {
+                            self.finished(std::slice::from_ref(&seq), started);
+                        }
                     }
                     self.busy += started.elapsed();
                     let _ = reply.send(r);
@@ -675,6 +680,80 @@ impl Engine {
         self.seqs.values().map(|s| s.reserved).sum()
     }
 
+    /// Notes that a step of `seq` arrived at `at`: how long it took to come
+    /// back since its last step here ended.
+    fn arrived(&mut self, seq: &str, at: Instant) {
+        if let Some(s) = self.seqs.get_mut(seq) {
+            if let Some(done) = s.done {
+                let back = at.saturating_duration_since(done);
+                s.back_after = Some(s.back_after.map_or(back, |b| (b + back) / 2));
+            }
+        }
+    }
+
+    /// Notes the end of a decode step of `seqs` that started at `started`.
+    fn finished(&mut self, seqs: &[String], started: Instant) {
+        let now = Instant::now();
+        self.last_decode = now - started;
+        for id in seqs {
+            if let Some(s) = self.seqs.get_mut(id) {
+                s.done = Some(now);
+            }
+        }
+    }
+
+    /// Adds to `batch` the decode steps queued now, then waits a little for
+    /// those of sequences due back soon: without this, sequences whose steps
+    /// come back while a batch runs form a batch of their own, and the
+    /// stage runs two half batches, each costing nearly a full one. Returns
+    /// a job taken that is not a decode step, to run next.
+    fn gather(
+        &mut self,
+        jobs: &std_mpsc::Receiver<Job>,
+        batch: &mut Vec<(ForwardRequest, oneshot::Sender<Result<StepOut>>)>,
+    ) -> Option<Job> {
+        let now = Instant::now();
+        let horizon = (self.last_decode / 4).min(MAX_GATHER);
+        let mut until: Option<Instant> = None;
+        let mut due: Vec<&str> = Vec::new();
+        for (id, s) in &self.seqs {
+            if let (Some(done), Some(back)) = (s.done, s.back_after) {
+                let at = done + back;
+                if at <= now + horizon && at + horizon >= now {
+                    due.push(id);
+                    until = until.max(Some(at + GATHER_SLACK));
+                }
+            }
+        }
+        let mut due: std::collections::HashSet<String> =
+            due.into_iter().map(String::from).collect();
+        for (r, _) in batch.iter() {
+            due.remove(&r.sequence_id);
+        }
+        let until = until.map_or(now, |u| u.min(now + horizon));
+        while batch.len() < MAX_BATCH {
+            let left = until.saturating_duration_since(Instant::now());
+            let job = if due.is_empty() || left.is_zero() {
+                jobs.try_recv().ok()
+            } else {
+                jobs.recv_timeout(left).ok()
+            };
+            match job {
+                Some(Job::Step(r, tx, at))
+                    if self.is_decode(&r)
+                        && batch.iter().all(|(b, _)| b.sequence_id != r.sequence_id) =>
+                {
+                    self.arrived(&r.sequence_id, at);
+                    due.remove(&r.sequence_id);
+                    batch.push((r, tx));
+                }
+                Some(other) => return Some(other),
+                None => break,
+            }
+        }
+        None
+    }
+
     /// A new sequence's slot: the lowest free one, else a new row.
     fn take_slot(&mut self) -> usize {
         self.free.sort_unstable_by(|a, b| b.cmp(a));
@@ -826,6 +905,8 @@ impl Engine {
                     history: Vec::new(),
                     reserved: need,
                     keep_as: Some(req.keep_as.clone()).filter(|k| !k.is_empty()),
+                    done: None,
+                    back_after: None,
                 },
             );
         }
@@ -1207,6 +1288,7 @@ impl WorkerService {
             batches: 0,
             batched_steps: 0,
             prefixes: PrefixStore::default(),
+            last_decode: Duration::ZERO,
         };
         std::thread::Builder::new()
             .name("mlx-dist-engine".into())
@@ -1229,7 +1311,7 @@ impl WorkerService {
     async fn step(&self, req: ForwardRequest) -> std::result::Result<StepOut, Status> {
         check_forward(&req).map_err(status)?;
         let (tx, rx) = oneshot::channel();
-        self.send(Job::Step(req, tx))?;
+        self.send(Job::Step(req, tx, Instant::now()))?;
         rx.await
             .map_err(|_| Status::internal("the engine thread has stopped"))?
             .map_err(status)
