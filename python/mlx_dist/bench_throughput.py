@@ -80,8 +80,9 @@ def _mlx_lm_batched(path: str, prompts, gen) -> float | None:
 
 
 def _stage_batches(addrs) -> str:
-    """Mean decode batch size per stage since the last call, from the
-    workers' counters."""
+    """Per stage since the last call, from the workers' counters: mean
+    decode batch size, the time it was busy and its mean time per run
+    (a batch or a step alone), as `batch busy% ms`."""
     import json
 
     from mlx_dist import _core
@@ -89,14 +90,17 @@ def _stage_batches(addrs) -> str:
     parts = []
     for a in addrs:
         i = json.loads(_core.worker_info(a))
-        prev = _stage_batches.seen.get(a, (0, 0, 0))
-        now = (i["steps"], i["batches"], i["batched_steps"])
-        steps, batches, batched = (n - p for n, p in zip(now, prev, strict=True))
+        prev = _stage_batches.seen.get(a, (0, 0, 0, 0, 0))
+        now = (i["steps"], i["batches"], i["batched_steps"], i["busy_micros"], i["uptime_micros"])
+        steps, batches, batched, busy, up = (n - p for n, p in zip(now, prev, strict=True))
         _stage_batches.seen[a] = now
         # Steps run alone are batches of one.
         runs = batches + steps - batched
-        parts.append(f"{steps / runs:.1f}" if runs else "-")
-    return "/".join(parts)
+        if runs and up:
+            parts.append(f"{steps / runs:.1f} {100 * busy / up:.0f}% {busy / runs / 1000:.2f}ms")
+        else:
+            parts.append("-")
+    return " / ".join(parts)
 
 
 _stage_batches.seen = {}
@@ -151,7 +155,7 @@ def main(args) -> int:
             )
             print(
                 f"{'stages':>7} {'streams':>8} {'tok/s':>9} {'x 1-stream':>11} {'per stage':>10}"
-                f"  batch per stage"
+                f"  per stage: batch, busy, ms per run"
             )
             models = {}
             for k in stage_counts:
