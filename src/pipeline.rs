@@ -71,7 +71,7 @@ impl Default for ClusterOptions {
             kv_tokens: 4096,
             compression: Compression::None,
             connect_timeout: Duration::from_secs(10),
-            prefill_chunk: 512,
+            prefill_chunk: 1024,
         }
     }
 }

@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--prompt-tokens", type=int, default=32)
     bt.add_argument("--gen-tokens", type=int, default=64)
     bt.add_argument("--ttft-tokens", type=int, default=4096)
-    bt.add_argument("--prefill-chunk", type=int, default=512, help="pipelined prompt chunk")
+    bt.add_argument("--prefill-chunk", type=int, default=1024, help="pipelined prompt chunk")
     bt.add_argument("--repeats", type=int, default=3)
     bt.add_argument(
         "--reference",

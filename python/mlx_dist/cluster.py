@@ -235,7 +235,7 @@ def load_distributed(
     token: str | None = None,
     recover: bool = True,
     recovery_wait: float = 30.0,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 1024,
     tls_ca=None,
 ):
     from mlx_dist.utils import TokenizerWrapper

@@ -38,7 +38,7 @@ fn compression(name: &str) -> Result<Compression, Error> {
 /// cluster re-plans over the workers left (unless `recover` is false),
 /// waiting up to `recovery_wait` seconds for room for the model.
 #[pyfunction]
-#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 512))]
+#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 1024))]
 #[allow(clippy::too_many_arguments)]
 pub fn load_cluster(
     py: Python<'_>,
