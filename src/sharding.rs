@@ -741,7 +741,33 @@ fn proportional(w: &Weigher, strategy: &Strategy) -> Result<Vec<StagePlan>> {
     }
     let n = w.n();
     let order: Vec<usize> = (0..devices.len()).collect();
-    let planned = proportional_counts(n, &weights);
+    // Per token a stage reads its layers, and the last one the head too:
+    // under compute_proportional the speeds share out that work, the head
+    // counted as the layers it weighs, not the layers alone.
+    let head_layers = match strategy {
+        Strategy::ComputeProportional if devices.len() > 1 => {
+            let layers: u64 = w.fp.layer_bytes.iter().sum();
+            let mean = layers as f64 / n as f64;
+            if mean > 0.0 {
+                w.fp.read_bytes(0..0, true) as f64 / mean
+            } else {
+                0.0
+            }
+        }
+        _ => 0.0,
+    };
+    let planned = if head_layers > 0.0 {
+        let total: f64 = weights.iter().sum();
+        let mut quotas: Vec<f64> = weights
+            .iter()
+            .map(|v| (n as f64 + head_layers) * v / total)
+            .collect();
+        let last = quotas.len() - 1;
+        quotas[last] = (quotas[last] - head_layers).max(1e-9);
+        proportional_counts(n, &quotas)
+    } else {
+        proportional_counts(n, &weights)
+    };
     let mut counts = planned.clone();
     w.repair(&order, &mut counts, 1)
         .map_err(|j| w.stage_error(&order, &counts, j))?;
@@ -760,6 +786,9 @@ fn proportional(w: &Weigher, strategy: &Strategy) -> Result<Vec<StagePlan>> {
                 }
                 _ => format!("{:.0}% of {what}", 100.0 * weights[i] / total),
             };
+            if head_layers > 0.0 && i + 1 == devices.len() {
+                r.push_str(&format!(", the head counted as {head_layers:.1} layers"));
+            }
             let moved = counts[i] as i64 - planned[i] as i64;
             let plural = if moved.abs() == 1 { "layer" } else { "layers" };
             if moved > 0 {
@@ -1095,6 +1124,35 @@ mod tests {
 
         let p = plan(&fp, &speeds, &"custom:1,1,4".parse().unwrap(), 0).unwrap();
         assert_eq!(counts(&p), vec![5, 5, 20]);
+    }
+
+    #[test]
+    fn compute_proportional_counts_the_head_in_the_last_stages_work() {
+        // A small model's head weighs as much as six of its layers: equal
+        // devices read equal bytes per token with 18 and 12 + head.
+        let fp = Footprint {
+            head_bytes: 6 * GB,
+            ..model(30, GB, GB, false)
+        };
+        let d = [dev("a", 80 * GB, 400.0), dev("b", 80 * GB, 400.0)];
+        let p = plan(&fp, &d, &Strategy::ComputeProportional, 0).unwrap();
+        assert_eq!(counts(&p), vec![18, 12], "{p}");
+        assert!(
+            p.stages[1].reason.contains("head counted as 6.0 layers"),
+            "{p}"
+        );
+        let reads: Vec<u64> = p
+            .stages
+            .iter()
+            .map(|s| fp.read_bytes(s.layers.clone(), s.head))
+            .collect();
+        assert_eq!(reads[0], reads[1]);
+        // One device holds it all, head included.
+        let p = plan(&fp, &d[..1], &Strategy::ComputeProportional, 0).unwrap();
+        assert_eq!(counts(&p), vec![30]);
+        // Uniform stays an equal share of layers.
+        let p = plan(&fp, &d, &Strategy::Uniform, 0).unwrap();
+        assert_eq!(counts(&p), vec![15, 15]);
     }
 
     #[test]
