@@ -160,8 +160,15 @@ def main(args) -> int:
             models = {}
             for k in stage_counts:
                 model, dtok = mlx_dist.load(
-                    path, workers=addrs[:k], strategy="uniform", prefill_chunk=args.prefill_chunk
+                    path,
+                    workers=addrs[:k],
+                    strategy=args.strategy,
+                    prefill_chunk=args.prefill_chunk,
                 )
+                layers = [
+                    s["layers"]["end"] - s["layers"]["start"] for s in model.plan_dict["stages"]
+                ]
+                print(f"{k} stages ({args.strategy}): layers {'+'.join(map(str, layers))}")
                 models[k] = (model, dtok)
                 for n in stream_counts:
                     _streams(model, dtok, prompts[:n], args.gen_tokens)

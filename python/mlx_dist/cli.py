@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--prefill-chunk", type=int, default=1024, help="pipelined prompt chunk")
     bt.add_argument("--repeats", type=int, default=3)
     bt.add_argument(
+        "--strategy",
+        default="compute_proportional",
+        help="how the workers share the layers (balanced may leave some out)",
+    )
+    bt.add_argument(
         "--reference",
         action=argparse.BooleanOptionalAction,
         default=True,
