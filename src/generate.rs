@@ -2,13 +2,14 @@
 //! step, with mlx-lm's chunked prefill and its one-step-ahead async
 //! evaluation), `Generation` (text, stop conditions and timings: the records
 //! `stream_generate` yields), and the Python `generate` on top.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
 use crate::mlx::{self, async_eval, Array, Dtype};
 use crate::models::Model;
+use crate::prefix::PrefixCache;
 use crate::sample::Sampler;
 use crate::tokenizer::{StreamingDetokenizer, Tokenizer};
 
@@ -54,28 +55,51 @@ pub struct TokenGenerator {
     history: Vec<u32>,
     /// The step computed ahead: (token, logprobs).
     next: Option<(Array, Array)>,
+    /// Where the cache goes when the sequence ends, for later prompts with
+    /// the same start, and the tokens whose positions it holds.
+    prefixes: Option<Arc<Mutex<PrefixCache>>>,
+    fed: Vec<u32>,
+    failed: bool,
+    /// Prompt positions taken from a kept prefix.
+    cached: usize,
 }
 
 impl TokenGenerator {
-    /// Prefills `prompt` and schedules the first token.
+    /// Prefills `prompt` and schedules the first token. With `prefixes`,
+    /// the prompt starts from the longest kept prefix there, and the cache
+    /// is kept there when the sequence ends (not for samplers that look
+    /// back over the tokens: they need the whole prompt run).
     pub fn new(
         model: Arc<Model>,
         prompt: &[u32],
         sampler: Sampler,
         prefill_step: usize,
+        prefixes: Option<Arc<Mutex<PrefixCache>>>,
     ) -> Result<TokenGenerator> {
         check_prompt(prompt, model.args.vocab_size)?;
         let step = prefill_step.max(1);
+        let prefixes = prefixes.filter(|_| !sampler.needs_history());
+        let kept = prefixes
+            .as_ref()
+            .and_then(|p| crate::pipeline::lock(p).take(prompt));
+        let (cache, cached) = match kept {
+            Some((c, n)) => (c, n),
+            None => (model.make_cache(), 0),
+        };
         let mut g = TokenGenerator {
-            cache: model.make_cache(),
+            cache,
             model,
             sampler,
             history: Vec::new(),
             next: None,
+            prefixes,
+            fed: prompt.to_vec(),
+            failed: false,
+            cached,
         };
         // Everything but the last token goes through in chunks, cache only.
         let (head, last) = prompt.split_at(prompt.len() - 1);
-        for chunk in head.chunks(step) {
+        for chunk in head[cached..].chunks(step) {
             let ids = Array::from_slice(&to_i32(chunk), &[1, chunk.len() as i32])?;
             let h = g.model.embed(&ids)?;
             g.model.forward_layers(h, Some(&mut g.cache))?;
@@ -118,6 +142,22 @@ impl TokenSource for TokenGenerator {
     /// The step after the returned token is already scheduled when this
     /// returns, so the device never idles while the caller handles the token.
     fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
+        let r = self.advance(schedule_next);
+        self.failed |= r.is_err();
+        r
+    }
+
+    fn cache_nbytes(&self) -> usize {
+        self.cache.iter().map(|c| c.nbytes()).sum()
+    }
+
+    fn cached_tokens(&self) -> usize {
+        self.cached
+    }
+}
+
+impl TokenGenerator {
+    fn advance(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
         let (y, logprobs) = self
             .next
             .take()
@@ -128,19 +168,32 @@ impl TokenSource for TokenGenerator {
             let n = self.step_ids(&y.reshape(&[1, 1])?, &[])?;
             async_eval(&[&n.0, &n.1])?;
             self.next = Some(n);
-            return Ok((y.item::<u32>()?, Some(logprobs)));
+            let id = y.item::<u32>()?;
+            self.fed.push(id);
+            return Ok((id, Some(logprobs)));
         }
         let id = y.item::<u32>()?;
         if schedule_next {
             let n = self.step(&[id])?;
             async_eval(&[&n.0, &n.1])?;
             self.next = Some(n);
+            self.fed.push(id);
         }
         Ok((id, Some(logprobs)))
     }
+}
 
-    fn cache_nbytes(&self) -> usize {
-        self.cache.iter().map(|c| c.nbytes()).sum()
+impl Drop for TokenGenerator {
+    /// A sequence that ended well leaves its cache for later prompts.
+    fn drop(&mut self) {
+        let Some(prefixes) = self.prefixes.take() else {
+            return;
+        };
+        let held = self.cache.first().map_or(0, |c| c.offset()) as usize;
+        if !self.failed && held == self.fed.len() {
+            let cache = std::mem::take(&mut self.cache);
+            crate::pipeline::lock(&prefixes).keep(std::mem::take(&mut self.fed), cache);
+        }
     }
 }
 
@@ -241,12 +294,13 @@ impl Generation {
         prompt: &[u32],
         sampler: Sampler,
         opts: GenerateOptions,
+        prefixes: Option<Arc<Mutex<PrefixCache>>>,
     ) -> Result<Generation> {
         opts.validate()?;
         mlx::reset_peak_memory();
         let started = Instant::now();
         let step = opts.prefill_step;
-        let tokens = TokenGenerator::new(model, prompt, sampler, step)?;
+        let tokens = TokenGenerator::new(model, prompt, sampler, step, prefixes)?;
         Generation::from_source(Box::new(tokens), tokenizer, prompt.len(), opts, started)
     }
 

@@ -8,6 +8,8 @@
 //! a `PrefixStore`, bounded by bytes, least recently used evicted first; a
 //! stage that evicted one refuses the step and the coordinator starts over
 //! without it.
+//!
+//! A model in this process keeps both halves in one `PrefixCache`.
 use std::collections::VecDeque;
 
 use crate::cache::KvCache;
@@ -50,18 +52,30 @@ impl PrefixIndex {
         Some((id, n))
     }
 
-    /// Remembers that the stages keep `tokens`' cache under `id`.
-    pub fn insert(&mut self, id: String, tokens: Vec<u32>) {
+    /// Remembers that the stages keep `tokens`' cache under `id`. Returns
+    /// whether it did, and the ids of the entries it forgot (those the new
+    /// one covers, and the oldest beyond the index's size).
+    pub fn insert(&mut self, id: String, tokens: Vec<u32>) -> (bool, Vec<String>) {
         if tokens.len() < MIN_PREFIX {
-            return;
+            return (false, Vec::new());
         }
         // A prefix another entry already covers adds nothing.
         if self.entries.iter().any(|(_, t)| t.starts_with(&tokens)) {
-            return;
+            return (false, Vec::new());
         }
-        self.entries.retain(|(_, t)| !tokens.starts_with(t));
+        let mut dropped = Vec::new();
+        self.entries.retain(|(i, t)| {
+            let covered = tokens.starts_with(t);
+            if covered {
+                dropped.push(i.clone());
+            }
+            !covered
+        });
         self.entries.push_front((id, tokens));
-        self.entries.truncate(INDEX_ENTRIES);
+        while self.entries.len() > INDEX_ENTRIES {
+            dropped.extend(self.entries.pop_back().map(|e| e.0));
+        }
+        (true, dropped)
     }
 
     /// Forgets a prefix a stage no longer holds.
@@ -120,6 +134,20 @@ impl PrefixStore {
         out
     }
 
+    /// Drops prefix `id`.
+    pub fn remove(&mut self, id: &str) {
+        if let Some(i) = self.entries.iter().position(|(i, _, _)| i == id) {
+            if let Some((_, _, b)) = self.entries.remove(i) {
+                self.bytes -= b;
+            }
+        }
+    }
+
+    /// Whether prefix `id` is held.
+    pub fn contains(&self, id: &str) -> bool {
+        self.entries.iter().any(|(i, _, _)| i == id)
+    }
+
     /// Evicts least recently used entries until at most `budget` bytes are held.
     pub fn shrink(&mut self, budget: u64) {
         while self.bytes > budget {
@@ -145,6 +173,75 @@ impl PrefixStore {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+/// The prefix cache of a model in this process: the index and the caches
+/// together, bounded by `budget` bytes.
+pub struct PrefixCache {
+    index: PrefixIndex,
+    store: PrefixStore,
+    budget: u64,
+    next_id: u64,
+}
+
+impl PrefixCache {
+    pub fn new(budget: u64) -> PrefixCache {
+        PrefixCache {
+            index: PrefixIndex::default(),
+            store: PrefixStore::default(),
+            budget,
+            next_id: 0,
+        }
+    }
+
+    /// `MLX_DIST_PREFIX_CACHE_MB` megabytes (default 1024; 0 turns it off).
+    pub fn from_env() -> PrefixCache {
+        let mb = std::env::var("MLX_DIST_PREFIX_CACHE_MB")
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(1024);
+        PrefixCache::new(mb << 20)
+    }
+
+    /// Caches holding the longest kept prefix of `prompt` (all but its last
+    /// token at most), and how many positions that is.
+    pub fn take(&mut self, prompt: &[u32]) -> Option<(Vec<KvCache>, usize)> {
+        if self.budget == 0 {
+            return None;
+        }
+        let (id, n) = self.index.lookup(prompt)?;
+        match self.store.take(&id, n) {
+            Some(c) => Some((c, n)),
+            None => {
+                self.index.remove(&id);
+                None
+            }
+        }
+    }
+
+    /// Keeps `caches`, which hold `tokens`' positions, for later prompts.
+    pub fn keep(&mut self, tokens: Vec<u32>, caches: Vec<KvCache>) {
+        if self.budget == 0 {
+            return;
+        }
+        self.next_id += 1;
+        let id = self.next_id.to_string();
+        let (kept, dropped) = self.index.insert(id.clone(), tokens);
+        for d in dropped {
+            self.store.remove(&d);
+        }
+        if kept {
+            self.store.insert(id.clone(), caches, self.budget);
+            if !self.store.contains(&id) {
+                self.index.remove(&id);
+            }
+        }
+    }
+
+    /// Bytes of the kept caches.
+    pub fn bytes(&self) -> u64 {
+        self.store.bytes()
     }
 }
 
@@ -201,5 +298,26 @@ mod tests {
         assert!(st.take("b", 1).is_none());
         assert!(st.take("a", 1).is_some());
         assert!(st.bytes() <= one * 2);
+    }
+
+    #[test]
+    fn a_local_prefix_cache_keeps_finds_and_forgets_together() {
+        let one = cache(10).nbytes() as u64;
+        let mut pc = PrefixCache::new(one * 2);
+        pc.keep((1..=10).collect(), vec![cache(10)]);
+        let (c, n) = pc.take(&[1, 2, 3, 4, 5, 6, 99]).unwrap();
+        assert_eq!((c[0].offset(), n), (6, 6));
+        assert!(pc.take(&[7, 7, 7, 7, 7]).is_none());
+        // A longer sequence covering the first replaces it in both halves.
+        pc.keep((1..=12).collect(), vec![cache(12)]);
+        assert_eq!(pc.bytes(), one);
+        assert_eq!(pc.take(&(1..=20).collect::<Vec<_>>()).unwrap().1, 12);
+        // Over the budget: nothing kept, nothing found.
+        pc.keep((50..=90).collect(), vec![cache(600)]);
+        assert!(pc.take(&(50..=95).collect::<Vec<_>>()).is_none());
+        // A zero budget turns it off.
+        let mut off = PrefixCache::new(0);
+        off.keep((1..=10).collect(), vec![cache(10)]);
+        assert!(off.take(&(1..=20).collect::<Vec<_>>()).is_none());
     }
 }

@@ -137,3 +137,38 @@ def test_prefix_cache_hit_equals_a_miss_and_reports_cached_tokens(model_path, lo
     )
     list(g)
     assert g.cached_tokens == 0
+
+
+def test_a_model_on_one_device_starts_prompts_from_kept_prefixes(model_path, monkeypatch):
+    model, tok = mlx_dist.load(str(model_path))
+    monkeypatch.setenv("MLX_DIST_PREFIX_CACHE_MB", "0")
+    plain, _ = mlx_dist.load(str(model_path))
+    system = "you are a helpful assistant who answers briefly. " * 4
+    first = tok.encode(system + "first question")
+    second = tok.encode(system + "a second, different question")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert shared > 8
+
+    def run(m, ids, **kw):
+        g = _core.Generation(m._core, tok._core, ids, max_tokens=16, logprobs=False, **kw)
+        tokens = [rec[1] for rec in g]
+        return tokens, g.cached_tokens
+
+    miss = run(model, first)
+    assert miss == (run(plain, first)[0], 0)
+    assert model._core.prefix_cache_bytes > 0
+    hit = run(model, second)
+    assert hit == (run(plain, second)[0], shared)
+    # The same prompt again: all but its last token come from the cache,
+    # and a stream cut short leaves what it computed.
+    again = run(model, second)
+    assert again == (hit[0], len(second) - 1)
+    g = _core.Generation(model._core, tok._core, first + [5, 6, 7], max_tokens=16, logprobs=False)
+    next(iter(g))
+    del g
+    assert run(model, first + [5, 6, 7, 8])[1] >= len(first) + 3
+    # Penalties look back over the prompt: those sequences compute it all.
+    assert run(model, second, repetition_penalty=1.2)[1] == 0
+    # Turned off, nothing is kept.
+    assert run(plain, second)[1] == 0
+    assert plain._core.prefix_cache_bytes == 0

@@ -142,11 +142,12 @@ impl PyGeneration {
             })?;
             return Ok(PyGeneration { inner });
         }
-        let m = model.cast::<PyModel>()?.get().inner.clone();
+        let local = model.cast::<PyModel>()?.get();
+        let (m, prefixes) = (local.inner.clone(), local.prefixes.clone());
         processors.validate(m.args.vocab_size as usize)?;
         let inner = py.detach(move || -> crate::Result<Generation> {
             let sampler = Sampler::new(sampler, processors)?;
-            Generation::new(m, tok, &prompt, sampler, opts)
+            Generation::new(m, tok, &prompt, sampler, opts, Some(prefixes))
         })?;
         Ok(PyGeneration { inner })
     }

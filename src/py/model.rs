@@ -1,5 +1,5 @@
 //! `Model`: a loaded model (or one pipeline stage of it) held by Python.
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -7,12 +7,15 @@ use pyo3::types::PyBytes;
 use super::tokenizer::PyTokenizer;
 use crate::generate::prompt_logits;
 use crate::models::Model;
+use crate::prefix::PrefixCache;
 use crate::tokenizer::Tokenizer;
 use crate::weights::{resolve, ModelSource, Weights};
 
 #[pyclass(name = "Model", module = "mlx_dist._core", frozen)]
 pub struct PyModel {
     pub inner: Arc<Model>,
+    /// Caches of ended sequences, for later prompts with the same start.
+    pub prefixes: Arc<Mutex<PrefixCache>>,
     source: ModelSource,
 }
 
@@ -36,6 +39,7 @@ pub fn load(
         Ok((
             PyModel {
                 inner: Arc::new(model),
+                prefixes: Arc::new(Mutex::new(PrefixCache::from_env())),
                 source,
             },
             PyTokenizer { inner: tokenizer },
@@ -63,6 +67,13 @@ impl PyModel {
     #[getter]
     fn config_json(&self) -> String {
         self.inner.config.to_string()
+    }
+
+    /// Bytes of KV cache kept from ended sequences for later prompts
+    /// (`MLX_DIST_PREFIX_CACHE_MB` at load bounds it).
+    #[getter]
+    fn prefix_cache_bytes(&self) -> u64 {
+        crate::pipeline::lock(&self.prefixes).bytes()
     }
 
     #[getter]
