@@ -565,10 +565,10 @@ def test_serve_in_the_background_from_python(model_path, library):
         handle.stop()
 
 
-def test_prefix_cache_hits_are_reported_in_usage(cluster_server, library):
+def test_prefix_cache_hits_are_reported_in_usage(server, library):
     system = {"role": "system", "content": "you answer in riddles about foxes. " * 4}
-    c = client(cluster_server)
-    name = model_id(cluster_server)
+    c = client(server)
+    name = model_id(server)
     for question in ("who are you?", "what do you eat?"):
         messages = [system, {"role": "user", "content": question}]
         text, _, _ = reference(library, chat_ids(library, messages), 10)
