@@ -940,7 +940,38 @@ def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
     )
 
 
-async def _chat_chunks(
+async def _events(
+    run: _Run,
+    opening: list[dict],
+    on_step: Callable[[Step], dict | None],
+    closing: Callable[[str | None], dict],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """One run as server-sent events: the `opening` chunks, the chunk
+    `on_step` makes of each step (None: nothing to send), the chunk
+    `closing` makes with the finish reason, the usage chunk when asked; an
+    error event if the run fails; then ``[DONE]``."""
+    try:
+        for c in opening:
+            yield _sse(c)
+        async for event in run.events():
+            if isinstance(event, Step):
+                c = on_step(event)
+                if c is not None:
+                    yield _sse(c)
+            else:
+                yield _sse(closing(event.finish_reason))
+                if include_usage:
+                    last = closing(None)
+                    last["choices"] = []
+                    last["usage"] = _usage(event)
+                    yield _sse(last)
+    except APIError as e:
+        yield _sse(e.body())
+    yield _sse("[DONE]")
+
+
+def _chat_chunks(
     st: ServerState, run: _Run, ident: str, created: int, include_usage: bool
 ) -> AsyncIterator[str]:
     def chunk(delta: dict, finish=None, logprobs=None) -> dict:
@@ -955,25 +986,16 @@ async def _chat_chunks(
             "usage": None,
         }
 
-    try:
-        yield _sse(chunk({"role": "assistant", "content": ""}))
-        async for event in run.events():
-            if isinstance(event, Step):
-                logprobs = None
-                if run.job.logprobs:
-                    logprobs = {"content": [_chat_logprob(st, event)]}
-                if event.text or logprobs:
-                    yield _sse(chunk({"content": event.text}, logprobs=logprobs))
-            else:
-                yield _sse(chunk({}, finish=event.finish_reason))
-                if include_usage:
-                    last = chunk({})
-                    last["choices"] = []
-                    last["usage"] = _usage(event)
-                    yield _sse(last)
-    except APIError as e:
-        yield _sse(e.body())
-    yield _sse("[DONE]")
+    def on_step(event: Step) -> dict | None:
+        logprobs = None
+        if run.job.logprobs:
+            logprobs = {"content": [_chat_logprob(st, event)]}
+        if event.text or logprobs:
+            return chunk({"content": event.text}, logprobs=logprobs)
+        return None
+
+    opening = [chunk({"role": "assistant", "content": ""})]
+    return _events(run, opening, on_step, lambda f: chunk({}, finish=f), include_usage)
 
 
 class _LegacyLogprobs:
@@ -998,7 +1020,7 @@ class _LegacyLogprobs:
         }
 
 
-async def _completion_chunks(
+def _completion_chunks(
     st: ServerState, run: _Run, ident: str, created: int, echo: str, include_usage: bool
 ) -> AsyncIterator[str]:
     def chunk(text: str, finish=None, logprobs=None) -> dict:
@@ -1012,29 +1034,21 @@ async def _completion_chunks(
         }
 
     offset = len(echo)
-    try:
-        if echo:
-            yield _sse(chunk(echo))
-        async for event in run.events():
-            if isinstance(event, Step):
-                lp = None
-                if run.job.logprobs:
-                    one = _LegacyLogprobs(st, offset)
-                    one.add(event, offset)
-                    lp = one.body()
-                offset += len(event.text)
-                if event.text or lp:
-                    yield _sse(chunk(event.text, logprobs=lp))
-            else:
-                yield _sse(chunk("", finish=event.finish_reason))
-                if include_usage:
-                    last = chunk("")
-                    last["choices"] = []
-                    last["usage"] = _usage(event)
-                    yield _sse(last)
-    except APIError as e:
-        yield _sse(e.body())
-    yield _sse("[DONE]")
+
+    def on_step(event: Step) -> dict | None:
+        nonlocal offset
+        lp = None
+        if run.job.logprobs:
+            one = _LegacyLogprobs(st, offset)
+            one.add(event, offset)
+            lp = one.body()
+        offset += len(event.text)
+        if event.text or lp:
+            return chunk(event.text, logprobs=lp)
+        return None
+
+    opening = [chunk(echo)] if echo else []
+    return _events(run, opening, on_step, lambda f: chunk("", finish=f), include_usage)
 
 
 async def _workers(st: ServerState, timeout: float) -> list[dict]:
