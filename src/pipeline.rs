@@ -23,7 +23,7 @@ use crate::proto::{
     Compression, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadShardRequest,
     ModelSource as ProtoSource, SamplingParams,
 };
-use crate::sample::{ProcessorConfig, SamplerConfig};
+use crate::recovery::SequenceSpec;
 use crate::sharding::{plan, Footprint, Plan, Strategy};
 use crate::weights::{resolve, ModelSource, Weights};
 use crate::worker::{connect, Client};
@@ -417,15 +417,8 @@ impl Cluster {
 
     /// Starts a sequence: opens its stream to the first stage and prefills
     /// the prompt through the chain.
-    pub async fn start(
-        &self,
-        prompt: &[u32],
-        sampler: &SamplerConfig,
-        procs: &ProcessorConfig,
-        max_tokens: usize,
-        prefill_step: usize,
-        logprobs: bool,
-    ) -> Result<RemoteTokens> {
+    pub async fn start(&self, spec: &SequenceSpec) -> Result<RemoteTokens> {
+        let (prompt, sampler, procs) = (&spec.prompt, &spec.sampler, &spec.processors);
         check_prompt(prompt, self.args.vocab_size)?;
         let vocab = self.args.vocab_size as u32;
         sampler.validate()?;
@@ -440,17 +433,7 @@ impl Cluster {
         } else {
             lock(&self.prefixes).lookup(prompt)
         };
-        let run = |prefix| {
-            self.start_from(
-                prompt,
-                sampler,
-                procs,
-                max_tokens,
-                prefill_step,
-                logprobs,
-                prefix,
-            )
-        };
+        let run = |prefix| self.start_from(spec, prefix);
         match run(prefix.clone()).await {
             Err(_) if prefix.is_some() => {
                 // A stage dropped the prefix (evicted, or restarted): without it.
@@ -461,17 +444,20 @@ impl Cluster {
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     async fn start_from(
         &self,
-        prompt: &[u32],
-        sampler: &SamplerConfig,
-        procs: &ProcessorConfig,
-        max_tokens: usize,
-        prefill_step: usize,
-        logprobs: bool,
+        spec: &SequenceSpec,
         prefix: Option<(String, usize)>,
     ) -> Result<RemoteTokens> {
+        let SequenceSpec {
+            prompt,
+            sampler,
+            processors: procs,
+            max_tokens,
+            prefill_step,
+            logprobs,
+        } = spec;
+        let (max_tokens, prefill_step, logprobs) = (*max_tokens, *prefill_step, *logprobs);
         static NEXT: AtomicU64 = AtomicU64::new(0);
         // Unique across coordinators too: ids also name kept prefixes.
         let seq = format!(

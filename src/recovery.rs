@@ -227,14 +227,7 @@ impl ClusterHandle {
         loop {
             let cluster = self.current();
             let epoch = self.epoch();
-            let r = runtime().block_on(cluster.start(
-                &run.prompt,
-                &run.sampler,
-                &run.processors,
-                run.max_tokens,
-                run.prefill_step,
-                run.logprobs,
-            ));
+            let r = runtime().block_on(cluster.start(&run));
             match r {
                 Ok(inner) => {
                     return Ok(RecoveringTokens {
@@ -324,14 +317,12 @@ impl RecoveringTokens {
                 .max_tokens
                 .saturating_sub(self.produced.len())
                 .max(1);
-            match runtime().block_on(cluster.start(
-                &history,
-                &self.run.sampler,
-                &self.run.processors,
-                left,
-                self.run.prefill_step,
-                self.run.logprobs,
-            )) {
+            let again = SequenceSpec {
+                prompt: history,
+                max_tokens: left,
+                ..self.run.clone()
+            };
+            match runtime().block_on(cluster.start(&again)) {
                 Ok(inner) => {
                     self.inner = inner;
                     self.epoch = epoch;
