@@ -349,11 +349,8 @@ impl Rows {
     }
 }
 
-/// Where rotary embeddings start: one offset for all rows, or one per row.
-pub enum Positions<'a> {
-    From(i32),
-    PerRow(&'a Array),
-}
+/// Where rotary embeddings start.
+pub use crate::mlx::ops::Offset as Positions;
 
 /// The cache one layer's attention appends to.
 pub enum CacheRef<'a> {

@@ -151,16 +151,6 @@ extern "C" {
         base: f32,
         scale: f32,
         offset: c_int,
-        freqs: CArr,
-    ) -> c_int;
-    pub fn mlxd_rope_rows(
-        out: *mut Arr,
-        x: CArr,
-        dims: c_int,
-        traditional: bool,
-        has_base: bool,
-        base: f32,
-        scale: f32,
         offsets: CArr,
         freqs: CArr,
     ) -> c_int;

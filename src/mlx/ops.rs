@@ -394,6 +394,13 @@ pub fn rms_norm(x: &Array, weight: Option<&Array>, eps: f32) -> Result<Array> {
     make(|o| unsafe { ffi::mlxd_rms_norm(o, x.raw(), Array::opt_raw(weight), eps) })
 }
 
+/// Where rotary embeddings start: one offset for every row, or one per
+/// batch row (int32 `[B]`).
+pub enum Offset<'a> {
+    From(i32),
+    PerRow(&'a Array),
+}
+
 /// `mx.fast.rope`: either `base` or explicit `freqs`.
 pub fn rope(
     x: &Array,
@@ -401,9 +408,13 @@ pub fn rope(
     traditional: bool,
     base: Option<f32>,
     scale: f32,
-    offset: i32,
+    offset: &Offset,
     freqs: Option<&Array>,
 ) -> Result<Array> {
+    let (from, rows) = match offset {
+        Offset::From(o) => (*o, None),
+        Offset::PerRow(a) => (0, Some(*a)),
+    };
     make(|o| unsafe {
         ffi::mlxd_rope(
             o,
@@ -413,32 +424,8 @@ pub fn rope(
             base.is_some(),
             base.unwrap_or(0.0),
             scale,
-            offset,
-            Array::opt_raw(freqs),
-        )
-    })
-}
-
-/// `rope` with one position offset per batch row (`offsets`: int32 `[B]`).
-pub fn rope_rows(
-    x: &Array,
-    dims: i32,
-    traditional: bool,
-    base: Option<f32>,
-    scale: f32,
-    offsets: &Array,
-    freqs: Option<&Array>,
-) -> Result<Array> {
-    make(|o| unsafe {
-        ffi::mlxd_rope_rows(
-            o,
-            x.raw(),
-            dims,
-            traditional,
-            base.is_some(),
-            base.unwrap_or(0.0),
-            scale,
-            offsets.raw(),
+            from,
+            Array::opt_raw(rows),
             Array::opt_raw(freqs),
         )
     })

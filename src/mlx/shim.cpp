@@ -318,19 +318,13 @@ int mlxd_quantize(arr** w_out, arr** s_out, arr** b_out, const arr* w, int group
 int mlxd_rms_norm(arr** out, const arr* x, const arr* w, float eps) {
   GUARD(*out = box(mx::fast::rms_norm(*x, opt(w), eps)))
 }
+// `offsets` (int32 [B], one per batch row) if given, else `offset`.
 int mlxd_rope(arr** out, const arr* x, int dims, bool traditional, bool has_base, float base, float scale,
-              int offset, const arr* freqs) {
+              int offset, const arr* offsets, const arr* freqs) {
   GUARD({
     std::optional<float> b = has_base ? std::optional<float>(base) : std::nullopt;
-    *out = box(mx::fast::rope(*x, dims, traditional, b, scale, offset, opt(freqs)));
-  })
-}
-// `mlxd_rope` with one offset per batch row.
-int mlxd_rope_rows(arr** out, const arr* x, int dims, bool traditional, bool has_base, float base, float scale,
-                   const arr* offsets, const arr* freqs) {
-  GUARD({
-    std::optional<float> b = has_base ? std::optional<float>(base) : std::nullopt;
-    *out = box(mx::fast::rope(*x, dims, traditional, b, scale, *offsets, opt(freqs)));
+    *out = box(offsets ? mx::fast::rope(*x, dims, traditional, b, scale, *offsets, opt(freqs))
+                       : mx::fast::rope(*x, dims, traditional, b, scale, offset, opt(freqs)));
   })
 }
 int mlxd_sdpa(arr** out, const arr* q, const arr* k, const arr* v, float scale, const char* mask_mode,

@@ -347,19 +347,13 @@ impl Rope {
 
     /// Rotates `x` (`[B, H, L, D]`) for positions starting at `at`.
     pub fn forward(&self, x: &Array, at: &Positions) -> Result<Array> {
-        let rope = |x: &Array, dims, traditional, base, scale, freqs| match at {
-            Positions::From(offset) => ops::rope(x, dims, traditional, base, scale, *offset, freqs),
-            Positions::PerRow(offsets) => {
-                ops::rope_rows(x, dims, traditional, base, scale, offsets, freqs)
-            }
-        };
         match self {
             Rope::Base {
                 dims,
                 traditional,
                 base,
                 scale,
-            } => rope(x, *dims, *traditional, Some(*base), *scale, None),
+            } => ops::rope(x, *dims, *traditional, Some(*base), *scale, at, None),
             Rope::Freqs {
                 dims,
                 traditional,
@@ -381,7 +375,7 @@ impl Rope {
                     }
                     None => x.clone(),
                 };
-                rope(&x, *dims, *traditional, None, 1.0, Some(freqs))
+                ops::rope(&x, *dims, *traditional, None, 1.0, at, Some(freqs))
             }
         }
     }
