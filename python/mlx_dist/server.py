@@ -790,14 +790,9 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(_chat_chunks(st, run, ident, created, include_usage))
-        text, entries, done = "", [], None
-        async for event in run.events(request):
-            if isinstance(event, Step):
-                text += event.text
-                if top is not None:
-                    entries.append(_chat_logprob(st, event))
-            else:
-                done = event
+        steps, done = await _collect(run, request)
+        text = "".join(e.text for e in steps)
+        entries = [_chat_logprob(st, e) for e in steps] if top is not None else []
         if done is None:
             return Response(status_code=499)
         return {
@@ -834,15 +829,13 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(_completion_chunks(st, run, ident, created, echo, include_usage))
-        text, done = echo, None
+        steps, done = await _collect(run, request)
+        text = echo
         lp = _LegacyLogprobs(st, len(echo)) if top is not None else None
-        async for event in run.events(request):
-            if isinstance(event, Step):
-                if lp is not None:
-                    lp.add(event, len(text))
-                text += event.text
-            else:
-                done = event
+        for e in steps:
+            if lp is not None:
+                lp.add(e, len(text))
+            text += e.text
         if done is None:
             return Response(status_code=499)
         return {
@@ -930,6 +923,17 @@ def _model_card(st: ServerState) -> dict:
         "owned_by": "mlx-dist",
         "max_model_len": st.context_length,
     }
+
+
+async def _collect(run: _Run, request: Request) -> tuple[list[Step], Done | None]:
+    """A run's steps and its end (None: the client went away)."""
+    steps, done = [], None
+    async for event in run.events(request):
+        if isinstance(event, Step):
+            steps.append(event)
+        else:
+            done = event
+    return steps, done
 
 
 def _stream(chunks: AsyncIterator[str]) -> StreamingResponse:
