@@ -110,8 +110,9 @@ impl KvCache {
     }
 }
 
-fn round_up(n: i32) -> i32 {
-    (n + STEP - 1) / STEP * STEP
+/// The positions a cache grown in steps allocates to hold `n`.
+pub fn room_for(n: u64) -> u64 {
+    n.div_ceil(STEP as u64) * STEP as u64
 }
 
 /// One layer's caches of many sequences: `[slots, H, capacity, D]` keys and
@@ -152,7 +153,7 @@ impl SlotCache {
         if slots > self.lengths.len() {
             self.lengths.resize(slots, 0);
         }
-        self.capacity = self.capacity.max(round_up(positions));
+        self.capacity = self.capacity.max(room_for(positions.max(0) as u64) as i32);
     }
 
     /// Forgets what `slot` holds (its row is reused as is).
@@ -280,7 +281,7 @@ impl SlotCache {
         let own = |buf: &Array| -> Result<Array> {
             let (h, d) = (buf.dim(1), buf.dim(3));
             let row = buf.slice(&[s, 0, 0, 0], &[s + 1, h, n, d], &[1, 1, 1, 1])?;
-            Array::zeros(&[1, h, round_up(n), d], buf.dtype())?.slice_update(
+            Array::zeros(&[1, h, room_for(n as u64) as i32, d], buf.dtype())?.slice_update(
                 &row,
                 &[0, 0, 0, 0],
                 &[1, h, n, d],

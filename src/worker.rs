@@ -465,13 +465,14 @@ impl Engine {
                 // (continuous batching: the batch is whatever is queued),
                 // and those due back soon are waited for a little.
                 Job::Step(req, reply, at) if self.is_decode(&req) => {
-                    self.arrived(&req.sequence_id, at);
                     let mut batch = vec![(req, reply)];
                     held = self.gather(&jobs, &mut batch);
                     if batch.len() == 1 {
                         let (req, reply) = batch.pop().unwrap();
                         Job::Step(req, reply, at)
                     } else {
+                        // The others' arrivals were noted as they joined.
+                        self.arrived(&batch[0].0.sequence_id, at);
                         self.batches += 1;
                         self.batched_steps += batch.len() as u64;
                         self.tokens += batch.len() as u64;
@@ -560,10 +561,7 @@ impl Engine {
         // A new stage replaces the old one and every sequence on it; kept
         // prefixes go too (the coordinator's index starts afresh).
         self.seqs.clear();
-        self.free.clear();
-        for c in &mut self.caches {
-            c.clear();
-        }
+        self.drop_caches();
         self.prefixes.clear();
         let src = req.source.clone().unwrap_or_default();
         if let Some(stage) = self.stage.as_mut().filter(|s| s.holds(&req)) {
@@ -776,13 +774,18 @@ impl Engine {
         }
         self.free.push(ended.slot);
         if self.seqs.is_empty() {
-            for c in &mut self.caches {
-                c.clear();
-            }
-            self.free.clear();
-            mlx::clear_cache();
+            self.drop_caches();
         }
         Some(ended)
+    }
+
+    /// Gives back the memory of every slot (no sequence may hold one).
+    fn drop_caches(&mut self) {
+        for c in &mut self.caches {
+            c.clear();
+        }
+        self.free.clear();
+        mlx::clear_cache();
     }
 
     /// A copy of an ending sequence's cache, if it asked to be kept as a
@@ -856,7 +859,7 @@ impl Engine {
                 .caches
                 .first()
                 .map_or(0, |c| c.capacity() as u64)
-                .max(length.div_ceil(256) * 256);
+                .max(crate::cache::room_for(length));
             let held = (used + need).max(rows as u64 * room * stage.kv_bytes_per_token);
             if held > stage.cache_budget {
                 return Err(Error::ResourceExhausted(format!(
@@ -2047,6 +2050,74 @@ mod tests {
                 .is_err());
         });
         set_cluster_token(None);
+    }
+
+    #[test]
+    fn the_kv_budget_counts_the_longest_rows_room_for_every_row() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
+        let m = Model::load(&weights, None).unwrap();
+        let fp = Footprint::from_weights(&weights, &m.args, m.tied());
+        let per_token: u64 = fp.kv_bytes_per_token[1..3].iter().sum();
+        crate::pipeline::runtime().block_on(async {
+            let (_addr, mut client) = start(tmp.path()).await;
+            // Room for 1500 tokens: a sequence of 1000 and one of 8 fit by
+            // their sum, but each row of the shared cache gets 1024.
+            load(
+                &mut client,
+                LoadShardRequest {
+                    source: Some(ProtoSource {
+                        path: tmp.path().display().to_string(),
+                        model_id: String::new(),
+                    }),
+                    layer_start: 1,
+                    layer_end: 3,
+                    head: true,
+                    cache_budget: per_token * 1500,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+            let good = codec::encode(
+                &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
+                Compression::None,
+            )
+            .unwrap();
+            let (tx, rx) = mpsc::channel(1);
+            let mut replies = client
+                .forward(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut long = step("long", good.clone());
+            long.max_length = 1000;
+            tx.send(long).await.unwrap();
+            assert!(replies.message().await.unwrap().unwrap().token.is_some());
+            let err = one_step(&mut client, step("short", good.clone()))
+                .await
+                .unwrap_err();
+            assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+            assert!(
+                err.message()
+                    .contains("2 sequences with room for 1024 tokens"),
+                "{err:?}"
+            );
+            // Once the long one ends, the short one fits.
+            drop((tx, replies));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                match one_step(&mut client, step("short", good.clone())).await {
+                    Ok(r) => break assert!(r.token.is_some()),
+                    Err(e) if Instant::now() < deadline => {
+                        assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e:?}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                    Err(e) => panic!("still refused: {e:?}"),
+                }
+            }
+        });
     }
 
     #[test]
