@@ -35,6 +35,14 @@ def _start_worker(name: str, env: dict) -> tuple[subprocess.Popen, str]:
     raise RuntimeError(f"worker {name} did not start")
 
 
+def stop_workers(procs) -> None:
+    """Ends the workers `_start_worker` started."""
+    for p, _ in procs:
+        p.terminate()
+    for p, _ in procs:
+        p.wait(10)
+
+
 def model_path(args, tmp: Path) -> str:
     """The model a bench runs: a random one of `--random-shape` made in
     `tmp`, else `--model`, else the demo model."""
@@ -168,8 +176,5 @@ def main(args) -> int:
                 f"first {same} of {len(want)}, {100 * agree:.0f}% position-wise"
             )
         finally:
-            for p, _ in procs:
-                p.terminate()
-            for p, _ in procs:
-                p.wait(10)
+            stop_workers(procs)
     return 0

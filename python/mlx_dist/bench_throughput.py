@@ -15,7 +15,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlx_dist.bench_pipeline import _start_worker, model_path
+from mlx_dist.bench_pipeline import _start_worker, model_path, stop_workers
 
 
 def _streams(model, tok, prompts, gen) -> tuple[float, int]:
@@ -209,8 +209,5 @@ def main(args) -> int:
                 )
                 print(f"  {k} stages (pipelined chunks): {t:.3f} s ({t / one:.2f}x)")
         finally:
-            for p, _ in procs:
-                p.terminate()
-            for p, _ in procs:
-                p.wait(10)
+            stop_workers(procs)
     return 0
