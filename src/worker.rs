@@ -1906,9 +1906,10 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
         "serving on {local}{}",
         if tls { " with TLS" } else { " (plain, no TLS)" }
     );
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    // The builder's TCP_NODELAY applies only to listeners it binds itself:
+    // without it, a small reply can wait for the peer's delayed ACK.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     builder
-        .tcp_nodelay(true)
         // A coordinator or previous stage that vanished is noticed within seconds.
         .http2_keepalive_interval(Some(keepalive_interval()))
         .http2_keepalive_timeout(Some(keepalive_interval()))
