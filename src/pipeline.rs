@@ -21,7 +21,7 @@ use crate::models::ModelArgs;
 use crate::prefix::PrefixIndex;
 use crate::proto::{
     Compression, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadShardRequest,
-    ModelSource as ProtoSource, SamplingParams,
+    ModelSource as ProtoSource, ReleaseRequest, SamplingParams,
 };
 use crate::recovery::SequenceSpec;
 use crate::sharding::{plan, Footprint, Plan, Strategy};
@@ -62,6 +62,10 @@ pub struct ClusterOptions {
     /// chunks keep every stage busy during a long prefill and let other
     /// sequences' decode steps in between.
     pub prefill_chunk: usize,
+    /// Decode steps go round a ring: the last stage sends each token
+    /// straight to the first, which runs the next step without waiting on
+    /// the coordinator (one network hop per stage instead of two).
+    pub ring: bool,
 }
 
 impl Default for ClusterOptions {
@@ -72,6 +76,7 @@ impl Default for ClusterOptions {
             compression: Compression::None,
             connect_timeout: Duration::from_secs(10),
             prefill_chunk: 1024,
+            ring: true,
         }
     }
 }
@@ -96,12 +101,19 @@ pub struct Cluster {
     pub last_stage_micros: Arc<std::sync::Mutex<Vec<u32>>>,
     /// Longest prompt chunk sent through the pipeline at once.
     pub prefill_chunk: usize,
+    /// Decode steps go round the ring (`ClusterOptions::ring`).
+    pub ring: bool,
     /// What the stages keep of ended sequences, for later prompts.
     pub prefixes: Arc<std::sync::Mutex<PrefixIndex>>,
 }
 
 /// Prompt chunks of one sequence in flight through the pipeline at once.
 const PREFILL_IN_FLIGHT: usize = 4;
+
+/// Ring steps a sequence may run ahead of the tokens read here: enough that
+/// a reader keeping up never stalls the ring, few enough that one stopping
+/// early wastes little.
+const RING_CREDIT: u32 = 2;
 
 /// Capabilities declared in a cluster config take the place of measured ones.
 fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
@@ -365,6 +377,11 @@ impl Cluster {
                 .get(i + 1)
                 .map(|n| handles[n.device].address.clone())
                 .unwrap_or_default();
+            let first = if i + 1 == plan.stages.len() {
+                handles[plan.stages[0].device].address.clone()
+            } else {
+                String::new()
+            };
             let mut req = LoadShardRequest {
                 source: Some(ProtoSource {
                     path: path.clone(),
@@ -377,6 +394,7 @@ impl Cluster {
                 next,
                 cache_budget: 0,
                 compression: opts.compression as i32,
+                first,
             };
             let mut client = handle.client.clone();
             match load_stage(&mut client, req.clone(), i, progress).await {
@@ -411,6 +429,7 @@ impl Cluster {
             stages,
             last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
             prefill_chunk: opts.prefill_chunk,
+            ring: opts.ring,
             prefixes: Default::default(),
         })
     }
@@ -505,6 +524,8 @@ impl Cluster {
             acked: cached,
             failed: false,
             cached,
+            ring_left: 0,
+            ring_last: None,
         };
         let max_length = (prompt.len() + max_tokens) as u32;
         let (head, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
@@ -514,12 +535,20 @@ impl Cluster {
         // buffers fill while the other waits.
         let step = prefill_step.clamp(1, self.prefill_chunk.max(1));
         for chunk in head.chunks(step) {
-            r.send(chunk, false, sampling.take(), max_length).await?;
+            r.send(chunk, false, sampling.take(), max_length, 0).await?;
             if r.outstanding.len() >= PREFILL_IN_FLIGHT {
                 r.receive().await?;
             }
         }
-        r.send(last, true, sampling.take(), max_length).await?;
+        // The tokens after the first go round the ring by themselves.
+        let ahead = if self.ring {
+            max_tokens.saturating_sub(1) as u32
+        } else {
+            0
+        };
+        r.send(last, true, sampling.take(), max_length, ahead)
+            .await?;
+        r.ring_left = ahead;
         while r.outstanding.len() > 1 {
             r.receive().await?;
         }
@@ -573,6 +602,10 @@ pub struct RemoteTokens {
     /// Where to note, at the end, that the stages keep this sequence's cache.
     keep: Option<(String, Arc<std::sync::Mutex<PrefixIndex>>)>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
+    /// Tokens still to come round the ring after the next reply, and the
+    /// last token that came (the stages feed it in themselves).
+    ring_left: u32,
+    ring_last: Option<u32>,
 }
 
 /// How long the coordinator waits for one step's reply before declaring
@@ -602,6 +635,7 @@ impl RemoteTokens {
         sample: bool,
         sampling: Option<SamplingParams>,
         max_length: u32,
+        decode_ahead: u32,
     ) -> Result<()> {
         let (prefix_id, keep_as) = self.first_step.take().unwrap_or_default();
         let req = ForwardRequest {
@@ -615,6 +649,9 @@ impl RemoteTokens {
             max_length,
             prefix_id,
             keep_as,
+            decode_ahead,
+            stage_micros: Vec::new(),
+            ring_credit: if decode_ahead > 0 { RING_CREDIT } else { 0 },
         };
         self.offset += tokens.len() as u32;
         self.outstanding.push_back(tokens.len());
@@ -684,9 +721,30 @@ impl RemoteTokens {
             ))
         })?;
         let logprobs = reply.logprobs.as_ref().map(codec::decode).transpose()?;
-        if schedule_next {
+        if let Some(fed) = self.ring_last.take() {
+            // This token's step ran on every stage: the one before it is in
+            // their caches.
+            self.fed.push(fed);
+            self.acked += 1;
+        }
+        if self.ring_left > 0 {
+            // The first stage already runs the next step; this token was
+            // read, so it may start one more.
+            self.ring_left -= 1;
+            self.ring_last = Some(token);
+            self.pending = true;
+            if self.ring_left > 0 && schedule_next {
+                let credit = ForwardRequest {
+                    sequence_id: self.seq.clone(),
+                    ring_credit: 1,
+                    ..Default::default()
+                };
+                // A broken stream shows in the next reply.
+                let _ = self.tx.send(credit).await;
+            }
+        } else if schedule_next {
             // The next step is on its way while the caller handles this token.
-            self.send(&[token], true, None, 0).await?;
+            self.send(&[token], true, None, 0, 0).await?;
             self.pending = true;
         }
         Ok((token, logprobs))
@@ -707,6 +765,24 @@ impl Drop for RemoteTokens {
     /// The stages keep the cache of a sequence that ended well (closing the
     /// stream releases it there): note what it holds for later prompts.
     fn drop(&mut self) {
+        if !self.failed && self.ring_left > 0 {
+            // Steps still go round the ring: end the stream, then release
+            // the sequence at the first stage, behind its step in flight
+            // there, so that a sequence started next finds it gone.
+            drop(std::mem::replace(&mut self.tx, mpsc::channel(1).0));
+            let mut client = self.first.client.clone();
+            let req = ReleaseRequest {
+                sequence_id: self.seq.clone(),
+            };
+            let release = async move {
+                let _ = tokio::time::timeout(Duration::from_secs(2), client.release(req)).await;
+            };
+            if tokio::runtime::Handle::try_current().is_ok() {
+                runtime().spawn(release);
+            } else {
+                runtime().block_on(release);
+            }
+        }
         if let Some((id, index)) = self.keep.take() {
             if !self.failed {
                 self.fed.truncate(self.acked);

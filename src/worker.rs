@@ -24,13 +24,14 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
 use crate::models::{Model, Shard};
+use crate::pipeline::lock;
 use crate::prefix::PrefixStore;
 use crate::proto::worker_client::WorkerClient;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
     Compression, DeviceInfo, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest,
-    LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, SamplingParams,
-    ShardInfo,
+    LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply,
+    RingToken, SamplingParams, ShardInfo,
 };
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 use crate::sharding::Footprint;
@@ -332,6 +333,8 @@ struct Stage {
     model: Arc<Model>,
     info: ShardInfo,
     next: Option<String>,
+    /// The first stage, where the last one sends ring steps' tokens.
+    first: Option<String>,
     compression: Compression,
     cache_budget: u64,
     kv_bytes_per_token: u64,
@@ -381,6 +384,7 @@ struct StepOut {
     logprobs: Option<crate::proto::Tensor>,
     micros: u32,
     next: Option<String>,
+    first: Option<String>,
 }
 
 // A step's request moves through the channel once; boxing it would only add
@@ -568,6 +572,7 @@ impl Engine {
             // The same layers again (a re-plan that kept them here): only
             // the neighbours change, no weights are read.
             stage.next = Some(req.next.clone()).filter(|n| !n.is_empty());
+            stage.first = Some(req.first.clone()).filter(|n| !n.is_empty());
             stage.compression = Compression::try_from(req.compression).unwrap_or(Compression::None);
             let info = stage.info.clone();
             tracing::info!("kept layers {}..{}", info.layer_start, info.layer_end);
@@ -661,6 +666,7 @@ impl Engine {
             model: Arc::new(model),
             info: info.clone(),
             next: Some(req.next.clone()).filter(|n| !n.is_empty()),
+            first: Some(req.first.clone()).filter(|n| !n.is_empty()),
             compression: Compression::try_from(req.compression).unwrap_or(Compression::None),
             cache_budget,
             kv_bytes_per_token,
@@ -1069,6 +1075,7 @@ impl Engine {
         logits: &Array,
     ) -> Result<Vec<StepOut>> {
         let next = self.stage.as_ref().unwrap().next.clone();
+        let first = self.stage.as_ref().unwrap().first.clone();
         let shared = logits.sub(&logits.logsumexp(-1, true)?)?;
         let mut picks = Vec::with_capacity(ready.len());
         for (b, (req, _, _)) in ready.iter().enumerate() {
@@ -1105,6 +1112,7 @@ impl Engine {
                     },
                     micros: 0,
                     next: next.clone(),
+                    first: first.clone(),
                 })
             })
             .collect()
@@ -1128,6 +1136,7 @@ impl Engine {
             logprobs: None,
             micros: 0,
             next: stage.next.clone(),
+            first: stage.first.clone(),
         };
         if stage.info.head {
             if seq.sampler.as_ref().is_some_and(|s| s.needs_history()) {
@@ -1273,6 +1282,14 @@ pub struct WorkerService {
     /// (bytes, messages) of Forward requests sent downstream.
     sent: Arc<(AtomicU64, AtomicU64)>,
     started: Instant,
+    /// On the first stage: the Forward stream of each sequence in a ring
+    /// step, where the token coming round (Ring) goes.
+    rings: Arc<std::sync::Mutex<HashMap<String, mpsc::UnboundedSender<RingToken>>>>,
+    /// Set when the worker shuts down: incoming rings, which never end by
+    /// themselves, end then so the server can stop.
+    stopping: Arc<tokio::sync::watch::Sender<bool>>,
+    /// Tokens received round the ring.
+    ring_tokens: Arc<AtomicU64>,
 }
 
 impl WorkerService {
@@ -1302,6 +1319,9 @@ impl WorkerService {
             jobs: tx,
             sent: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
             started: Instant::now(),
+            rings: Default::default(),
+            stopping: Arc::new(tokio::sync::watch::channel(false).0),
+            ring_tokens: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -1586,24 +1606,37 @@ async fn downstream_reply(
     addr: &str,
     timeout: Duration,
 ) -> std::result::Result<ForwardReply, Status> {
-    let lost = |why: String| Status::unavailable(format!("next stage {addr} failed: {why}"));
     match tokio::time::timeout(timeout, rx.message()).await {
-        Err(_) => Err(lost(format!("no reply within {} s", timeout.as_secs()))),
-        Ok(Err(e)) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown => {
+        Err(_) => Err(Status::unavailable(format!(
+            "next stage {addr} failed: no reply within {} s",
+            timeout.as_secs()
+        ))),
+        Ok(r) => from_below(r, addr),
+    }
+}
+
+/// What the next stage's stream gave, as this stage reports it.
+fn from_below(
+    r: std::result::Result<Option<ForwardReply>, Status>,
+    addr: &str,
+) -> std::result::Result<ForwardReply, Status> {
+    let lost = |why: String| Status::unavailable(format!("next stage {addr} failed: {why}"));
+    match r {
+        Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown => {
             Err(lost(e.message().to_string()))
         }
         // Errors of later stages already name them.
-        Ok(Err(e)) => Err(e),
-        Ok(Ok(None)) => Err(lost("its stream ended".into())),
-        Ok(Ok(Some(r))) => Ok(r),
+        Err(e) => Err(e),
+        Ok(None) => Err(lost("its stream ended".into())),
+        Ok(Some(r)) => Ok(r),
     }
 }
 
 /// Where the reply to one request of a Forward stream comes from.
 enum Slot {
-    /// The stream to the next stage was opened: its replies.
-    Opened(Streaming<ForwardReply>),
-    /// Made here (the last stage, or an error).
+    /// The stream to the next stage (at this address) was opened: its replies.
+    Opened(Streaming<ForwardReply>, String),
+    /// Made here (the last stage, a token come round the ring, or an error).
     Ready(std::result::Result<ForwardReply, Status>),
     /// The next stage's reply to the request sent on, plus this stage's time.
     Below { micros: u32, addr: String },
@@ -1611,6 +1644,72 @@ enum Slot {
 
 /// Requests of one Forward stream in flight below this stage at most.
 const MAX_IN_FLIGHT: usize = 8;
+
+/// The last stage's streams to first stages (Ring), by address, shared by
+/// every sequence.
+static RINGS: std::sync::Mutex<Option<HashMap<String, mpsc::Sender<RingToken>>>> =
+    std::sync::Mutex::new(None);
+
+/// Sends `token` round the ring to the first stage at `addr`, opening the
+/// stream on first use and again if it broke.
+async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Status> {
+    let cached = RINGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .get(addr)
+        .cloned();
+    let token = match cached {
+        Some(tx) => match tx.send(token).await {
+            Ok(()) => return Ok(()),
+            // The first stage went away (or restarted): reconnect.
+            Err(mpsc::error::SendError(t)) => t,
+        },
+        None => token,
+    };
+    let mut client = open_client(addr, Duration::from_secs(10), false)
+        .await
+        .map_err(|e| Status::unavailable(format!("first stage {e}")))?;
+    let (tx, rx) = mpsc::channel(64);
+    let ring = addr.to_string();
+    tokio::spawn(async move {
+        // The call lasts as long as the stream; when it ends, the next token
+        // reconnects.
+        if let Err(e) = client.ring(ReceiverStream::new(rx)).await {
+            tracing::warn!("the ring to first stage {ring} ended: {}", e.message());
+        }
+    });
+    tx.send(token)
+        .await
+        .map_err(|_| Status::unavailable(format!("first stage {addr} closed the ring")))?;
+    RINGS
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get_or_insert_with(HashMap::new)
+        .insert(addr.to_string(), tx);
+    Ok(())
+}
+
+/// The step the first stage runs on a token come round the ring.
+fn ring_step(t: RingToken) -> ForwardRequest {
+    ForwardRequest {
+        sequence_id: t.sequence_id,
+        offset: t.offset,
+        tokens: vec![t.token],
+        sample: true,
+        logprobs: t.logprobs.is_some(),
+        decode_ahead: t.decode_ahead.saturating_sub(1),
+        ..Default::default()
+    }
+}
+
+/// The positions a step runs: its activations' length, or its tokens.
+fn step_positions(req: &ForwardRequest) -> u32 {
+    match &req.hidden {
+        Some(t) => t.shape.get(1).copied().unwrap_or(0) as u32,
+        None => req.tokens.len() as u32,
+    }
+}
 
 #[tonic::async_trait]
 impl Worker for WorkerService {
@@ -1661,6 +1760,7 @@ impl Worker for WorkerService {
             mlx_peak_memory: mlx::peak_memory() as u64,
             forward_bytes_sent: self.sent.0.load(Ordering::Relaxed),
             forward_messages_sent: self.sent.1.load(Ordering::Relaxed),
+            ring_tokens: self.ring_tokens.load(Ordering::Relaxed),
         }))
     }
 
@@ -1761,21 +1861,48 @@ impl Worker for WorkerService {
         let replies = tx.clone();
         let timeout = svc.cfg.step_timeout;
         tokio::spawn(async move {
-            let mut below: Option<Streaming<ForwardReply>> = None;
-            while let Some(slot) = pending.recv().await {
+            let mut below: Option<(Streaming<ForwardReply>, String)> = None;
+            // Replies that came from below before their slot did.
+            let mut early = std::collections::VecDeque::new();
+            loop {
+                let slot = tokio::select! {
+                    biased;
+                    s = pending.recv() => match s {
+                        Some(s) => s,
+                        None => break,
+                    },
+                    // Ring steps get no reply from below, so the stream is
+                    // watched while nothing waits on it: what comes is a
+                    // reply whose slot is on its way, or a later stage's
+                    // failure.
+                    r = async { below.as_mut().unwrap().0.message().await }, if below.is_some() => {
+                        let addr = &below.as_ref().unwrap().1;
+                        match from_below(r, addr) {
+                            Ok(r) => {
+                                early.push_back(r);
+                                continue;
+                            }
+                            Err(e) => Slot::Ready(Err(e)),
+                        }
+                    }
+                };
                 let reply = match slot {
-                    Slot::Opened(rx) => {
-                        below = Some(rx);
+                    Slot::Opened(rx, addr) => {
+                        below = Some((rx, addr));
                         continue;
                     }
                     Slot::Ready(r) => r,
-                    Slot::Below { micros, addr } => match below.as_mut() {
-                        None => Err(Status::internal("no stream to the next stage")),
-                        Some(rx) => downstream_reply(rx, &addr, timeout).await.map(|mut r| {
+                    Slot::Below { micros, addr } => {
+                        let r = match (early.pop_front(), below.as_mut()) {
+                            (Some(r), _) => Ok(r),
+                            (None, None) => Err(Status::internal("no stream to the next stage")),
+                            (None, Some((rx, _))) => downstream_reply(rx, &addr, timeout).await,
+                        };
+                        r.map(|mut r| {
                             r.stage_micros.insert(0, micros);
                             r
-                        }),
-                    },
+                        })
+                    }
                 };
                 let failed = reply.is_err();
                 if replies.send(reply).await.is_err() || failed {
@@ -1786,44 +1913,128 @@ impl Worker for WorkerService {
         tokio::spawn(async move {
             let mut downstream: Option<(String, mpsc::Sender<ForwardRequest>)> = None;
             let mut seen: HashSet<String> = HashSet::new();
+            // On the first stage: tokens of this stream's ring steps, come
+            // round from the last stage.
+            let (ring_tx, mut ring_rx) = mpsc::unbounded_channel::<RingToken>();
+            let mut ringing: Vec<String> = Vec::new();
+            // Ring steps each sequence may still start, and a token held
+            // for want of one.
+            let mut credit: HashMap<String, u32> = HashMap::new();
+            let mut held: HashMap<String, RingToken> = HashMap::new();
             loop {
-                let msg = match upstream.message().await {
-                    Ok(Some(m)) => m,
-                    // The client finished: its sequences end.
-                    Ok(None) => break,
-                    // A message that is too large or does not decode, or a
-                    // client that went away (then nobody hears this).
-                    Err(e) => {
-                        let e = if e.code() == tonic::Code::OutOfRange {
-                            Status::resource_exhausted(format!(
-                                "worker {}: {} (raise its --max-message-mb)",
-                                svc.cfg.name,
-                                e.message()
-                            ))
-                        } else {
-                            e
+                let msg = tokio::select! {
+                    // The client's end first: no ring step after it.
+                    biased;
+                    m = upstream.message() => match m {
+                        Ok(Some(m)) if m.tokens.is_empty() && m.hidden.is_none() && m.ring_credit > 0 => {
+                            // The coordinator read a token: one more step.
+                            let c = credit.entry(m.sequence_id.clone()).or_insert(0);
+                            *c = c.saturating_add(m.ring_credit);
+                            match held.remove(&m.sequence_id) {
+                                Some(t) => {
+                                    *c -= 1;
+                                    ring_step(t)
+                                }
+                                None => continue,
+                            }
+                        }
+                        Ok(Some(m)) => m,
+                        // The client finished: its sequences end.
+                        Ok(None) => break,
+                        // A message that is too large or does not decode, or
+                        // a client that went away (then nobody hears this).
+                        Err(e) => {
+                            let e = if e.code() == tonic::Code::OutOfRange {
+                                Status::resource_exhausted(format!(
+                                    "worker {}: {} (raise its --max-message-mb)",
+                                    svc.cfg.name,
+                                    e.message()
+                                ))
+                            } else {
+                                e
+                            };
+                            let _ = slots.send(Slot::Ready(Err(e))).await;
+                            break;
+                        }
+                    },
+                    Some(mut t) = ring_rx.recv() => {
+                        // The token is the reply to the step that sampled it,
+                        // and the next step starts here without the client.
+                        let reply = ForwardReply {
+                            sequence_id: t.sequence_id.clone(),
+                            token: Some(t.token),
+                            logprobs: t.logprobs.clone(),
+                            stage_micros: std::mem::take(&mut t.stage_micros),
                         };
-                        let _ = slots.send(Slot::Ready(Err(e))).await;
-                        break;
+                        if slots.send(Slot::Ready(Ok(reply))).await.is_err() {
+                            break;
+                        }
+                        if t.decode_ahead == 0 {
+                            continue;
+                        }
+                        match credit.get_mut(&t.sequence_id) {
+                            Some(c) if *c > 0 => {
+                                *c -= 1;
+                                ring_step(t)
+                            }
+                            _ => {
+                                held.insert(t.sequence_id.clone(), t);
+                                continue;
+                            }
+                        }
                     }
                 };
                 let sequence = msg.sequence_id.clone();
                 seen.insert(sequence.clone());
+                if msg.decode_ahead > 0 && msg.hidden.is_none() && !ringing.contains(&sequence) {
+                    // The first stage of a ring: its tokens come back here.
+                    lock(&svc.rings).insert(sequence.clone(), ring_tx.clone());
+                    ringing.push(sequence.clone());
+                    credit.insert(sequence.clone(), msg.ring_credit);
+                }
+                let ring = msg.decode_ahead > 0;
                 let slot = match svc.step(msg.clone()).await {
                     Err(e) => Slot::Ready(Err(e)),
-                    Ok(out) => match out.hidden {
-                        None => Slot::Ready(Ok(ForwardReply {
+                    Ok(out) => match (out.hidden, out.token) {
+                        (None, Some(token)) if ring => {
+                            // The last stage of a ring step: the token goes
+                            // straight to the first stage.
+                            let mut stage_micros = msg.stage_micros.clone();
+                            stage_micros.push(out.micros);
+                            let round = RingToken {
+                                sequence_id: msg.sequence_id.clone(),
+                                offset: msg.offset + step_positions(&msg),
+                                token,
+                                logprobs: out.logprobs,
+                                stage_micros,
+                                decode_ahead: msg.decode_ahead,
+                            };
+                            match out.first {
+                                None => Slot::Ready(Err(Status::failed_precondition(
+                                    "this stage was loaded without the first stage's address: it cannot run ring steps",
+                                ))),
+                                Some(first) => match send_round(&first, round).await {
+                                    Ok(()) => continue,
+                                    Err(e) => Slot::Ready(Err(e)),
+                                },
+                            }
+                        }
+                        (None, token) => Slot::Ready(Ok(ForwardReply {
                             sequence_id: msg.sequence_id.clone(),
-                            token: out.token,
+                            token,
                             logprobs: out.logprobs,
                             stage_micros: vec![out.micros],
                         })),
-                        Some(hidden) => {
+                        (Some(hidden), _) => {
                             let next = out.next.unwrap_or_default();
                             if downstream.is_none() {
                                 match Downstream::open(&next, Duration::from_secs(10)).await {
                                     Ok(d) => {
-                                        if slots.send(Slot::Opened(d.rx)).await.is_err() {
+                                        if slots
+                                            .send(Slot::Opened(d.rx, d.addr.clone()))
+                                            .await
+                                            .is_err()
+                                        {
                                             break;
                                         }
                                         downstream = Some((d.addr, d.tx));
@@ -1835,10 +2046,13 @@ impl Worker for WorkerService {
                                 }
                             }
                             let (addr, down) = downstream.as_ref().unwrap();
-                            let fwd = ForwardRequest {
+                            let mut fwd = ForwardRequest {
                                 hidden: Some(hidden),
                                 ..msg
                             };
+                            if ring {
+                                fwd.stage_micros.push(out.micros);
+                            }
                             svc.sent.0.fetch_add(
                                 prost::Message::encoded_len(&fwd) as u64,
                                 Ordering::Relaxed,
@@ -1848,6 +2062,9 @@ impl Worker for WorkerService {
                                 Slot::Ready(Err(Status::unavailable(format!(
                                     "next stage {addr} failed: its stream closed"
                                 ))))
+                            } else if ring {
+                                // Its token comes round the ring, not back up.
+                                continue;
                             } else {
                                 Slot::Below {
                                     micros: out.micros,
@@ -1865,6 +2082,12 @@ impl Worker for WorkerService {
                     break;
                 }
             }
+            {
+                let mut rings = lock(&svc.rings);
+                for seq in &ringing {
+                    rings.remove(seq);
+                }
+            }
             // Dropping the sender closes the next stage's stream, which
             // releases the same sequences there.
             drop(downstream);
@@ -1873,6 +2096,31 @@ impl Worker for WorkerService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn ring(
+        &self,
+        request: Request<Streaming<RingToken>>,
+    ) -> std::result::Result<Response<RingReply>, Status> {
+        let mut tokens = request.into_inner();
+        let mut stopping = self.stopping.subscribe();
+        let mut n = 0;
+        loop {
+            let t = tokio::select! {
+                t = tokens.message() => match t? {
+                    Some(t) => t,
+                    None => break,
+                },
+                _ = stopping.wait_for(|s| *s) => break,
+            };
+            n += 1;
+            self.ring_tokens.fetch_add(1, Ordering::Relaxed);
+            // A sequence that ended meanwhile drops its late token.
+            if let Some(tx) = lock(&self.rings).get(&t.sequence_id) {
+                let _ = tx.send(t);
+            }
+        }
+        Ok(Response::new(RingReply { tokens: n }))
     }
 
     async fn release(
@@ -1897,7 +2145,9 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
     let name = cfg.name.clone();
     let builder = server_builder(&cfg)?;
     let tls = cfg.tls.is_some();
-    let service = WorkerService::new(cfg).into_server();
+    let service = WorkerService::new(cfg);
+    let stopping = service.stopping.clone();
+    let service = service.into_server();
     println!("listening on {host}:{}", local.port());
     use std::io::Write;
     let _ = std::io::stdout().flush();
@@ -1915,7 +2165,10 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
         .http2_keepalive_timeout(Some(keepalive_interval()))
         .add_service(health_service)
         .add_service(service)
-        .serve_with_incoming_shutdown(incoming, shutdown_signal())
+        .serve_with_incoming_shutdown(incoming, async move {
+            shutdown_signal().await;
+            stopping.send_replace(true);
+        })
         .await
         .map_err(|e| Error::Worker(format!("worker {name} stopped: {e}")))
 }

@@ -106,6 +106,45 @@ def test_text_sampling_and_stop_match_local(six_layer, workers):
         assert abs(float((r.logprobs - l.logprobs).abs().max())) < 1e-5
 
 
+@pytest.mark.parametrize("n", [1, 3])
+def test_ring_and_chain_give_the_same_output(n, six_layer, workers):
+    """Decode steps round the ring (the last worker hands each token to the
+    first, which runs the next step) and steps sent by the coordinator give
+    the same tokens and log-probabilities, greedy and sampled; the ring
+    really carried the tokens."""
+    path = six_layer["qwen3"]
+    local, tok = mlx_dist.load(str(path))
+    ids = tok.encode(PROMPT)
+    want = greedy(local, tok, ids)
+    first = workers[0].address
+
+    def ring_tokens():
+        return json.loads(_core.worker_info(first))["ring_tokens"]
+
+    runs = {}
+    for ring in (True, False):
+        model, dtok = mlx_dist.load(
+            str(path), workers=[w.address for w in workers[:n]], strategy="uniform", ring=ring
+        )
+        before = ring_tokens()
+        got = greedy(model, dtok, ids)
+        assert got == want, ring
+        came = ring_tokens() - before
+        # All but the first (the prompt's step) and the last (back up the
+        # chain); the ring may run a step past an early end.
+        assert (len(got) - 1 <= came <= 23) if ring else came == 0, (came, len(got))
+        sampler = mlx_dist.make_sampler(temp=0.9, top_k=20)
+        rs = list(
+            mlx_dist.stream_generate(
+                model, dtok, ids, max_tokens=12, sampler=sampler, seed=3, logprobs=True
+            )
+        )
+        runs[ring] = ([r.token for r in rs], [r.logprobs for r in rs])
+    assert runs[True][0] == runs[False][0]
+    for a, b in zip(runs[True][1], runs[False][1], strict=True):
+        assert float((a - b).abs().max()) < 1e-6
+
+
 def test_concurrent_sequences_do_not_mix(six_layer, workers):
     path = six_layer["qwen2"]
     model, tok = mlx_dist.load(str(path), workers=[w.address for w in workers[:3]])
@@ -178,8 +217,10 @@ def test_unreachable_worker_is_named_within_seconds(six_layer, workers):
     assert time.monotonic() - start < 10
 
 
-def test_killed_worker_fails_the_request_naming_it(six_layer, tmp_path_factory):
-    """With recovery off (test_recovery.py covers it on)."""
+@pytest.mark.parametrize("victim", [1, 2])
+def test_killed_worker_fails_the_request_naming_it(victim, six_layer, tmp_path_factory):
+    """A middle or the last worker, mid-ring; with recovery off
+    (test_recovery.py covers it on)."""
     procs = start_workers(3, tmp_path_factory.mktemp("kill"), prefix="k")
     try:
         path = six_layer["llama"]
@@ -188,13 +229,14 @@ def test_killed_worker_fails_the_request_naming_it(six_layer, tmp_path_factory):
         )
         stream = mlx_dist.stream_generate(model, tok, PROMPT, max_tokens=200)
         next(stream)
-        procs[1].kill()
+        procs[victim].kill()
         start = time.monotonic()
         with pytest.raises(ConnectionError) as err:
             for _ in stream:
                 pass
         assert time.monotonic() - start < 10
-        assert procs[1].address in str(err.value) or procs[1].name in str(err.value)
+        dead = procs[victim]
+        assert dead.address in str(err.value) or dead.name in str(err.value), err.value
     finally:
         for p in procs:
             p.stop()

@@ -23,7 +23,8 @@ def load_cluster(
     progress: Callable[[int, int, int, str], None] | None = None,
     recover: bool = True,
     recovery_wait: float = 30.0,
-    prefill_chunk: int = 512,
+    prefill_chunk: int = 1024,
+    ring: bool = True,
 ) -> tuple[Cluster, Tokenizer]: ...
 def run_worker(
     host: str = "127.0.0.1",

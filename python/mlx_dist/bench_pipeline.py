@@ -131,26 +131,31 @@ def main(args) -> int:
                 f"prompt {args.prompt_tokens} tokens, decode {n} tokens, median of {args.repeats}"
             )
             print(
-                f"{'setup':>14} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'stage compute ms':>24} "
+                f"{'setup':>18} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'stage compute ms':>24} "
                 f"{'net ms/hop':>10} {'bytes/hop/token':>16}"
             )
             print(
-                f"{'1 device':>14} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16}"
+                f"{'1 device':>18} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16}"
             )
             for k in stages:
-                model, dtok = mlx_dist.load(path, workers=addrs[:k], strategy="uniform")
-                _decode(model, dtok, ids[:8], 4, 1)
-                tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
-                per_hop = _decode_bytes_per_hop(model, dtok, ids, addrs[:k], args.gen_tokens)
-                # The step's wall time beyond the stages' compute, over the 2k
-                # network traversals (down the chain and back up).
-                step_ms = 1000 / tps
-                hop_ms = max(step_ms - sum(per_stage), 0.0) / (2 * k)
-                stages_txt = "+".join(f"{x:.2f}" for x in per_stage)
-                print(
-                    f"{k:>5} workers   {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
-                    f"{hop_ms:10.3f} {per_hop:16.0f}"
-                )
+                # Decode steps sent by the coordinator and back up the chain
+                # (2k network traversals a token), then round the ring (k).
+                for ring in (False, True):
+                    model, dtok = mlx_dist.load(
+                        path, workers=addrs[:k], strategy="uniform", ring=ring
+                    )
+                    _decode(model, dtok, ids[:8], 4, 1)
+                    tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
+                    per_hop = _decode_bytes_per_hop(model, dtok, ids, addrs[:k], args.gen_tokens)
+                    step_ms = 1000 / tps
+                    hops = k if ring else 2 * k
+                    hop_ms = max(step_ms - sum(per_stage), 0.0) / hops
+                    stages_txt = "+".join(f"{x:.2f}" for x in per_stage)
+                    setup = f"{k} workers, {'ring' if ring else 'chain'}"
+                    print(
+                        f"{setup:>18} {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
+                        f"{hop_ms:10.3f} {per_hop:16.0f}"
+                    )
             if hidden:
                 print(f"(hidden size {hidden}: hidden x 2 + 64 = {hidden * 2 + 64} bytes)")
             # The int8 codec: speed, bytes and how often greedy tokens agree.

@@ -158,18 +158,22 @@ def main(args) -> int:
                 f"  per stage: batch, busy, ms per run"
             )
             models = {}
-            for k in stage_counts:
+            runs = [(k, ring) for k in stage_counts for ring in (True, False)[: 1 + args.chain]]
+            for k, ring in runs:
                 model, dtok = mlx_dist.load(
                     path,
                     workers=addrs[:k],
                     strategy=args.strategy,
                     prefill_chunk=args.prefill_chunk,
+                    ring=ring,
                 )
                 layers = [
                     s["layers"]["end"] - s["layers"]["start"] for s in model.plan_dict["stages"]
                 ]
-                print(f"{k} stages ({args.strategy}): layers {'+'.join(map(str, layers))}")
-                models[k] = (model, dtok)
+                how = "decode round the ring" if ring else "decode steps sent by the coordinator"
+                print(f"{k} stages ({args.strategy}): layers {'+'.join(map(str, layers))}, {how}")
+                if ring:
+                    models[k] = (model, dtok)
                 for n in stream_counts:
                     _streams(model, dtok, prompts[:n], args.gen_tokens)
                     _stage_batches(addrs[:k])

@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--prefill-chunk", type=int, default=1024, help="pipelined prompt chunk")
     bt.add_argument("--repeats", type=int, default=3)
     bt.add_argument(
+        "--chain",
+        action="store_true",
+        help="also measure decode steps sent by the coordinator (ring=False), side by side",
+    )
+    bt.add_argument(
         "--strategy",
         default="compute_proportional",
         help="how the workers share the layers (balanced may leave some out)",

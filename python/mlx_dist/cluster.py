@@ -237,6 +237,7 @@ def load_distributed(
     recovery_wait: float = 30.0,
     prefill_chunk: int = 1024,
     tls_ca=None,
+    ring: bool = True,
 ):
     from mlx_dist.utils import TokenizerWrapper
 
@@ -259,6 +260,7 @@ def load_distributed(
         bool(recover),
         float(recovery_wait),
         int(prefill_chunk),
+        bool(ring),
     )
     config = _model_config(path_or_repo)
     return DistributedModel(core, config), TokenizerWrapper(tokenizer)

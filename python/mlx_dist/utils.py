@@ -134,7 +134,9 @@ def load(
     returned model drives ``generate``/``stream_generate`` like a local one.
     ``tls_ca`` (a PEM file, e.g. from ``mlx-dist cert``) reaches the workers
     over TLS, trusting that certificate (process-wide; ``MLX_DIST_TLS_CA``
-    does the same when no ``tls_ca`` is given)."""
+    does the same when no ``tls_ca`` is given). ``ring=False`` sends every
+    decode step from here instead of letting the last worker hand each token
+    straight to the first."""
     dist_keys = {
         "proportions",
         "compression",
@@ -146,6 +148,7 @@ def load(
         "recovery_wait",
         "prefill_chunk",
         "tls_ca",
+        "ring",
     }
     unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"} - dist_keys
     if unknown:

@@ -38,7 +38,7 @@ fn compression(name: &str) -> Result<Compression, Error> {
 /// cluster re-plans over the workers left (unless `recover` is false),
 /// waiting up to `recovery_wait` seconds for room for the model.
 #[pyfunction]
-#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 1024))]
+#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 1024, ring = true))]
 #[allow(clippy::too_many_arguments)]
 pub fn load_cluster(
     py: Python<'_>,
@@ -53,6 +53,7 @@ pub fn load_cluster(
     recover: bool,
     recovery_wait: f64,
     prefill_chunk: usize,
+    ring: bool,
 ) -> PyResult<(PyCluster, PyTokenizer)> {
     let strategy: Strategy = strategy.parse()?;
     let declared: Vec<Option<Capabilities>> = match declared_json {
@@ -77,6 +78,7 @@ pub fn load_cluster(
         compression: compression(compression_name)?,
         connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
         prefill_chunk: prefill_chunk.max(1),
+        ring,
     };
     let report = move |stage: usize, done: u64, total: u64, msg: &str| {
         if let Some(cb) = &progress {
@@ -333,6 +335,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "steps": info.steps, "uptime_micros": info.uptime_micros,
         "batches": info.batches, "batched_steps": info.batched_steps,
         "prefix_entries": info.prefix_entries, "prefix_bytes": info.prefix_bytes,
+        "ring_tokens": info.ring_tokens,
     })
     .to_string())
 }
