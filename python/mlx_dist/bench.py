@@ -48,16 +48,17 @@ SHAPES = {
 
 
 def _word_level_tokenizer(vocab_size: int) -> dict:
-    # A tokenizer.json whose tokens are t0..tN: enough to load and detokenize.
-    vocab = {f"t{i} ": i for i in range(vocab_size)}
+    # A tokenizer.json whose tokens are t0..tN, joined by spaces: text of
+    # ids encodes back to the same ids (the servers' benchmark sends text).
+    vocab = {f"t{i}": i for i in range(vocab_size)}
     return {
         "version": "1.0",
         "added_tokens": [],
         "normalizer": None,
         "pre_tokenizer": {"type": "Whitespace"},
         "post_processor": None,
-        "decoder": None,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0 "},
+        "decoder": {"type": "WordPiece", "prefix": "##", "cleanup": False},
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "t0"},
     }
 
 
@@ -94,7 +95,10 @@ def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bf
     save_model(path, model)
     save_config(config, path / "config.json")
     (path / "tokenizer.json").write_text(json.dumps(_word_level_tokenizer(config["vocab_size"])))
-    (path / "tokenizer_config.json").write_text(json.dumps({}))
+    # The generic class: transformers would otherwise pick one by model type.
+    (path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"})
+    )
     return path
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -77,6 +79,131 @@ def _mlx_lm_batched(path: str, prompts, gen) -> float | None:
         span = max(lasts.values()) - min(firsts.values())
         rates.append(sum(c - 1 for c in counts.values()) / span if span > 0 else 0.0)
     return rates[-1]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_server(cmd: list[str], port: int, what: str) -> subprocess.Popen:
+    """Starts an OpenAI-compatible server and waits until ``/health``
+    answers 200 (the model loaded)."""
+    import http.client
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+            conn.request("GET", "/health")
+            if conn.getresponse().status == 200:
+                return proc
+        except OSError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise RuntimeError(f"{what} did not start: {' '.join(cmd)}")
+
+
+def _http_streams(port: int, texts, gen) -> float:
+    """`_streams` through an OpenAI-compatible server: one streamed
+    completion per prompt, all at once, greedy; aggregate tokens/s after each
+    stream's first, from the first first chunk to the last chunk."""
+    import http.client
+    import json
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    conn.request("GET", "/v1/models")
+    try:
+        name = json.loads(conn.getresponse().read())["data"][0]["id"]
+    except (ValueError, KeyError, IndexError):
+        # mlx_lm.server lists the Hugging Face cache; it serves its own model
+        # under this name.
+        name = "default_model"
+    spans, counts = [], []
+    lock = threading.Lock()
+
+    def run(text):
+        body = {
+            "model": name,
+            "prompt": text,
+            "max_tokens": gen,
+            "temperature": 0.0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        c.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        resp = c.getresponse()
+        first = last = None
+        n = 0
+        for line in resp:
+            if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+            if any(ch.get("text") for ch in chunk.get("choices") or []):
+                last = time.perf_counter()
+                first = first or last
+        with lock:
+            spans.append((first, last))
+            counts.append(n - 1)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(f is None for f, _ in spans):
+        return 0.0
+    span = max(last for _, last in spans) - min(first for first, _ in spans)
+    return sum(counts) / span if span > 0 else 0.0
+
+
+def _servers(args, path, addrs, text, stream_counts, base) -> None:
+    """The same streamed load through ``mlx-dist serve`` (one device, and
+    over the workers) and through ``mlx_lm.server`` on one device.
+    `text(seed)` makes a prompt; every run gets fresh ones (both servers
+    keep the prefixes of earlier prompts)."""
+    most = max(stream_counts)
+    # In-process on one device, then over one worker (whose stage batches
+    # decode steps) and over all of them.
+    setups = [("mlx-dist serve, 1 device", [])]
+    for k in sorted({1, len(addrs)}):
+        setups.append(
+            (
+                f"mlx-dist serve, {k} worker{'s' * (k > 1)}",
+                ["--workers", ",".join(addrs[:k]), "--strategy", args.strategy],
+            )
+        )
+    setups.append(("mlx_lm.server, 1 device", None))
+    for what, extra in setups:
+        port = _free_port()
+        if extra is None:
+            cmd = [sys.executable, "-m", "mlx_lm.server", "--model", path, "--port", str(port)]
+            cmd += ["--decode-concurrency", str(max(most, 32)), "--log-level", "WARNING"]
+        else:
+            cmd = [sys.executable, "-m", "mlx_dist.cli", "serve", "--model", path]
+            cmd += ["--port", str(port), "--max-concurrency", str(most), "--log-level", "warning"]
+            cmd += extra
+        proc = _start_server(cmd, port, what)
+        try:
+            figures = []
+            for n in stream_counts:
+                _http_streams(port, [text(10_000 + i) for i in range(n)], args.gen_tokens)
+                tps = _http_streams(
+                    port, [text(20_000 + 100 * n + i) for i in range(n)], args.gen_tokens
+                )
+                figures.append(f"{n}: {tps:.1f} ({tps / base:.2f}x)")
+            print(f"{what:<28} " + "  ".join(figures), flush=True)
+        finally:
+            proc.terminate()
+            proc.wait(30)
 
 
 def _stage_batches(addrs) -> str:
@@ -196,6 +323,16 @@ def main(args) -> int:
                         f"({tps / base:.2f}x)",
                         flush=True,
                     )
+            if args.servers:
+                print("through HTTP, streams: aggregate decode tok/s (x one device, one stream)")
+                _servers(
+                    args,
+                    path,
+                    addrs[: max(stage_counts)],
+                    lambda seed: tok.decode(prompt(seed, args.prompt_tokens)),
+                    stream_counts,
+                    base,
+                )
             warm = [prompt(900, args.ttft_tokens)]
             longs = [prompt(1000 + r, args.ttft_tokens) for r in range(args.repeats)]
             _ttft(local, tok, warm)

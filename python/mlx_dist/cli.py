@@ -450,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
     bt.add_argument("--prefill-chunk", type=int, default=1024, help="pipelined prompt chunk")
     bt.add_argument("--repeats", type=int, default=3)
     bt.add_argument(
+        "--servers",
+        action="store_true",
+        help="also run the same load through mlx-dist serve and mlx_lm.server (HTTP)",
+    )
+    bt.add_argument(
         "--chain",
         action="store_true",
         help="also measure decode steps sent by the coordinator (ring=False), side by side",
