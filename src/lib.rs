@@ -46,8 +46,8 @@ mod _core {
 
     #[pymodule_export]
     use crate::py::cluster::{
-        load_cluster, make_certificate, run_worker, set_cluster_token, set_tls_ca, worker_info,
-        PyCluster,
+        load_cluster, make_certificate, run_worker, set_cluster_token, set_tls_ca,
+        start_local_worker, stop_local_worker, worker_info, PyCluster,
     };
     #[pymodule_export]
     use crate::py::generate::{PyGeneration, PyLogprobs};

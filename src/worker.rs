@@ -2140,6 +2140,59 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
         .await
         .map_err(|e| Error::InvalidArgument(format!("cannot listen on {host}:{port}: {e}")))?;
     let local = listener.local_addr()?;
+    println!("listening on {host}:{}", local.port());
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    serve_on(listener, cfg, shutdown_signal()).await
+}
+
+/// A worker inside this process, on a free loopback port, for as long as
+/// the process lives: a server on one device runs its model there, so that
+/// the decode steps of concurrent sequences run batched. It requires the
+/// cluster token; when none is set, one is made up (and set for this
+/// process), so that no other local user can drive it. Returns its address.
+pub fn start_local() -> Result<String> {
+    if cluster_token().is_none() {
+        let mut bytes = [0u8; 16];
+        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+        set_cluster_token(Some(hex::encode(bytes)));
+    }
+    let rt = crate::pipeline::runtime();
+    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
+    let addr = format!("127.0.0.1:{}", listener.local_addr()?.port());
+    let cfg = WorkerConfig::new("local");
+    let (stop, stopped) = oneshot::channel::<()>();
+    lock(&LOCAL).insert(addr.clone(), stop);
+    rt.spawn(async move {
+        let shutdown = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) = serve_on(listener, cfg, shutdown).await {
+            tracing::error!("the local worker stopped: {e}");
+        }
+    });
+    Ok(addr)
+}
+
+/// Stops the local worker at `addr` (see `start_local`), which frees its
+/// model once its streams have ended.
+pub fn stop_local(addr: &str) {
+    if let Some(stop) = lock(&LOCAL).remove(addr) {
+        let _ = stop.send(());
+    }
+}
+
+/// Local workers of this process, by address: how to stop each.
+static LOCAL: std::sync::LazyLock<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// Serves a worker on `listener` until `shutdown` completes.
+async fn serve_on(
+    listener: tokio::net::TcpListener,
+    cfg: WorkerConfig,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<()> {
+    let local = listener.local_addr()?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     let name = cfg.name.clone();
@@ -2148,9 +2201,6 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
     let service = WorkerService::new(cfg);
     let stopping = service.stopping.clone();
     let service = service.into_server();
-    println!("listening on {host}:{}", local.port());
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
     tracing::info!(
         worker = %name,
         "serving on {local}{}",
@@ -2166,7 +2216,7 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
-            shutdown_signal().await;
+            shutdown.await;
             stopping.send_replace(true);
         })
         .await

@@ -228,6 +228,7 @@ def test_eight_concurrent_streams_equal_their_one_at_a_time_outputs(server):
         return "".join(ch.choices[0].delta.content or "" for ch in stream if ch.choices)
 
     alone = [one(p) for p in PROMPTS]
+    before = _batches(server)
     together: list[str | None] = [None] * len(PROMPTS)
 
     def run(i: int) -> None:
@@ -240,6 +241,13 @@ def test_eight_concurrent_streams_equal_their_one_at_a_time_outputs(server):
         t.join(300)
     assert together == alone
     assert len(set(alone)) > 1  # the prompts really differ
+    # On one device too, their decode steps ran as batches.
+    assert _batches(server) > before
+
+
+def _batches(server) -> int:
+    status = httpx.get(f"{server.url}/cluster/status").json()
+    return sum(d["info"].get("batches", 0) for d in status["devices"])
 
 
 MALFORMED = [
@@ -323,6 +331,23 @@ def _metrics(server, headers=None) -> dict[str, float]:
             key = s.name + json.dumps(s.labels, sort_keys=True) if s.labels else s.name
             out[key] = s.value
     return out
+
+
+def test_unbatched_server_steps_sequences_in_this_process(model_path, library, tmp_path):
+    """--no-batch: no worker; each sequence with its own cache, stepped in
+    turn. Same answers."""
+    server = ServerProcess(tmp_path, "--model", str(model_path), "--no-batch")
+    try:
+        ids = chat_ids(library, QUESTION)
+        want, _, _ = reference(library, ids, 12)
+        got = client(server).chat.completions.create(
+            model=model_id(server), messages=QUESTION, max_tokens=12
+        )
+        assert got.choices[0].message.content == want
+        status = httpx.get(f"{server.url}/cluster/status").json()
+        assert not status["distributed"] and "batches" not in status["devices"][0]["info"]
+    finally:
+        server.stop()
 
 
 def test_local_status_describes_this_device(local_server):

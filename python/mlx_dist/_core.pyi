@@ -26,6 +26,13 @@ def load_cluster(
     prefill_chunk: int = 1024,
     ring: bool = True,
 ) -> tuple[Cluster, Tokenizer]: ...
+def start_local_worker() -> str:
+    """Starts a worker inside this process on a free loopback port; returns
+    its address."""
+
+def stop_local_worker(address: str) -> None:
+    """Stops a worker ``start_local_worker`` started."""
+
 def run_worker(
     host: str = "127.0.0.1",
     port: int = 0,

@@ -136,6 +136,7 @@ def _serve(args: argparse.Namespace) -> int:
         recovery_wait=args.recovery_wait,
         token=args.token,
         tls_ca=args.tls_ca,
+        batch=args.batch,
     )
     return 0
 
@@ -320,6 +321,13 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds to wait for room for the model after a worker fails (then 503)",
     )
     s.add_argument("--log-level", default="info", help="uvicorn's log level")
+    s.add_argument(
+        "--batch",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="on one device, batch concurrent sequences' decode steps (in a worker inside "
+        "this process); --no-batch steps them in turn",
+    )
     _add_cluster(s)
     s.set_defaults(func=_serve)
 

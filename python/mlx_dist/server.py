@@ -68,6 +68,10 @@ class ServerSettings:
     health_interval: float = 2.0
     token: str | None = None
     tls_ca: str | None = None
+    # On one device, run the model in a worker inside this process, whose
+    # stage batches the decode steps of concurrent sequences (False: step
+    # them in turn, each with its own cache).
+    batch: bool = True
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
@@ -84,6 +88,10 @@ class ServerSettings:
                     value = int(raw)
                 elif f.type == "float":
                     value = float(raw)
+                elif f.type == "bool":
+                    if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                        raise ValueError(raw)
+                    value = raw.lower() in ("1", "true", "yes")
                 else:
                     value = raw
             except ValueError:
@@ -118,6 +126,8 @@ class ServerState:
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self._replanning: threading.Thread | None = None
+        # The in-process worker that runs a one-device model, batched.
+        self.local_worker: str | None = None
 
     @property
     def ready(self) -> bool:
@@ -153,6 +163,16 @@ class ServerState:
                 recovery_wait=s.recovery_wait,
                 tls_ca=s.tls_ca or cfg.get("tls_ca"),
             )
+        elif s.batch:
+            self.local_worker = _core.start_local_worker()
+            self.model, self.tokenizer = load(
+                model,
+                workers=[self.local_worker],
+                strategy="uniform",
+                kv_tokens=int(s.kv_tokens or 4096),
+                progress=progress,
+                recover=False,
+            )
         else:
             self.model, self.tokenizer = load(model)
         source = model or getattr(self.model, "path", "") or "mlx-dist-demo"
@@ -184,6 +204,9 @@ class ServerState:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.stop()
+        if self.local_worker is not None:
+            _core.stop_local_worker(self.local_worker)
+            self.local_worker = None
 
     @property
     def context_length(self) -> int | None:
@@ -886,7 +909,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
     @app.post("/cluster/join")
     async def cluster_join(req: JoinRequest):
         st = ready_state()
-        if not st.distributed:
+        if not st.distributed or st.local_worker:
             raise _bad("this server runs the model on one device: it takes no workers")
         try:
             added = st.model._core.add_worker(req.address)
@@ -1063,7 +1086,9 @@ async def _workers(st: ServerState, timeout: float) -> list[dict]:
 
     async def ask(i: int, address: str, name: str) -> dict:
         started = time.perf_counter()
-        entry: dict[str, Any] = {"stage": i, "address": address, "name": name}
+        # The in-process worker's port is a detail: it is this device.
+        shown = "local" if address == st.local_worker else address
+        entry: dict[str, Any] = {"stage": i, "address": shown, "name": name}
         if i < len(stages):
             layers = stages[i]["layers"]
             entry["layers"] = [layers["start"], layers["end"]]
@@ -1119,7 +1144,8 @@ async def _cluster_status(st: ServerState) -> dict:
         "model": st.name,
         "model_type": st.model.model_type,
         "context_length": st.context_length,
-        "distributed": st.distributed,
+        # Over workers (not the one inside this process).
+        "distributed": st.distributed and st.local_worker is None,
         "engine": {
             "active_sequences": engine.active,
             "queued": engine.queued,
@@ -1241,7 +1267,7 @@ def serve(
     cfg = ServerSettings(model=model, workers=workers, api_key=api_key, **settings)
     state = ServerState(cfg)
     state.load(progress=progress)
-    if state.distributed and announce is not None:
+    if state.distributed and not state.local_worker and announce is not None:
         announce(state.model.plan)
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)

@@ -302,6 +302,20 @@ pub fn init_logging() {
         .try_init();
 }
 
+/// Starts a worker inside this process on a free loopback port (see
+/// `worker::start_local`) and returns its address.
+#[pyfunction]
+pub fn start_local_worker(py: Python<'_>) -> PyResult<String> {
+    init_logging();
+    Ok(py.detach(crate::worker::start_local)?)
+}
+
+/// Stops a worker `start_local_worker` started.
+#[pyfunction]
+pub fn stop_local_worker(address: &str) {
+    crate::worker::stop_local(address);
+}
+
 /// What the worker at `address` reports about itself (DeviceInfo), as JSON.
 #[pyfunction]
 #[pyo3(signature = (address, timeout = 5.0))]
