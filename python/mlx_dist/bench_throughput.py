@@ -171,9 +171,12 @@ def _servers(args, path, addrs, text, stream_counts, base) -> None:
     `text(seed)` makes a prompt; every run gets fresh ones (both servers
     keep the prefixes of earlier prompts)."""
     most = max(stream_counts)
-    # In-process on one device, then over one worker (whose stage batches
-    # decode steps) and over all of them.
-    setups = [("mlx-dist serve, 1 device", [])]
+    # One device (batched in the server's own worker, then each sequence
+    # stepped in turn), then over one worker process and over all of them.
+    setups = [
+        ("mlx-dist serve, 1 device", []),
+        ("mlx-dist serve --no-batch", ["--no-batch"]),
+    ]
     for k in sorted({1, len(addrs)}):
         setups.append(
             (
