@@ -145,6 +145,34 @@ def test_ring_and_chain_give_the_same_output(n, six_layer, workers):
         assert float((a - b).abs().max()) < 1e-6
 
 
+def test_the_ring_waits_for_a_reader_that_stops(six_layer, workers):
+    """The ring runs a couple of steps ahead of what the caller has read,
+    no more: a caller that stops reading wastes a few steps at most, and one
+    that goes away ends the ring."""
+    path = six_layer["llama"]
+    addrs = [w.address for w in workers[:3]]
+    model, tok = mlx_dist.load(str(path), workers=addrs, strategy="uniform")
+
+    def ring_tokens():
+        # Only the first stage receives them.
+        return sum(json.loads(_core.worker_info(a))["ring_tokens"] for a in addrs)
+
+    before = ring_tokens()
+    stream = mlx_dist.stream_generate(model, tok, PROMPT, max_tokens=200)
+    for _ in range(5):
+        next(stream)
+    time.sleep(1.0)
+    came = ring_tokens() - before
+    # Five read (and one the generator reads ahead), two steps of credit,
+    # the prompt's own step: far from the 199 of a ring that never waits.
+    assert 4 <= came <= 9, came
+    stream.close()
+    del stream
+    time.sleep(0.5)
+    assert ring_tokens() - before == came  # nothing more went round
+    assert all(json.loads(_core.worker_info(w.address))["sequences"] == 0 for w in workers[:3])
+
+
 def test_concurrent_sequences_do_not_mix(six_layer, workers):
     path = six_layer["qwen2"]
     model, tok = mlx_dist.load(str(path), workers=[w.address for w in workers[:3]])
