@@ -542,7 +542,7 @@ impl Cluster {
         }
         // The tokens after the first go round the ring by themselves.
         let ahead = if self.ring {
-            max_tokens.saturating_sub(1) as u32
+            max_tokens.saturating_sub(1).min(u32::MAX as usize) as u32
         } else {
             0
         };
