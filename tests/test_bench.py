@@ -1,0 +1,64 @@
+"""The benchmark commands run end to end on a tiny random model and print
+every row they promise. What they measure is read from their output by a
+person; only that they work is tested here (no timing)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+
+def _bench(*args: str) -> str:
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_dist.cli", *args, "--random-shape", "tiny"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
+
+
+def test_bench_pipeline_measures_chain_and_ring():
+    out = _bench("bench-pipeline", "--stages", "1,2", "--gen-tokens", "12", "--repeats", "1")
+    for setup in ("1 workers, chain", "1 workers, ring", "2 workers, chain", "2 workers, ring"):
+        row = next(line for line in out.splitlines() if line.strip().startswith(setup))
+        tok_s = float(row.split(setup)[1].split()[0])
+        assert tok_s > 0, row
+    assert "greedy tokens equal to exact" in out
+
+
+def test_bench_throughput_measures_the_servers_side_by_side():
+    out = _bench(
+        "bench-throughput",
+        "--stages",
+        "1,2",
+        "--streams",
+        "1,2",
+        "--gen-tokens",
+        "8",
+        "--ttft-tokens",
+        "64",
+        "--repeats",
+        "1",
+        "--strategy",
+        "uniform",
+        "--servers",
+        "--chain",
+    )
+    assert "2 stages (uniform): layers 2+2, decode round the ring" in out
+    assert "2 stages (uniform): layers 2+2, decode steps sent by the coordinator" in out
+    assert re.search(r"mlx-lm BatchGenerator, 1 device,  2 streams: +[0-9.]+ tok/s", out)
+    for server in (
+        "mlx-dist serve, 1 device",
+        "mlx-dist serve --no-batch",
+        "mlx-dist serve, 1 worker",
+        "mlx-dist serve, 2 workers",
+        "mlx_lm.server, 1 device",
+    ):
+        row = next(line for line in out.splitlines() if line.startswith(server))
+        rates = [float(x) for x in re.findall(r"\d+: ([0-9.]+) \(", row)]
+        assert len(rates) == 2 and all(r > 0 for r in rates), row
+    assert "2 stages (pipelined chunks)" in out
