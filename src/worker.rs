@@ -2009,6 +2009,13 @@ impl Worker for WorkerService {
                                 stage_micros,
                                 decode_ahead: msg.decode_ahead,
                             };
+                            if msg.hidden.is_none() {
+                                // A one-stage ring: this stage is also the
+                                // first, whose stream is this one.
+                                svc.ring_tokens.fetch_add(1, Ordering::Relaxed);
+                                let _ = ring_tx.send(round);
+                                continue;
+                            }
                             match out.first {
                                 None => Slot::Ready(Err(Status::failed_precondition(
                                     "this stage was loaded without the first stage's address: it cannot run ring steps",

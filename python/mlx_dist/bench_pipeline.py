@@ -148,13 +148,15 @@ def main(args) -> int:
                     tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
                     per_hop = _decode_bytes_per_hop(model, dtok, ids, addrs[:k], args.gen_tokens)
                     step_ms = 1000 / tps
-                    hops = k if ring else 2 * k
-                    hop_ms = max(step_ms - sum(per_stage), 0.0) / hops
+                    # A one-stage ring hands the token over in-process.
+                    hops = (k if k > 1 else 0) if ring else 2 * k
+                    beyond = max(step_ms - sum(per_stage), 0.0)
+                    hop_txt = f"{beyond / hops:10.3f}" if hops else f"{'-':>10}"
                     stages_txt = "+".join(f"{x:.2f}" for x in per_stage)
                     setup = f"{k} workers, {'ring' if ring else 'chain'}"
                     print(
                         f"{setup:>18} {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
-                        f"{hop_ms:10.3f} {per_hop:16.0f}"
+                        f"{hop_txt} {per_hop:16.0f}"
                     )
             if hidden:
                 print(f"(hidden size {hidden}: hidden x 2 + 64 = {hidden * 2 + 64} bytes)")
