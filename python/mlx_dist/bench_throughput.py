@@ -20,35 +20,43 @@ from pathlib import Path
 from mlx_dist.bench_pipeline import _start_worker, model_path, stop_workers
 
 
-def _streams(model, tok, prompts, gen) -> tuple[float, int]:
-    """Aggregate decode tokens/s of one stream per prompt, run together:
-    tokens after each stream's first, over the time from the first first
-    token to the last token."""
-    import mlx_dist
+def _together(run, items) -> tuple[float, int]:
+    """Runs `run(item)` for every item at once, each returning its stream's
+    (first token time, last token time, tokens). Aggregate decode tokens/s
+    (tokens after each stream's first, from the first first token to the
+    last token) and the fewest tokens a stream got."""
+    results = [None] * len(items)
 
-    firsts, lasts, counts = [], [], []
-    lock = threading.Lock()
+    def one(i):
+        results[i] = run(items[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(items))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if any(r is None or r[0] is None for r in results):
+        return 0.0, 0
+    span = max(r[1] for r in results) - min(r[0] for r in results)
+    decoded = sum(r[2] - 1 for r in results)
+    return decoded / span if span > 0 else 0.0, min(r[2] for r in results)
+
+
+def _streams(model, tok, prompts, gen) -> tuple[float, int]:
+    """Aggregate decode tokens/s of one stream per prompt, run together
+    (see `_together`), and the fewest tokens a stream got."""
+    import mlx_dist
 
     def run(p):
         first = last = None
         n = 0
         for _ in mlx_dist.stream_generate(model, tok, p, max_tokens=gen):
-            now = time.perf_counter()
-            first = first or now
-            last = now
+            last = time.perf_counter()
+            first = first or last
             n += 1
-        with lock:
-            firsts.append(first)
-            lasts.append(last)
-            counts.append(n - 1)
+        return first, last, n
 
-    threads = [threading.Thread(target=run, args=(p,)) for p in prompts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    span = max(lasts) - min(firsts)
-    return sum(counts) / span if span > 0 else 0.0, min(counts) + 1
+    return _together(run, prompts)
 
 
 def _mlx_lm_batched(path: str, prompts, gen) -> float | None:
@@ -124,8 +132,6 @@ def _http_streams(port: int, texts, gen) -> float:
         # mlx_lm.server lists the Hugging Face cache; it serves its own model
         # under this name.
         name = "default_model"
-    spans, counts = [], []
-    lock = threading.Lock()
 
     def run(text):
         body = {
@@ -150,19 +156,9 @@ def _http_streams(port: int, texts, gen) -> float:
             if any(ch.get("text") for ch in chunk.get("choices") or []):
                 last = time.perf_counter()
                 first = first or last
-        with lock:
-            spans.append((first, last))
-            counts.append(n - 1)
+        return first, last, n
 
-    threads = [threading.Thread(target=run, args=(t,)) for t in texts]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if any(f is None for f, _ in spans):
-        return 0.0
-    span = max(last for _, last in spans) - min(first for first, _ in spans)
-    return sum(counts) / span if span > 0 else 0.0
+    return _together(run, texts)[0]
 
 
 def _servers(args, path, addrs, text, stream_counts, base) -> None:
