@@ -1543,37 +1543,29 @@ struct Downstream {
     rx: Streaming<ForwardReply>,
 }
 
+/// What this process keeps per peer address, shared by all its streams.
+type ByAddress<T> = std::sync::LazyLock<std::sync::Mutex<HashMap<String, T>>>;
+
 /// One channel per next-stage address, shared by every sequence's stream:
 /// a sequence's first step pays no connection (or TLS handshake).
-static CHANNELS: std::sync::Mutex<Option<HashMap<String, Client>>> = std::sync::Mutex::new(None);
+static CHANNELS: ByAddress<Client> = ByAddress::new(Default::default);
 
 impl Downstream {
     async fn open(addr: &str, timeout: Duration) -> std::result::Result<Downstream, Status> {
-        let cached = CHANNELS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(HashMap::new)
-            .get(addr)
-            .cloned();
+        let cached = lock(&CHANNELS).get(addr).cloned();
         if let Some(client) = cached {
             if let Ok(d) = Self::open_on(client, addr).await {
                 return Ok(d);
             }
             // The stage behind it went away (or restarted): connect afresh.
-            if let Some(m) = CHANNELS.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                m.remove(addr);
-            }
+            lock(&CHANNELS).remove(addr);
         }
         // No probe: the stream itself tells whether the stage answers.
         let client = open_client(addr, timeout, false)
             .await
             .map_err(|e| Status::unavailable(format!("next stage {e}")))?;
         let d = Self::open_on(client.clone(), addr).await?;
-        CHANNELS
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get_or_insert_with(HashMap::new)
-            .insert(addr.to_string(), client);
+        lock(&CHANNELS).insert(addr.to_string(), client);
         Ok(d)
     }
 
@@ -1647,18 +1639,12 @@ const MAX_IN_FLIGHT: usize = 8;
 
 /// The last stage's streams to first stages (Ring), by address, shared by
 /// every sequence.
-static RINGS: std::sync::Mutex<Option<HashMap<String, mpsc::Sender<RingToken>>>> =
-    std::sync::Mutex::new(None);
+static RINGS: ByAddress<mpsc::Sender<RingToken>> = ByAddress::new(Default::default);
 
 /// Sends `token` round the ring to the first stage at `addr`, opening the
 /// stream on first use and again if it broke.
 async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Status> {
-    let cached = RINGS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .get(addr)
-        .cloned();
+    let cached = lock(&RINGS).get(addr).cloned();
     let token = match cached {
         Some(tx) => match tx.send(token).await {
             Ok(()) => return Ok(()),
@@ -1682,11 +1668,7 @@ async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Sta
     tx.send(token)
         .await
         .map_err(|_| Status::unavailable(format!("first stage {addr} closed the ring")))?;
-    RINGS
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get_or_insert_with(HashMap::new)
-        .insert(addr.to_string(), tx);
+    lock(&RINGS).insert(addr.to_string(), tx);
     Ok(())
 }
 
@@ -2190,8 +2172,7 @@ pub fn stop_local(addr: &str) {
 }
 
 /// Local workers of this process, by address: how to stop each.
-static LOCAL: std::sync::LazyLock<std::sync::Mutex<HashMap<String, oneshot::Sender<()>>>> =
-    std::sync::LazyLock::new(Default::default);
+static LOCAL: ByAddress<oneshot::Sender<()>> = ByAddress::new(Default::default);
 
 /// Serves a worker on `listener` until `shutdown` completes.
 async fn serve_on(
