@@ -1898,9 +1898,8 @@ impl Worker for WorkerService {
             // On the first stage: tokens of this stream's ring steps, come
             // round from the last stage.
             let (ring_tx, mut ring_rx) = mpsc::unbounded_channel::<RingToken>();
-            let mut ringing: Vec<String> = Vec::new();
-            // Ring steps each sequence may still start, and a token held
-            // for want of one.
+            // Ring steps each sequence whose ring starts here may still
+            // start, and a token held for want of one.
             let mut credit: HashMap<String, u32> = HashMap::new();
             let mut held: HashMap<String, RingToken> = HashMap::new();
             loop {
@@ -1910,7 +1909,9 @@ impl Worker for WorkerService {
                     m = upstream.message() => match m {
                         Ok(Some(m)) if m.tokens.is_empty() && m.hidden.is_none() && m.ring_credit > 0 => {
                             // The coordinator read a token: one more step.
-                            let c = credit.entry(m.sequence_id.clone()).or_insert(0);
+                            let Some(c) = credit.get_mut(&m.sequence_id) else {
+                                continue;
+                            };
                             *c = c.saturating_add(m.ring_credit);
                             match held.remove(&m.sequence_id) {
                                 Some(t) => {
@@ -1968,10 +1969,9 @@ impl Worker for WorkerService {
                 };
                 let sequence = msg.sequence_id.clone();
                 seen.insert(sequence.clone());
-                if msg.decode_ahead > 0 && msg.hidden.is_none() && !ringing.contains(&sequence) {
+                if msg.decode_ahead > 0 && msg.hidden.is_none() && !credit.contains_key(&sequence) {
                     // The first stage of a ring: its tokens come back here.
                     lock(&svc.rings).insert(sequence.clone(), ring_tx.clone());
-                    ringing.push(sequence.clone());
                     credit.insert(sequence.clone(), msg.ring_credit);
                 }
                 let ring = msg.decode_ahead > 0;
@@ -2073,7 +2073,7 @@ impl Worker for WorkerService {
             }
             {
                 let mut rings = lock(&svc.rings);
-                for seq in &ringing {
+                for seq in credit.keys() {
                     rings.remove(seq);
                 }
             }
