@@ -137,6 +137,11 @@ class ServerState:
     def distributed(self) -> bool:
         return self.model is not None and isinstance(self.model._core, _core.Cluster)
 
+    @property
+    def over_workers(self) -> bool:
+        """Split over workers, not in the one inside this process."""
+        return self.distributed and self.local_worker is None
+
     def load(self, progress: Callable | None = None) -> None:
         """Loads the model (locally or over the workers) and starts the engine."""
         from mlx_dist.cluster import load_config
@@ -909,7 +914,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
     @app.post("/cluster/join")
     async def cluster_join(req: JoinRequest):
         st = ready_state()
-        if not st.distributed or st.local_worker:
+        if not st.over_workers:
             raise _bad("this server runs the model on one device: it takes no workers")
         try:
             added = st.model._core.add_worker(req.address)
@@ -1144,8 +1149,7 @@ async def _cluster_status(st: ServerState) -> dict:
         "model": st.name,
         "model_type": st.model.model_type,
         "context_length": st.context_length,
-        # Over workers (not the one inside this process).
-        "distributed": st.distributed and st.local_worker is None,
+        "distributed": st.over_workers,
         "engine": {
             "active_sequences": engine.active,
             "queued": engine.queued,
@@ -1267,7 +1271,7 @@ def serve(
     cfg = ServerSettings(model=model, workers=workers, api_key=api_key, **settings)
     state = ServerState(cfg)
     state.load(progress=progress)
-    if state.distributed and not state.local_worker and announce is not None:
+    if state.over_workers and announce is not None:
         announce(state.model.plan)
 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
