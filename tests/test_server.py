@@ -350,6 +350,16 @@ def test_unbatched_server_steps_sequences_in_this_process(model_path, library, t
         server.stop()
 
 
+def test_boolean_settings_read_from_the_environment():
+    from mlx_dist.server import ServerSettings
+
+    assert ServerSettings.from_env({}).batch is True
+    assert ServerSettings.from_env({"MLX_DIST_BATCH": "0"}).batch is False
+    assert ServerSettings.from_env({"MLX_DIST_BATCH": "True"}).batch is True
+    with pytest.raises(ValueError, match="MLX_DIST_BATCH='maybe'"):
+        ServerSettings.from_env({"MLX_DIST_BATCH": "maybe"})
+
+
 def test_local_status_describes_this_device(local_server):
     status = httpx.get(f"{local_server.url}/cluster/status").json()
     [d] = status["devices"]
