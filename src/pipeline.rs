@@ -513,6 +513,7 @@ impl Cluster {
             first_step: Some((prefix.map(|p| p.0).unwrap_or_default(), seq.clone())),
             seq,
             first,
+            stages: self.stages.clone(),
             tx,
             replies,
             offset: cached as u32,
@@ -582,6 +583,8 @@ async fn load_stage(
 pub struct RemoteTokens {
     seq: String,
     first: StageHandle,
+    /// Every stage, asked whether it still answers when a reply is late.
+    stages: Vec<StageHandle>,
     tx: mpsc::Sender<ForwardRequest>,
     replies: Streaming<ForwardReply>,
     offset: u32,
@@ -608,9 +611,10 @@ pub struct RemoteTokens {
     ring_last: Option<u32>,
 }
 
-/// How long the coordinator waits for one step's reply before declaring
-/// the pipeline failed: `MLX_DIST_STEP_TIMEOUT` seconds (default 30) plus
-/// 0.1 s per token in the step, for long prefill chunks on slow devices.
+/// How long the coordinator waits for one step's reply before asking the
+/// stages whether they still answer: `MLX_DIST_STEP_TIMEOUT` seconds
+/// (default 30) plus 0.1 s per token in the step, for long prefill chunks on
+/// slow devices.
 fn step_deadline(tokens: usize) -> Duration {
     static BASE: OnceLock<Duration> = OnceLock::new();
     let base = *BASE.get_or_init(|| {
@@ -622,6 +626,15 @@ fn step_deadline(tokens: usize) -> Duration {
     });
     base + Duration::from_millis(100) * tokens as u32
 }
+
+/// Deadlines a late reply may run past while every stage answers health
+/// checks: a worker busy for minutes (a GPU compiling kernels for shapes it
+/// has not run yet, which can take a minute; a long prompt of another
+/// sequence ahead in its queue) is slow, not failed.
+const LATE_DEADLINES: u32 = 10;
+
+/// How long a stage has to answer a health check when a reply is late.
+const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl RemoteTokens {
     /// The id the workers know this sequence by.
@@ -676,13 +689,35 @@ impl RemoteTokens {
 
     async fn receive_one(&mut self) -> Result<ForwardReply> {
         let deadline = step_deadline(self.outstanding.iter().sum());
-        let Ok(reply) = tokio::time::timeout(deadline, self.replies.message()).await else {
-            return Err(Error::Worker(format!(
-                "the pipeline from worker {} ({}) gave no reply within {:.0} s",
-                self.first.name,
-                self.first.address,
-                deadline.as_secs_f64()
-            )));
+        let mut late = 0;
+        let reply = loop {
+            // Reading a stream's next message is cancel-safe: a timeout
+            // loses nothing, and the wait can go on.
+            if let Ok(r) = tokio::time::timeout(deadline, self.replies.message()).await {
+                break r;
+            }
+            late += 1;
+            let waited = deadline * late;
+            let silent = self.silent_stage().await;
+            if late >= LATE_DEADLINES || silent.is_some() {
+                let why = silent.map_or(String::new(), |(s, e)| {
+                    format!(
+                        ", and worker {} ({}) does not answer: {e}",
+                        s.name, s.address
+                    )
+                });
+                return Err(Error::Worker(format!(
+                    "the pipeline from worker {} ({}) gave no reply within {:.0} s{why}",
+                    self.first.name,
+                    self.first.address,
+                    waited.as_secs_f64()
+                )));
+            }
+            tracing::warn!(
+                sequence = %self.seq,
+                "no reply from the pipeline for {:.0} s, but every stage answers: waiting on",
+                waited.as_secs_f64()
+            );
         };
         match reply {
             Ok(Some(r)) => {
@@ -706,6 +741,19 @@ impl RemoteTokens {
             }
             Err(s) => Err(worker_error(&self.first, s)),
         }
+    }
+
+    /// The first stage that does not answer a health check, and why.
+    async fn silent_stage(&self) -> Option<(StageHandle, Error)> {
+        let checks = self
+            .stages
+            .iter()
+            .map(|s| crate::worker::connect(&s.address, LIVENESS_TIMEOUT));
+        let answers = futures::future::join_all(checks).await;
+        self.stages
+            .iter()
+            .zip(answers)
+            .find_map(|(s, a)| a.err().map(|e| (s.clone(), e)))
     }
 
     async fn next_async(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {

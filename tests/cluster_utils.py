@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -51,8 +52,16 @@ class WorkerProcess:
         self.proc.kill()
         self.proc.wait(10)
 
+    def pause(self) -> None:
+        """Freezes the process (SIGSTOP): alive, but answering nothing."""
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self.proc.send_signal(signal.SIGCONT)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
+            self.resume()
             self.proc.terminate()
             try:
                 self.proc.wait(10)

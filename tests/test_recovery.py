@@ -5,6 +5,9 @@ output equals a run with no failure."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -109,6 +112,88 @@ def test_two_sequences_in_flight_both_survive(model_path, reference, tmp_path):
         for t in threads:
             t.join(120)
         assert got == {p: reference[p][1] for p in PROMPTS}
+    finally:
+        for w in workers:
+            w.stop()
+
+
+# A coordinator whose step deadline is 0.3 s (plus 0.1 s a token): it reads
+# 20 tokens, says "paused?" and waits for the test to freeze a worker, then
+# reads on. The deadline is read once per process, hence a process of its own.
+_FROZEN_RUN = """
+import json, sys, time, mlx_dist
+path, addrs, recover, prompt = sys.argv[1], sys.argv[2].split(","), sys.argv[3] == "1", sys.argv[4]
+model, tok = mlx_dist.load(path, workers=addrs, strategy="uniform", recover=recover)
+tokens, error, paused = [], None, None
+try:
+    for r in mlx_dist.stream_generate(model, tok, prompt, max_tokens=int(sys.argv[5])):
+        tokens.append(r.token)
+        if len(tokens) == 20:
+            print("paused?", flush=True)
+            sys.stdin.readline()
+            paused = time.monotonic()
+except Exception as e:
+    error = str(e)
+print(json.dumps({"tokens": tokens, "recoveries": len(model.recoveries), "error": error,
+                  "after_pause": time.monotonic() - paused if paused else None}), flush=True)
+"""
+
+
+def _frozen_run(model_path, workers, recover: bool, freeze) -> dict:
+    """Runs `_FROZEN_RUN` over `workers`; `freeze()` runs at its pause."""
+    env = dict(os.environ, MLX_DIST_STEP_TIMEOUT="0.3", MLX_DIST_LOG="warn")
+    args = [str(model_path), ",".join(w.address for w in workers), "1" if recover else "0"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FROZEN_RUN, *args, PROMPTS[0], str(N)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env=env,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "paused?"
+        freeze()
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return json.loads(out.splitlines()[-1])
+
+
+def test_a_stage_busy_past_the_step_deadline_is_waited_for(model_path, reference, tmp_path):
+    """A worker that stops for longer than a step's deadline but answers a
+    health check when asked (a GPU compiling kernels for a new shape, a long
+    prompt ahead of the step) is slow, not failed: no re-plan, same tokens."""
+    workers = start_workers(3, tmp_path)
+    try:
+
+        def freeze():
+            workers[1].pause()
+            # Past the 0.4 s deadline of a decode step, within the 2 s a
+            # stage has to answer the health check sent then.
+            threading.Timer(1.2, workers[1].resume).start()
+
+        got = _frozen_run(model_path, workers, True, freeze)
+        assert got["error"] is None
+        assert got["recoveries"] == 0
+        assert got["tokens"] == reference[PROMPTS[0]][1]
+        assert got["after_pause"] >= 1.0
+    finally:
+        for w in workers:
+            w.stop()
+
+
+def test_a_stage_that_answers_nothing_fails_the_step(model_path, tmp_path):
+    """A worker frozen for good (alive, answering nothing) fails the step
+    within its deadline plus the health check's 2 s, naming the worker."""
+    workers = start_workers(3, tmp_path)
+    try:
+        got = _frozen_run(model_path, workers, False, workers[1].pause)
+        assert got["error"] is not None
+        assert workers[1].address in got["error"]
+        assert got["after_pause"] < 10
     finally:
         for w in workers:
             w.stop()
