@@ -243,10 +243,11 @@ impl SlotCache {
         }
         let read = |buf: &Array| -> Result<Array> {
             let used = buf.slice_axis(2, 0, rows.longest)?;
-            if rows.all {
-                Ok(used)
-            } else {
-                used.take(&rows.ids, 0)
+            let n = rows.slots.len() as i32;
+            match rows.run {
+                Some(0) if n == used.dim(0) => Ok(used),
+                Some(first) => used.slice_axis(0, first, first + n),
+                None => used.take(&rows.ids, 0),
             }
         };
         Ok((
@@ -317,8 +318,9 @@ pub struct Rows {
     mask: Array,
     /// Positions of the longest row after the step.
     longest: i32,
-    /// Whether the rows are every slot in order (attend on the buffer as is).
-    all: bool,
+    /// The first slot when the rows are consecutive slots in order: they
+    /// attend on that run of the buffer as it lies, with no gather.
+    run: Option<i32>,
 }
 
 impl Rows {
@@ -345,7 +347,10 @@ impl Rows {
             positions: Array::from_slice(&positions, &[b])?,
             mask: Array::from_slice(&mask, &[b, 1, 1, longest])?,
             longest,
-            all: slots.len() == cache.slots() && slots.iter().enumerate().all(|(i, &s)| i == s),
+            run: slots
+                .windows(2)
+                .all(|w| w[1] == w[0] + 1)
+                .then(|| slots.first().map_or(0, |&s| s as i32)),
         })
     }
 }

@@ -1020,6 +1020,9 @@ impl Engine {
         if ready.is_empty() {
             return;
         }
+        // In slot order: when the batch is every slot, or a run of them, the
+        // layers attend on the cache buffer as it lies, with no gather.
+        ready.sort_by_key(|(req, _, _)| self.seqs[&req.sequence_id].slot);
         let model = self.stage.as_ref().unwrap().model.clone();
         let head = self.stage.as_ref().unwrap().info.head;
         let slots: Vec<usize> = ready

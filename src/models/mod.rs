@@ -464,7 +464,7 @@ pub(crate) mod tests {
         };
         // Three sequences of different lengths, then two decode steps each.
         let prompts: [&[i32]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
-        let steps = [[11, 21], [12, 22], [13, 23]];
+        let steps = [[11, 21, 31], [12, 22, 32], [13, 23, 33]];
         let want: Vec<Vec<Vec<f32>>> = (0..3)
             .map(|b| {
                 let mut c = model.make_cache();
@@ -507,9 +507,14 @@ pub(crate) mod tests {
                 &format!("slot {b}, step 2"),
             );
         }
+        // A run of slots not starting at the first (attended as a view).
+        let h = model.embed(&rows(&[32, 33])).unwrap();
+        let got = model.forward_layers_rows(h, &mut pool, &[1, 2], 2).unwrap();
+        close(&row(&got, 0), &want[1][3], "slot 1, step 3");
+        close(&row(&got, 1), &want[2][3], "slot 2, step 3");
         assert_eq!(
             (pool[0].length(0), pool[1].length(1), pool[1].length(2)),
-            (7, 3, 5)
+            (7, 4, 6)
         );
         // A slot copied out and into another continues the same.
         let mut own: Vec<KvCache> = pool.iter().map(|c| c.copy_out(0).unwrap()).collect();
