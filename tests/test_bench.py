@@ -62,3 +62,18 @@ def test_bench_throughput_measures_the_servers_side_by_side():
         rates = [float(x) for x in re.findall(r"\d+: ([0-9.]+) \(", row)]
         assert len(rates) == 2 and all(r > 0 for r in rates), row
     assert "2 stages (pipelined chunks)" in out
+
+
+def test_a_server_that_does_not_start_is_reported_with_what_it_said():
+    """The servers benchmark names a server that exits at start-up and
+    shows the last lines it wrote (before, only its command line)."""
+    import tempfile
+
+    import pytest
+    from mlx_dist.bench_throughput import _free_port, _start_server
+
+    said = "import sys; print('No module named fastapi', file=sys.stderr); sys.exit(1)"
+    with tempfile.TemporaryFile() as log, pytest.raises(RuntimeError) as e:
+        _start_server([sys.executable, "-c", said], _free_port(), "a server", log)
+    assert "a server did not start" in str(e.value)
+    assert "No module named fastapi" in str(e.value)

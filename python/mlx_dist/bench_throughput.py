@@ -97,12 +97,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(cmd: list[str], port: int, what: str) -> subprocess.Popen:
-    """Starts an OpenAI-compatible server and waits until ``/health``
-    answers 200 (the model loaded)."""
+def _start_server(cmd: list[str], port: int, what: str, log) -> subprocess.Popen:
+    """Starts an OpenAI-compatible server, its errors going to the binary
+    file `log`, and waits until ``/health`` answers 200 (the model loaded).
+    One that exits or never answers raises an error ending with the last
+    lines it wrote."""
     import http.client
 
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
     deadline = time.monotonic() + 600
     while time.monotonic() < deadline and proc.poll() is None:
         try:
@@ -114,7 +116,11 @@ def _start_server(cmd: list[str], port: int, what: str) -> subprocess.Popen:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise RuntimeError(f"{what} did not start: {' '.join(cmd)}")
+    proc.wait(10)
+    log.seek(0)
+    tail = log.read().decode(errors="replace").strip().splitlines()[-10:]
+    said = "\n".join(tail) if tail else "(it wrote nothing)"
+    raise RuntimeError(f"{what} did not start: {' '.join(cmd)}\n{said}")
 
 
 def _http_streams(port: int, texts, gen) -> float:
@@ -190,19 +196,20 @@ def _servers(args, path, addrs, text, stream_counts, base) -> None:
             cmd = [sys.executable, "-m", "mlx_dist.cli", "serve", "--model", path]
             cmd += ["--port", str(port), "--max-concurrency", str(most), "--log-level", "warning"]
             cmd += extra
-        proc = _start_server(cmd, port, what)
-        try:
-            figures = []
-            for n in stream_counts:
-                _http_streams(port, [text(10_000 + i) for i in range(n)], args.gen_tokens)
-                tps = _http_streams(
-                    port, [text(20_000 + 100 * n + i) for i in range(n)], args.gen_tokens
-                )
-                figures.append(f"{n}: {tps:.1f} ({tps / base:.2f}x)")
-            print(f"{what:<28} " + "  ".join(figures), flush=True)
-        finally:
-            proc.terminate()
-            proc.wait(30)
+        with tempfile.TemporaryFile() as log:
+            proc = _start_server(cmd, port, what, log)
+            try:
+                figures = []
+                for n in stream_counts:
+                    _http_streams(port, [text(10_000 + i) for i in range(n)], args.gen_tokens)
+                    tps = _http_streams(
+                        port, [text(20_000 + 100 * n + i) for i in range(n)], args.gen_tokens
+                    )
+                    figures.append(f"{n}: {tps:.1f} ({tps / base:.2f}x)")
+                print(f"{what:<28} " + "  ".join(figures), flush=True)
+            finally:
+                proc.terminate()
+                proc.wait(30)
 
 
 def _stage_batches(addrs) -> str:
