@@ -400,9 +400,13 @@ enum Job {
     Step(ForwardRequest, oneshot::Sender<Result<StepOut>>, Instant),
     Release(String, oneshot::Sender<u64>),
     Info(oneshot::Sender<EngineInfo>),
+    /// Keeps the engine busy until the sender hangs up.
+    #[cfg(test)]
+    Hold(std_mpsc::Receiver<()>),
 }
 
 /// What the engine thread reports about itself.
+#[derive(Clone, Default)]
 struct EngineInfo {
     shard: Option<ShardInfo>,
     cache_bytes: u64,
@@ -418,6 +422,12 @@ struct EngineInfo {
 
 struct Engine {
     name: String,
+    /// When the job the engine runs started, in microseconds after
+    /// `origin` plus one; 0 while it waits for one.
+    job_since: Arc<AtomicU64>,
+    origin: Instant,
+    /// What it reported when it last finished a job.
+    last_info: Arc<std::sync::Mutex<EngineInfo>>,
     /// Sequences held at once at most.
     max_sequences: usize,
     stage: Option<Stage>,
@@ -458,12 +468,18 @@ impl Engine {
         loop {
             let job = match held.take() {
                 Some(j) => j,
-                None => match jobs.recv() {
-                    Ok(j) => j,
-                    Err(_) => break,
-                },
+                None => {
+                    *lock(&self.last_info) = self.info();
+                    self.job_since.store(0, Ordering::Relaxed);
+                    match jobs.recv() {
+                        Ok(j) => j,
+                        Err(_) => break,
+                    }
+                }
             };
             let started = Instant::now();
+            let since = started.saturating_duration_since(self.origin).as_micros() as u64;
+            self.job_since.store(since + 1, Ordering::Relaxed);
             let job = match job {
                 // Decode steps of other sequences waiting now join this one
                 // (continuous batching: the batch is whatever is queued),
@@ -537,22 +553,29 @@ impl Engine {
                     }
                     let _ = reply.send(freed);
                 }
+                #[cfg(test)]
+                Job::Hold(until) => {
+                    let _ = until.recv();
+                }
                 Job::Info(reply) => {
-                    let bytes = self.caches.iter().map(|c| c.nbytes() as u64).sum();
-                    let _ = reply.send(EngineInfo {
-                        shard: self.stage.as_ref().map(|s| s.info.clone()),
-                        cache_bytes: bytes,
-                        sequences: self.seqs.len() as u32,
-                        busy: self.busy,
-                        tokens: self.tokens,
-                        steps: self.steps,
-                        batches: self.batches,
-                        batched_steps: self.batched_steps,
-                        prefix_entries: self.prefixes.len() as u32,
-                        prefix_bytes: self.prefixes.bytes(),
-                    });
+                    let _ = reply.send(self.info());
                 }
             }
+        }
+    }
+
+    fn info(&self) -> EngineInfo {
+        EngineInfo {
+            shard: self.stage.as_ref().map(|s| s.info.clone()),
+            cache_bytes: self.caches.iter().map(|c| c.nbytes() as u64).sum(),
+            sequences: self.seqs.len() as u32,
+            busy: self.busy,
+            tokens: self.tokens,
+            steps: self.steps,
+            batches: self.batches,
+            batched_steps: self.batched_steps,
+            prefix_entries: self.prefixes.len() as u32,
+            prefix_bytes: self.prefixes.bytes(),
         }
     }
 
@@ -1293,13 +1316,28 @@ pub struct WorkerService {
     stopping: Arc<tokio::sync::watch::Sender<bool>>,
     /// Tokens received round the ring.
     ring_tokens: Arc<AtomicU64>,
+    /// The engine's `job_since` and `last_info`: what GetDeviceInfo reports
+    /// while the engine is too busy to answer.
+    job_since: Arc<AtomicU64>,
+    last_info: Arc<std::sync::Mutex<EngineInfo>>,
 }
+
+/// How long GetDeviceInfo waits for the engine's own figures before giving
+/// its last ones: a worker busy with a long step or load still answers
+/// health probes, `/cluster/status` and re-planning at once.
+const ENGINE_ANSWER: Duration = Duration::from_millis(500);
 
 impl WorkerService {
     pub fn new(cfg: WorkerConfig) -> WorkerService {
         let (tx, rx) = std_mpsc::channel();
+        let started = Instant::now();
+        let job_since = Arc::new(AtomicU64::new(0));
+        let last_info: Arc<std::sync::Mutex<EngineInfo>> = Default::default();
         let engine = Engine {
             name: cfg.name.clone(),
+            job_since: job_since.clone(),
+            origin: started,
+            last_info: last_info.clone(),
             max_sequences: cfg.max_sequences.max(1),
             stage: None,
             seqs: HashMap::new(),
@@ -1321,10 +1359,12 @@ impl WorkerService {
             cfg: Arc::new(cfg),
             jobs: tx,
             sent: Arc::new((AtomicU64::new(0), AtomicU64::new(0))),
-            started: Instant::now(),
+            started,
             rings: Default::default(),
             stopping: Arc::new(tokio::sync::watch::channel(false).0),
             ring_tokens: Arc::new(AtomicU64::new(0)),
+            job_since,
+            last_info,
         }
     }
 
@@ -1716,9 +1756,24 @@ impl Worker for WorkerService {
         .map_err(status)?;
         let (tx, rx) = oneshot::channel();
         self.send(Job::Info(tx))?;
-        let engine = rx
-            .await
-            .map_err(|_| Status::internal("the engine thread has stopped"))?;
+        let (engine, busy_for) = match tokio::time::timeout(ENGINE_ANSWER, rx).await {
+            Ok(answer) => (
+                answer.map_err(|_| Status::internal("the engine thread has stopped"))?,
+                0,
+            ),
+            // Busy: its figures after its last job, and for how long (the
+            // question stays queued; its answer goes nowhere).
+            Err(_) => {
+                let since = self.job_since.load(Ordering::Relaxed);
+                let now = self.started.elapsed().as_micros() as u64;
+                let busy_for = if since == 0 {
+                    0
+                } else {
+                    now.saturating_sub(since - 1).max(1)
+                };
+                (lock(&self.last_info).clone(), busy_for)
+            }
+        };
         Ok(Response::new(DeviceInfo {
             name: caps.name,
             device_type: caps.device_type,
@@ -1746,6 +1801,7 @@ impl Worker for WorkerService {
             forward_bytes_sent: self.sent.0.load(Ordering::Relaxed),
             forward_messages_sent: self.sent.1.load(Ordering::Relaxed),
             ring_tokens: self.ring_tokens.load(Ordering::Relaxed),
+            busy_for_micros: busy_for,
         }))
     }
 
@@ -2315,6 +2371,30 @@ mod tests {
             max_length: 8,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn device_info_answers_while_the_engine_is_busy() {
+        let svc = WorkerService::new(WorkerConfig::new("busy"));
+        let ask = |svc: &WorkerService| {
+            crate::pipeline::runtime().block_on(async {
+                let asked = svc.get_device_info(Request::new(DeviceInfoRequest::default()));
+                tokio::time::timeout(Duration::from_secs(30), asked)
+                    .await
+                    .expect("GetDeviceInfo waited for the busy engine")
+                    .unwrap()
+                    .into_inner()
+            })
+        };
+        assert_eq!(ask(&svc).busy_for_micros, 0);
+        let (release, until) = std_mpsc::channel();
+        svc.jobs.send(Job::Hold(until)).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        let info = ask(&svc);
+        assert!(info.busy_for_micros >= 100_000, "{}", info.busy_for_micros);
+        assert_eq!(info.name, "busy");
+        drop(release);
+        assert_eq!(ask(&svc).busy_for_micros, 0);
     }
 
     #[test]

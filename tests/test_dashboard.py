@@ -62,6 +62,9 @@ def test_render_shows_figures_and_down_devices():
     assert "65.1 MB / 24.0 GB" in screen and "2.5" in screen and " ok" in screen
     down = render(_status(0, 0, 0, 0, reachable=False), {}, "http://x", 120)
     assert "DOWN" in down and "connection refused" in down
+    busy = _status(0, 0, 0, 0)
+    busy["devices"][0]["info"]["busy_for_micros"] = 41_500_000
+    assert "busy 42s" in render(busy, {}, "http://x", 120)
     assert "no answer: refused" in render(None, {}, "http://x", 120, "refused")
     assert human(1_500) == "1.5 KB"
     assert all(len(line) <= 40 for line in render(_status(0, 1, 0, 0), {}, "u", 40).splitlines())

@@ -139,6 +139,10 @@ def render(
         if r and r["ms_per_step"] is not None:
             step_ms = r["ms_per_step"]
         ok = d.get("reachable", True)
+        # Answering, but inside one long step or load (kernels compiling,
+        # a long prompt): its other figures are from before it.
+        busy_for = (info.get("busy_for_micros") or 0) / 1e6
+        health = "DOWN" if not ok else f"busy {busy_for:.0f}s" if busy_for >= 1 else "ok"
         lines.append(
             _row(
                 [
@@ -154,7 +158,7 @@ def render(
                     f"{r['tokens_per_s']:.1f}" if r else "-",
                     f"{info.get('batched_steps', 0) / batches:.1f}" if batches else "-",
                     str(info.get("sequences", "-")),
-                    "ok" if ok else "DOWN",
+                    health,
                 ]
             )
         )

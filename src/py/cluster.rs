@@ -349,7 +349,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "steps": info.steps, "uptime_micros": info.uptime_micros,
         "batches": info.batches, "batched_steps": info.batched_steps,
         "prefix_entries": info.prefix_entries, "prefix_bytes": info.prefix_bytes,
-        "ring_tokens": info.ring_tokens,
+        "ring_tokens": info.ring_tokens, "busy_for_micros": info.busy_for_micros,
     })
     .to_string())
 }
