@@ -314,8 +314,13 @@ pub struct Rows {
     ids: Array,
     /// Where each row writes: its length before the step, int32 `[B]`.
     positions: Array,
-    /// `[B, 1, 1, longest]`: true where row `b` attends.
-    mask: Array,
+    /// `[B, 1, 1, longest]`: true where row `b` attends; none when every
+    /// row is at the same position (each attends to all `longest` keys, and
+    /// attention takes MLX's unmasked single-query path, as mlx-lm's batches
+    /// of equal prompts do).
+    mask: Option<Array>,
+    /// That common position, if any: rotary embeddings get one offset.
+    same: Option<i32>,
     /// Positions of the longest row after the step.
     longest: i32,
     /// The first slot when the rows are consecutive slots in order: they
@@ -324,6 +329,12 @@ pub struct Rows {
 }
 
 impl Rows {
+    /// Whether attention needs a mask (rows at different positions).
+    #[cfg(test)]
+    pub fn masked(&self) -> bool {
+        self.mask.is_some()
+    }
+
     pub fn new(cache: &SlotCache, slots: &[usize]) -> Result<Rows> {
         let mut seen = vec![false; cache.slots()];
         for &s in slots {
@@ -335,17 +346,27 @@ impl Rows {
         }
         let positions: Vec<i32> = slots.iter().map(|&s| cache.length(s)).collect();
         let longest = positions.iter().max().map_or(1, |p| p + 1);
-        let mut mask = Vec::with_capacity(slots.len() * longest as usize);
-        for &p in &positions {
-            mask.extend((0..longest).map(|j| j <= p));
-        }
+        let same = positions
+            .first()
+            .copied()
+            .filter(|p| positions.iter().all(|q| q == p));
         let b = slots.len() as i32;
+        let mask = if same.is_some() {
+            None
+        } else {
+            let mut mask = Vec::with_capacity(slots.len() * longest as usize);
+            for &p in &positions {
+                mask.extend((0..longest).map(|j| j <= p));
+            }
+            Some(Array::from_slice(&mask, &[b, 1, 1, longest])?)
+        };
         let ids: Vec<i32> = slots.iter().map(|&s| s as i32).collect();
         Ok(Rows {
             slots: slots.to_vec(),
             ids: Array::from_slice(&ids, &[b])?,
             positions: Array::from_slice(&positions, &[b])?,
-            mask: Array::from_slice(&mask, &[b, 1, 1, longest])?,
+            mask,
+            same,
             longest,
             run: slots
                 .windows(2)
@@ -374,14 +395,17 @@ impl CacheRef<'_> {
         match self {
             CacheRef::Seq(c) => Positions::From(c.offset()),
             CacheRef::Slot(c, s) => Positions::From(c.length(*s)),
-            CacheRef::Rows(_, r) => Positions::PerRow(&r.positions),
+            CacheRef::Rows(_, r) => match r.same {
+                Some(p) => Positions::From(p),
+                None => Positions::PerRow(&r.positions),
+            },
         }
     }
 
     /// A mask to attend with in place of the causal/none one, if any.
     pub fn mask(&self) -> Option<&Array> {
         match self {
-            CacheRef::Rows(_, r) => Some(&r.mask),
+            CacheRef::Rows(_, r) => r.mask.as_ref(),
             _ => None,
         }
     }

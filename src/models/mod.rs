@@ -438,6 +438,62 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn rows_at_the_same_position_batch_without_a_mask() {
+        let _serial = crate::mlx::MEMORY_TEST_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let tmp = tempfile::tempdir().unwrap();
+        write_llama(tmp.path(), 2);
+        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
+        let model = Model::load(&weights, None).unwrap();
+        let ids = |t: &[i32]| Array::from_slice(t, &[1, t.len() as i32]).unwrap();
+        let values = |a: &Array| a.to_vec::<f32>().unwrap();
+        let prompts: [&[i32]; 2] = [&[1, 2, 3], &[4, 5, 6]];
+        let steps = [[7, 9], [8, 10]];
+        let want: Vec<Vec<Vec<f32>>> = (0..2)
+            .map(|b| {
+                let mut c = model.make_cache();
+                model
+                    .forward_layers(model.embed(&ids(prompts[b])).unwrap(), Some(&mut c))
+                    .unwrap();
+                steps[b]
+                    .iter()
+                    .map(|&t| {
+                        let h = model.embed(&ids(&[t])).unwrap();
+                        values(&model.forward_layers(h, Some(&mut c)).unwrap())
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut pool: Vec<SlotCache> = (0..2).map(|_| SlotCache::new()).collect();
+        for (b, p) in prompts.iter().enumerate() {
+            let h = model.embed(&ids(p)).unwrap();
+            model
+                .forward_layers_eager(h, Caches::Slot(&mut pool, b), 0)
+                .unwrap();
+        }
+        // In slot order (a view of the buffer), then out of order (gathered).
+        for (step, slots) in [[0usize, 1], [1, 0]].iter().enumerate() {
+            assert!(!Rows::new(&pool[0], slots).unwrap().masked());
+            let t: Vec<i32> = slots.iter().map(|&s| steps[s][step]).collect();
+            let h = model
+                .embed(&Array::from_slice(&t, &[2, 1]).unwrap())
+                .unwrap();
+            let got = model.forward_layers_rows(h, &mut pool, slots, 1).unwrap();
+            for (b, &s) in slots.iter().enumerate() {
+                let b = b as i32;
+                let row = values(&got.slice_axis(0, b, b + 1).unwrap());
+                let diff = row
+                    .iter()
+                    .zip(&want[s][step])
+                    .map(|(a, w)| (a - w).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(diff < 1e-4, "slot {s}, step {step}: differs by {diff}");
+            }
+        }
+    }
+
+    #[test]
     fn slot_caches_give_what_own_caches_give_one_by_one_or_batched() {
         // Its buffers would disturb the memory tests' readings.
         let _serial = crate::mlx::MEMORY_TEST_LOCK
@@ -486,6 +542,7 @@ pub(crate) mod tests {
             assert_eq!(values(&got), want[b][0], "prefill of slot {b}");
         }
         // Some slots, out of order; one alone; then every slot.
+        assert!(Rows::new(&pool[0], &[2, 0]).unwrap().masked());
         let h = model.embed(&rows(&[13, 11])).unwrap();
         let got = model.forward_layers_rows(h, &mut pool, &[2, 0], 1).unwrap();
         assert_eq!(got.shape(), vec![2, 1, 256]);
