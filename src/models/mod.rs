@@ -437,15 +437,35 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("outside"), "{err}");
     }
 
-    #[test]
-    fn rows_at_the_same_position_batch_without_a_mask() {
-        let _serial = crate::mlx::MEMORY_TEST_LOCK
+    /// A 2-layer llama for the slot-cache tests, and the lock that keeps
+    /// their buffers out of the memory tests' readings.
+    fn slot_test_model() -> (std::sync::MutexGuard<'static, ()>, tempfile::TempDir, Model) {
+        let serial = crate::mlx::MEMORY_TEST_LOCK
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         let tmp = tempfile::tempdir().unwrap();
         write_llama(tmp.path(), 2);
         let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
         let model = Model::load(&weights, None).unwrap();
+        (serial, tmp, model)
+    }
+
+    /// `got` equals `want` within 1e-4 everywhere.
+    fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        let diff = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        assert!(
+            got.len() == want.len() && diff < 1e-4,
+            "{what} differs by {diff}"
+        );
+    }
+
+    #[test]
+    fn rows_at_the_same_position_batch_without_a_mask() {
+        let (_serial, _tmp, model) = slot_test_model();
         let ids = |t: &[i32]| Array::from_slice(t, &[1, t.len() as i32]).unwrap();
         let values = |a: &Array| a.to_vec::<f32>().unwrap();
         let prompts: [&[i32]; 2] = [&[1, 2, 3], &[4, 5, 6]];
@@ -483,41 +503,18 @@ pub(crate) mod tests {
             for (b, &s) in slots.iter().enumerate() {
                 let b = b as i32;
                 let row = values(&got.slice_axis(0, b, b + 1).unwrap());
-                let diff = row
-                    .iter()
-                    .zip(&want[s][step])
-                    .map(|(a, w)| (a - w).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(diff < 1e-4, "slot {s}, step {step}: differs by {diff}");
+                assert_close(&row, &want[s][step], &format!("slot {s}, step {step}"));
             }
         }
     }
 
     #[test]
     fn slot_caches_give_what_own_caches_give_one_by_one_or_batched() {
-        // Its buffers would disturb the memory tests' readings.
-        let _serial = crate::mlx::MEMORY_TEST_LOCK
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let tmp = tempfile::tempdir().unwrap();
-        write_llama(tmp.path(), 2);
-        let weights = Weights::open(&resolve(tmp.path().to_str().unwrap()).unwrap()).unwrap();
-        let model = Model::load(&weights, None).unwrap();
+        let (_serial, _tmp, model) = slot_test_model();
         let ids = |t: &[i32]| Array::from_slice(t, &[1, t.len() as i32]).unwrap();
         let rows = |t: &[i32]| Array::from_slice(t, &[t.len() as i32, 1]).unwrap();
         let values = |a: &Array| a.to_vec::<f32>().unwrap();
         let row = |a: &Array, b: i32| values(&a.slice_axis(0, b, b + 1).unwrap());
-        let close = |g: &[f32], w: &[f32], what: &str| {
-            let diff = g
-                .iter()
-                .zip(w)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0f32, f32::max);
-            assert!(
-                g.len() == w.len() && diff < 1e-4,
-                "{what} differs by {diff}"
-            );
-        };
         // Three sequences of different lengths, then two decode steps each.
         let prompts: [&[i32]; 3] = [&[1, 2, 3, 4, 5], &[7], &[9, 8, 7]];
         let steps = [[11, 21, 31], [12, 22, 32], [13, 23, 33]];
@@ -546,19 +543,19 @@ pub(crate) mod tests {
         let h = model.embed(&rows(&[13, 11])).unwrap();
         let got = model.forward_layers_rows(h, &mut pool, &[2, 0], 1).unwrap();
         assert_eq!(got.shape(), vec![2, 1, 256]);
-        close(&row(&got, 0), &want[2][1], "slot 2, step 1");
-        close(&row(&got, 1), &want[0][1], "slot 0, step 1");
+        assert_close(&row(&got, 0), &want[2][1], "slot 2, step 1");
+        assert_close(&row(&got, 1), &want[0][1], "slot 0, step 1");
         let h = model.embed(&ids(&[12])).unwrap();
         let got = model
             .forward_layers_eager(h, Caches::Slot(&mut pool, 1), 0)
             .unwrap();
-        close(&values(&got), &want[1][1], "slot 1, step 1");
+        assert_close(&values(&got), &want[1][1], "slot 1, step 1");
         let h = model.embed(&rows(&[21, 22, 23])).unwrap();
         let got = model
             .forward_layers_rows(h, &mut pool, &[0, 1, 2], 0)
             .unwrap();
         for b in 0..3 {
-            close(
+            assert_close(
                 &row(&got, b),
                 &want[b as usize][2],
                 &format!("slot {b}, step 2"),
@@ -567,8 +564,8 @@ pub(crate) mod tests {
         // A run of slots not starting at the first (attended as a view).
         let h = model.embed(&rows(&[32, 33])).unwrap();
         let got = model.forward_layers_rows(h, &mut pool, &[1, 2], 2).unwrap();
-        close(&row(&got, 0), &want[1][3], "slot 1, step 3");
-        close(&row(&got, 1), &want[2][3], "slot 2, step 3");
+        assert_close(&row(&got, 0), &want[1][3], "slot 1, step 3");
+        assert_close(&row(&got, 1), &want[2][3], "slot 2, step 3");
         assert_eq!(
             (pool[0].length(0), pool[1].length(1), pool[1].length(2)),
             (7, 4, 6)
