@@ -69,6 +69,10 @@ impl Matrix {
 
     /// `x @ W.T`.
     pub fn matmul_t(&self, x: &Array) -> Result<Array> {
+        one_matrix(x, |x| self.matmul_t_as_is(x))
+    }
+
+    fn matmul_t_as_is(&self, x: &Array) -> Result<Array> {
         match self {
             Matrix::Dense(w) => x.matmul(&w.t()?),
             Matrix::Quantized {
@@ -139,6 +143,21 @@ impl Matrix {
     }
 }
 
+/// `f(x)` for a matrix product on the last axis, with a batch of single
+/// rows (`[B, 1, K]`, a decode step of B sequences) passed as one `[B, K]`
+/// matrix. MLX's CUDA backend multiplies a quantized `[B, 1, K]` as B
+/// products of one row each, at about B times the cost of one (on an H200,
+/// 8-bit 2048 × 6144: 46 µs for 8 rows, 79 µs for 16); one matrix of B rows
+/// reads the weights once (17 µs for 8 or 16), with the same values.
+fn one_matrix(x: &Array, f: impl FnOnce(&Array) -> Result<Array>) -> Result<Array> {
+    let s = x.shape();
+    if s.len() != 3 || s[1] != 1 || s[0] == 1 {
+        return f(x);
+    }
+    let y = f(&x.reshape(&[s[0], s[2]])?)?;
+    y.reshape(&[s[0], 1, y.dim(-1)])
+}
+
 /// `nn.Linear` / `nn.QuantizedLinear`.
 #[derive(Clone)]
 pub struct Linear {
@@ -160,7 +179,7 @@ impl Linear {
     pub fn forward(&self, x: &Array) -> Result<Array> {
         match (&self.weight, &self.bias) {
             // nn.Linear fuses the bias with addmm; QuantizedLinear adds it after.
-            (Matrix::Dense(w), Some(b)) => ops::addmm(b, x, &w.t()?),
+            (Matrix::Dense(w), Some(b)) => one_matrix(x, |x| ops::addmm(b, x, &w.t()?)),
             (m, Some(b)) => m.matmul_t(x)?.add(b),
             (m, None) => m.matmul_t(x),
         }
@@ -735,4 +754,58 @@ pub fn load_separate_mlp(
         },
         down_proj: Linear::load(w, &format!("{prefix}.down_proj"), i, bias)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| ((i.wrapping_mul(2654435761) ^ seed) % 1000) as f32 / 500.0 - 1.0)
+            .collect()
+    }
+
+    /// A batch of single rows goes through as one matrix and comes back as
+    /// `[B, 1, N]`, each row what it is alone.
+    #[test]
+    fn a_batch_of_rows_multiplies_as_one_matrix_with_each_rows_result() {
+        let (k, n, b) = (128, 96, 3);
+        let w = Array::from_slice(&values((n * k) as usize, 7), &[n, k]).unwrap();
+        let (weight, scales, biases) = ops::quantize(&w, 64, 8).unwrap();
+        let bias = Array::from_slice(&values(n as usize, 3), &[n]).unwrap();
+        let quantized = Linear {
+            weight: Matrix::Quantized {
+                weight,
+                scales,
+                biases: Some(biases),
+                quant: Quant {
+                    group_size: 64,
+                    bits: 8,
+                },
+            },
+            bias: None,
+        };
+        let dense = Linear {
+            weight: Matrix::Dense(w),
+            bias: Some(bias),
+        };
+        let x = Array::from_slice(&values((b * k) as usize, 11), &[b, 1, k]).unwrap();
+        for layer in [&quantized, &dense] {
+            let got = layer.forward(&x).unwrap();
+            assert_eq!(got.shape(), vec![b, 1, n]);
+            for r in 0..b {
+                let alone = layer.forward(&x.slice_axis(0, r, r + 1).unwrap()).unwrap();
+                let row = got.slice_axis(0, r, r + 1).unwrap();
+                let diff = row
+                    .to_vec::<f32>()
+                    .unwrap()
+                    .iter()
+                    .zip(alone.to_vec::<f32>().unwrap())
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0f32, f32::max);
+                assert!(diff < 1e-5, "row {r} differs by {diff}");
+            }
+        }
+    }
 }
