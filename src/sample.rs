@@ -135,6 +135,11 @@ impl Sampler {
         })
     }
 
+    /// Temperature 0: the argmax of the log-probabilities.
+    pub fn is_greedy(&self) -> bool {
+        self.config.temp == 0.0
+    }
+
     pub fn needs_history(&self) -> bool {
         !self.processors.is_empty()
     }

@@ -31,7 +31,7 @@ use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
     Compression, DeviceInfo, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest,
     LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply,
-    RingToken, SamplingParams, ShardInfo,
+    RingToken, SamplingParams, ShardInfo, Tensor,
 };
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 use crate::sharding::Footprint;
@@ -379,9 +379,9 @@ struct Sequence {
 /// The result of one step on this stage.
 struct StepOut {
     /// Activations for the next stage (not on the last stage).
-    hidden: Option<crate::proto::Tensor>,
+    hidden: Option<Tensor>,
     token: Option<u32>,
-    logprobs: Option<crate::proto::Tensor>,
+    logprobs: Option<Tensor>,
     micros: u32,
     next: Option<String>,
     first: Option<String>,
@@ -836,6 +836,13 @@ impl Engine {
     /// tokens on the first stage, decoded activations on the others. The
     /// sequence is created on its first step.
     fn input(&mut self, req: &ForwardRequest) -> Result<Array> {
+        self.admit(req)?;
+        self.activations(req)
+    }
+
+    /// Checks a step against this stage and its sequence, starting the
+    /// sequence (a slot, its KV budget, a kept prefix) on its first step.
+    fn admit(&mut self, req: &ForwardRequest) -> Result<()> {
         let stage = self.stage.as_ref().ok_or_else(|| {
             Error::NotReady(format!(
                 "worker {} holds no model: load a shard first",
@@ -942,8 +949,7 @@ impl Engine {
                 },
             );
         }
-        let stage = self.stage.as_ref().unwrap();
-        let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
+        let seq = &self.seqs[&req.sequence_id];
         let offset = self.caches.first().map_or(0, |c| c.length(seq.slot)) as u32;
         if offset != req.offset {
             return Err(Error::InvalidArgument(format!(
@@ -951,47 +957,116 @@ impl Engine {
                 req.sequence_id, req.offset
             )));
         }
-        let h = if stage.info.embed {
-            let vocab = model.args.vocab_size as u32;
-            if req.tokens.is_empty() {
-                return Err(Error::InvalidArgument(
-                    "the first stage needs token ids".into(),
-                ));
-            }
-            // The position, not the id: errors are logged, token ids are not.
-            if let Some(i) = req.tokens.iter().position(|&t| t >= vocab) {
-                return Err(Error::InvalidArgument(format!(
-                    "the token at position {i} is outside the vocabulary of {vocab}"
-                )));
-            }
-            let ids: Vec<i32> = req.tokens.iter().map(|&t| t as i32).collect();
-            model.embed(&Array::from_slice(&ids, &[1, ids.len() as i32])?)?
+        if self.stage.as_ref().unwrap().info.embed {
+            self.token_ids(req)?;
         } else {
-            let t = req.hidden.as_ref().ok_or_else(|| {
-                Error::InvalidArgument("this stage needs activations from the previous one".into())
-            })?;
-            // Shape and dtype are checked before MLX sees the data.
-            let s = &t.shape;
-            let hidden = model.args.hidden_size as i64;
-            if s.len() != 3
-                || s[0] != 1
-                || !(1..=MAX_POSITIONS as i64).contains(&s[1])
-                || s[2] != hidden
-            {
-                return Err(Error::InvalidArgument(format!(
-                    "activations of shape {s:?} do not fit this model: [1, L, {hidden}] expected, L up to {MAX_POSITIONS}"
-                )));
+            self.hidden(req)?;
+        }
+        Ok(())
+    }
+
+    /// An admitted step's `[1, L, hidden]` input: the first stage embeds its
+    /// token ids, the others decode the previous stage's activations.
+    fn activations(&self, req: &ForwardRequest) -> Result<Array> {
+        let stage = self.stage.as_ref().unwrap();
+        if stage.info.embed {
+            let ids = self.token_ids(req)?;
+            stage
+                .model
+                .embed(&Array::from_slice(&ids, &[1, ids.len() as i32])?)
+        } else {
+            codec::decode(self.hidden(req)?)
+        }
+    }
+
+    /// The first stage's token ids, each checked against the vocabulary.
+    fn token_ids(&self, req: &ForwardRequest) -> Result<Vec<i32>> {
+        let vocab = self.stage.as_ref().unwrap().model.args.vocab_size as u32;
+        if req.tokens.is_empty() {
+            return Err(Error::InvalidArgument(
+                "the first stage needs token ids".into(),
+            ));
+        }
+        // The position, not the id: errors are logged, token ids are not.
+        if let Some(i) = req.tokens.iter().position(|&t| t >= vocab) {
+            return Err(Error::InvalidArgument(format!(
+                "the token at position {i} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(req.tokens.iter().map(|&t| t as i32).collect())
+    }
+
+    /// The activations a later stage gets, their shape and dtype checked
+    /// before MLX sees the data.
+    fn hidden<'a>(&self, req: &'a ForwardRequest) -> Result<&'a Tensor> {
+        let t = req.hidden.as_ref().ok_or_else(|| {
+            Error::InvalidArgument("this stage needs activations from the previous one".into())
+        })?;
+        let s = &t.shape;
+        let hidden = self.stage.as_ref().unwrap().model.args.hidden_size as i64;
+        if s.len() != 3
+            || s[0] != 1
+            || !(1..=MAX_POSITIONS as i64).contains(&s[1])
+            || s[2] != hidden
+        {
+            return Err(Error::InvalidArgument(format!(
+                "activations of shape {s:?} do not fit this model: [1, L, {hidden}] expected, L up to {MAX_POSITIONS}"
+            )));
+        }
+        let dtype = codec::dtype_from_proto(t.dtype)?;
+        if !dtype.is_float() {
+            return Err(Error::InvalidArgument(format!(
+                "activations must be float32, float16 or bfloat16, not {}",
+                dtype.name()
+            )));
+        }
+        Ok(t)
+    }
+
+    /// The `[B, 1, hidden]` input of a batch of admitted decode steps, made
+    /// in one piece: the first stage embeds all B ids at once, a later stage
+    /// joins uncompressed rows' bytes before MLX sees them. Row by row, B
+    /// embeddings and a B-way concatenation cost a few kernels per row,
+    /// which a step bound by launching kernels (as on CUDA) feels.
+    fn batch_input(&self, reqs: &[&ForwardRequest]) -> Result<Array> {
+        let b = reqs.len() as i32;
+        if self.stage.as_ref().unwrap().info.embed {
+            let mut ids = Vec::with_capacity(reqs.len());
+            for req in reqs {
+                ids.extend(self.token_ids(req)?);
             }
-            let dtype = codec::dtype_from_proto(t.dtype)?;
-            if !dtype.is_float() {
-                return Err(Error::InvalidArgument(format!(
-                    "activations must be float32, float16 or bfloat16, not {}",
-                    dtype.name()
-                )));
-            }
-            codec::decode(t)?
+            let model = &self.stage.as_ref().unwrap().model;
+            return model.embed(&Array::from_slice(&ids, &[b, 1])?);
+        }
+        let rows = reqs
+            .iter()
+            .map(|r| self.hidden(r))
+            .collect::<Result<Vec<_>>>()?;
+        let first = rows[0];
+        let plain = |t: &Tensor| {
+            t.compression == Compression::None as i32
+                && t.dtype == first.dtype
+                && t.shape == first.shape
         };
-        Ok(h)
+        if rows.iter().all(|t| plain(t)) {
+            let mut data = Vec::with_capacity(first.data.len() * rows.len());
+            for t in &rows {
+                data.extend_from_slice(&t.data);
+            }
+            let joined = Tensor {
+                shape: vec![b as i64, 1, first.shape[2]],
+                dtype: first.dtype,
+                data: data.into(),
+                compression: Compression::None as i32,
+                scales: Default::default(),
+            };
+            return codec::decode(&joined);
+        }
+        let arrays = rows
+            .into_iter()
+            .map(codec::decode)
+            .collect::<Result<Vec<_>>>()?;
+        mlx::ops::concatenate(&arrays.iter().collect::<Vec<_>>(), 0)
     }
 
     /// One step of one sequence.
@@ -1032,8 +1107,8 @@ impl Engine {
         let started = Instant::now();
         let mut ready = Vec::with_capacity(batch.len());
         for (req, reply) in batch {
-            match self.input(&req) {
-                Ok(h) => ready.push((req, reply, h)),
+            match self.admit(&req) {
+                Ok(()) => ready.push((req, reply)),
                 Err(e) => {
                     self.end(&req.sequence_id);
                     let _ = reply.send(Err(e));
@@ -1045,16 +1120,16 @@ impl Engine {
         }
         // In slot order: when the batch is every slot, or a run of them, the
         // layers attend on the cache buffer as it lies, with no gather.
-        ready.sort_by_key(|(req, _, _)| self.seqs[&req.sequence_id].slot);
+        ready.sort_by_key(|(req, _)| self.seqs[&req.sequence_id].slot);
         let model = self.stage.as_ref().unwrap().model.clone();
         let head = self.stage.as_ref().unwrap().info.head;
         let slots: Vec<usize> = ready
             .iter()
-            .map(|(req, _, _)| self.seqs[&req.sequence_id].slot)
+            .map(|(req, _)| self.seqs[&req.sequence_id].slot)
             .collect();
         let result = (|| -> Result<(Array, Option<Array>)> {
-            let rows: Vec<&Array> = ready.iter().map(|(_, _, h)| h).collect();
-            let h = mlx::ops::concatenate(&rows, 0)?;
+            let reqs: Vec<&ForwardRequest> = ready.iter().map(|(req, _)| req).collect();
+            let h = self.batch_input(&reqs)?;
             let h = model.forward_layers_rows(h, &mut self.caches, &slots, 2)?;
             if head {
                 Ok((h.clone(), Some(model.logits(&h)?.squeeze(1)?)))
@@ -1068,7 +1143,7 @@ impl Engine {
             None => ready
                 .iter()
                 .enumerate()
-                .map(|(b, (req, _, _))| {
+                .map(|(b, (req, _))| {
                     let b = b as i32;
                     self.output(req, &h.slice_axis(0, b, b + 1)?, None)
                 })
@@ -1078,7 +1153,7 @@ impl Engine {
             Ok(o) => o,
             Err(e) => {
                 // The caches are in an unknown state: every sequence fails.
-                for (req, reply, _) in ready {
+                for (req, reply) in ready {
                     self.end(&req.sequence_id);
                     let _ = reply.send(Err(Error::Mlx(format!("batched step failed: {e}"))));
                 }
@@ -1086,28 +1161,41 @@ impl Engine {
             }
         };
         let micros = micros_since(started);
-        for ((_, reply, _), mut out) in ready.into_iter().zip(outs) {
+        for ((_, reply), mut out) in ready.into_iter().zip(outs) {
             out.micros = micros;
             let _ = reply.send(Ok(out));
         }
     }
 
     /// The last stage's outputs of a batched decode step from its logits
-    /// (`[B, vocab]`): each sequence samples its row with its own sampler;
-    /// all rows are evaluated at once.
+    /// (`[B, vocab]`): each sequence samples its row with its own sampler,
+    /// except that greedy rows without logits processors take their argmax
+    /// all at once (one kernel, not one per row); all rows are evaluated
+    /// together.
     fn sample_rows(
         &mut self,
-        ready: &[(ForwardRequest, oneshot::Sender<Result<StepOut>>, Array)],
+        ready: &[(ForwardRequest, oneshot::Sender<Result<StepOut>>)],
         logits: &Array,
     ) -> Result<Vec<StepOut>> {
         let next = self.stage.as_ref().unwrap().next.clone();
         let first = self.stage.as_ref().unwrap().first.clone();
         let shared = logits.sub(&logits.logsumexp(-1, true)?)?;
+        let plain: Vec<bool> = ready
+            .iter()
+            .map(|(req, _)| {
+                let sampler = self.seqs[&req.sequence_id].sampler.as_ref().unwrap();
+                sampler.is_greedy() && !sampler.needs_history()
+            })
+            .collect();
+        let argmax = match plain.iter().any(|&p| p) {
+            true => Some(shared.argmax(-1, false)?),
+            false => None,
+        };
         let mut picks = Vec::with_capacity(ready.len());
-        for (b, (req, _, _)) in ready.iter().enumerate() {
-            let b = b as i32;
+        for (b, (req, _)) in ready.iter().enumerate() {
             let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
             let sampler = seq.sampler.as_mut().unwrap();
+            let b = b as i32;
             let logprobs = if sampler.needs_history() {
                 seq.history.extend_from_slice(&req.tokens);
                 let l = sampler.process(logits.slice_axis(0, b, b + 1)?, &seq.history)?;
@@ -1115,22 +1203,35 @@ impl Engine {
             } else {
                 shared.slice_axis(0, b, b + 1)?
             };
-            let token = sampler.sample(&logprobs)?;
+            let token = match plain[b as usize] {
+                true => None,
+                false => Some(sampler.sample(&logprobs)?),
+            };
             picks.push((token, logprobs));
         }
-        let pending: Vec<&Array> = picks
+        let pending: Vec<&Array> = argmax
             .iter()
-            .zip(ready)
-            .flat_map(|((t, l), (req, _, _))| std::iter::once(t).chain(req.logprobs.then_some(l)))
+            .chain(
+                picks
+                    .iter()
+                    .zip(ready)
+                    .flat_map(|((t, l), (req, _))| t.iter().chain(req.logprobs.then_some(l))),
+            )
             .collect();
         mlx::eval(&pending)?;
+        let greedy = argmax.map(|a| a.to_vec::<u32>()).transpose()?;
         picks
             .into_iter()
             .zip(ready)
-            .map(|((token, logprobs), (req, _, _))| {
+            .enumerate()
+            .map(|(b, ((token, logprobs), (req, _)))| {
+                let token = match token {
+                    Some(t) => t.item::<u32>()?,
+                    None => greedy.as_ref().unwrap()[b],
+                };
                 Ok(StepOut {
                     hidden: None,
-                    token: Some(token.item::<u32>()?),
+                    token: Some(token),
                     logprobs: if req.logprobs {
                         Some(codec::encode(&logprobs.squeeze(0)?, Compression::None)?)
                     } else {

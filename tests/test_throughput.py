@@ -84,6 +84,66 @@ def test_mixed_workload_equals_one_at_a_time(model_path, local, workers):
         time.sleep(0.1)
 
 
+def _together(model, tok, runs) -> list:
+    """Runs every `(prompt, kwargs)` at once; each one's responses."""
+    got: list = [None] * len(runs)
+    start = threading.Barrier(len(runs))
+
+    def run(i: int) -> None:
+        prompt, kwargs = runs[i]
+        start.wait()
+        got[i] = list(mlx_dist.stream_generate(model, tok, prompt, max_tokens=24, **kwargs))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(runs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return got
+
+
+def test_batched_rows_keep_their_own_sampler_logprobs_and_codec(model_path, local, workers):
+    """In one batch: greedy rows (their argmax taken for all at once), one
+    with log-probabilities, one sampling with a seed, one with a repetition
+    penalty; then rows sent int8-compressed. Each equals its run alone."""
+    runs = [
+        ("greedy one", {}),
+        ("greedy two, a little longer", {"logprobs": True}),
+        ("sampled", {"sampler": mlx_dist.make_sampler(temp=0.9, top_k=20), "seed": 7}),
+        (
+            "penalised",
+            {"logits_processors": mlx_dist.make_logits_processors(repetition_penalty=1.5)},
+        ),
+        ("greedy three", {}),
+    ]
+    alone = [
+        list(mlx_dist.stream_generate(local[0], local[1], p, max_tokens=24, **kw)) for p, kw in runs
+    ]
+    addrs = [w.address for w in workers]
+    for compression in ("none", "int8"):
+        model, tok = mlx_dist.load(
+            str(model_path), workers=addrs, strategy="uniform", compression=compression
+        )
+        if compression == "int8":
+            # Compressed activations change the output a little: the
+            # reference is each run alone through the same cluster.
+            alone = [
+                list(mlx_dist.stream_generate(model, tok, p, max_tokens=24, **kw)) for p, kw in runs
+            ]
+        before = [_info(w)["batches"] for w in workers]
+        got = _together(model, tok, runs)
+        for i, (g, w) in enumerate(zip(got, alone, strict=True)):
+            assert [r.token for r in g] == [r.token for r in w], f"{compression}: run {i} differs"
+        diff = max(
+            float((a.logprobs - b.logprobs).abs().max())
+            for a, b in zip(got[1], alone[1], strict=True)
+        )
+        assert diff < 1e-4, f"{compression}: log-probabilities differ by {diff}"
+        assert all(_info(w)["batches"] > b for w, b in zip(workers, before, strict=True)), (
+            f"{compression}: the steps did not run batched"
+        )
+
+
 def test_chunked_prefill_equals_unchunked(model_path, local, workers):
     prompt = " ".join(f"word{i}" for i in range(60))
     ids = local[1].encode(prompt)
