@@ -77,3 +77,25 @@ def test_a_server_that_does_not_start_is_reported_with_what_it_said():
         _start_server([sys.executable, "-c", said], _free_port(), "a server", log)
     assert "a server did not start" in str(e.value)
     assert "No module named fastapi" in str(e.value)
+
+
+def test_bench_ops_prints_every_op_for_every_batch_size():
+    out = _bench("bench-ops", "--rows", "1,2", "--layers", "2", "--repeats", "1")
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("us per op"))
+    assert lines[header].split()[-2:] == ["R=1", "R=2"]
+    names = [
+        "matmul 256->768 as [R,1,K]",
+        "matmul 256->768 as [R,K]",
+        "attention, no mask",
+        "attention, row mask",
+        "cache write, scatter of R rows",
+        "cache write, slice_update of 1 row",
+        "rope, an offset per row",
+    ]
+    for name in names:
+        row = next(line for line in lines if line.startswith(name))
+        figures = [float(x) for x in row[len(name) :].split()]
+        assert len(figures) == 2 and all(f > 0 for f in figures), row
+    # Taking the rows as one matrix changes no value.
+    assert "give the same values: yes" in out

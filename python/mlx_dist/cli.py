@@ -268,6 +268,12 @@ def _bench_throughput(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
+def _bench_ops(args: argparse.Namespace) -> int:
+    from mlx_dist.bench_ops import main as bench_main
+
+    return bench_main(args)
+
+
 def _bench_recovery(args: argparse.Namespace) -> int:
     from mlx_dist.bench_recovery import main as bench_main
 
@@ -432,6 +438,19 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--gen-tokens", type=int, default=128)
     bp.add_argument("--repeats", type=int, default=3)
     bp.set_defaults(func=_bench_pipeline)
+
+    bo = sub.add_parser(
+        "bench-ops", help="what each op of a batched decode step costs here, for R rows"
+    )
+    bo.add_argument(
+        "--random-shape", default="qwen3-1.7b", help="the model shape to take sizes from"
+    )
+    bo.add_argument("--bits", type=int, default=8)
+    bo.add_argument("--rows", default="1,4,8,16", help="batch sizes to measure")
+    bo.add_argument("--length", type=int, default=300, help="cached positions attended to")
+    bo.add_argument("--layers", type=int, default=28, help="ops chained per evaluation")
+    bo.add_argument("--repeats", type=int, default=10)
+    bo.set_defaults(func=_bench_ops)
 
     t = sub.add_parser("top", help="a live dashboard of a server's cluster")
     t.add_argument(
