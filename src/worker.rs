@@ -1023,12 +1023,33 @@ impl Engine {
         Ok(t)
     }
 
-    /// The `[B, 1, hidden]` input of a batch of admitted decode steps, made
-    /// in one piece: the first stage embeds all B ids at once, a later stage
-    /// joins uncompressed rows' bytes before MLX sees them. Row by row, B
-    /// embeddings and a B-way concatenation cost a few kernels per row,
-    /// which a step bound by launching kernels (as on CUDA) feels.
-    fn batch_input(&self, reqs: &[&ForwardRequest]) -> Result<Array> {
+    /// What a row of a batched step brings that cannot join the batch's
+    /// input in one piece: a later stage's compressed activations, decoded
+    /// here. None for token ids and for uncompressed activations whose bytes
+    /// fit their shape (joined by `batch_input`); bytes that do not fit are
+    /// refused here, so that they cannot shift their neighbours' rows.
+    fn row_input(&self, req: &ForwardRequest) -> Result<Option<Array>> {
+        if self.stage.as_ref().unwrap().info.embed {
+            return Ok(None);
+        }
+        let t = self.hidden(req)?;
+        if t.compression == Compression::None as i32 {
+            let dtype = codec::dtype_from_proto(t.dtype)?;
+            let need = t.shape.iter().product::<i64>() as usize * dtype.size();
+            if t.data.len() == need {
+                return Ok(None);
+            }
+        }
+        codec::decode(t).map(Some)
+    }
+
+    /// The `[B, 1, hidden]` input of a batch of admitted decode steps (`pre`:
+    /// each row's `row_input`), made in one piece where it can be: the first
+    /// stage embeds all B ids at once, a later stage joins uncompressed rows'
+    /// bytes before MLX sees them. Row by row, B embeddings and a B-way
+    /// concatenation cost a few kernels per row, which a step bound by
+    /// launching kernels (as on CUDA) feels.
+    fn batch_input(&self, reqs: &[&ForwardRequest], pre: &[Option<Array>]) -> Result<Array> {
         let b = reqs.len() as i32;
         if self.stage.as_ref().unwrap().info.embed {
             let mut ids = Vec::with_capacity(reqs.len());
@@ -1043,12 +1064,7 @@ impl Engine {
             .map(|r| self.hidden(r))
             .collect::<Result<Vec<_>>>()?;
         let first = rows[0];
-        let plain = |t: &Tensor| {
-            t.compression == Compression::None as i32
-                && t.dtype == first.dtype
-                && t.shape == first.shape
-        };
-        if rows.iter().all(|t| plain(t)) {
+        if pre.iter().all(Option::is_none) && rows.iter().all(|t| t.dtype == first.dtype) {
             let mut data = Vec::with_capacity(first.data.len() * rows.len());
             for t in &rows {
                 data.extend_from_slice(&t.data);
@@ -1064,7 +1080,11 @@ impl Engine {
         }
         let arrays = rows
             .into_iter()
-            .map(codec::decode)
+            .zip(pre)
+            .map(|(t, p)| match p {
+                Some(a) => Ok(a.clone()),
+                None => codec::decode(t),
+            })
             .collect::<Result<Vec<_>>>()?;
         mlx::ops::concatenate(&arrays.iter().collect::<Vec<_>>(), 0)
     }
@@ -1105,22 +1125,28 @@ impl Engine {
     /// row, all evaluated together.
     fn step_batch(&mut self, batch: Vec<(ForwardRequest, oneshot::Sender<Result<StepOut>>)>) {
         let started = Instant::now();
-        let mut ready = Vec::with_capacity(batch.len());
+        let mut admitted = Vec::with_capacity(batch.len());
         for (req, reply) in batch {
-            match self.admit(&req) {
-                Ok(()) => ready.push((req, reply)),
+            // A bad row fails its own sequence alone, before the batch runs.
+            match self.admit(&req).and_then(|()| self.row_input(&req)) {
+                Ok(pre) => admitted.push((req, reply, pre)),
                 Err(e) => {
                     self.end(&req.sequence_id);
                     let _ = reply.send(Err(e));
                 }
             }
         }
-        if ready.is_empty() {
+        if admitted.is_empty() {
             return;
         }
         // In slot order: when the batch is every slot, or a run of them, the
         // layers attend on the cache buffer as it lies, with no gather.
-        ready.sort_by_key(|(req, _)| self.seqs[&req.sequence_id].slot);
+        admitted.sort_by_key(|(req, _, _)| self.seqs[&req.sequence_id].slot);
+        let (mut ready, mut pre) = (Vec::new(), Vec::new());
+        for (req, reply, p) in admitted {
+            ready.push((req, reply));
+            pre.push(p);
+        }
         let model = self.stage.as_ref().unwrap().model.clone();
         let head = self.stage.as_ref().unwrap().info.head;
         let slots: Vec<usize> = ready
@@ -1129,7 +1155,7 @@ impl Engine {
             .collect();
         let result = (|| -> Result<(Array, Option<Array>)> {
             let reqs: Vec<&ForwardRequest> = ready.iter().map(|(req, _)| req).collect();
-            let h = self.batch_input(&reqs)?;
+            let h = self.batch_input(&reqs, &pre)?;
             let h = model.forward_layers_rows(h, &mut self.caches, &slots, 2)?;
             if head {
                 Ok((h.clone(), Some(model.logits(&h)?.squeeze(1)?)))
@@ -2652,6 +2678,112 @@ mod tests {
                 .unwrap();
             assert!(reply.token.is_some());
             assert_eq!(reply.stage_micros.len(), 1);
+        });
+    }
+
+    /// Decode steps queued together run as one batch; a row whose bytes do
+    /// not fit its shape (one short, one long: together the batch's size)
+    /// fails its own sequence alone, and the others get their tokens.
+    #[test]
+    fn a_bad_row_fails_alone_in_a_batched_step() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        crate::pipeline::runtime().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap().to_string();
+            let mut cfg = WorkerConfig::new("batch");
+            cfg.cache_dir = tmp.path().join("cache");
+            let svc = WorkerService::new(cfg);
+            let jobs = svc.jobs.clone();
+            tokio::spawn(
+                tonic::transport::Server::builder()
+                    .add_service(svc.into_server())
+                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+            );
+            let mut client = connect(&addr, Duration::from_secs(5)).await.unwrap();
+            let mut progress = client
+                .load_shard(LoadShardRequest {
+                    source: Some(ProtoSource {
+                        path: tmp.path().display().to_string(),
+                        model_id: String::new(),
+                    }),
+                    layer_start: 1,
+                    layer_end: 3,
+                    head: true,
+                    cache_budget: 1 << 30,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            while let Some(p) = progress.message().await.unwrap() {
+                if p.done {
+                    break;
+                }
+            }
+            let row = |v: f64| {
+                codec::encode(
+                    &Array::full(&[1, 1, 256], v, crate::mlx::Dtype::Float32).unwrap(),
+                    Compression::None,
+                )
+                .unwrap()
+            };
+            // A sequence lives as long as its Forward stream: one each.
+            let names = ["a", "b", "c", "d"];
+            let mut streams = Vec::new();
+            for (i, name) in names.iter().enumerate() {
+                let (tx, rx) = mpsc::channel(2);
+                tx.send(step(name, row(0.01 * i as f64))).await.unwrap();
+                let mut replies = client
+                    .forward(ReceiverStream::new(rx))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(replies.message().await.unwrap().is_some());
+                streams.push((tx, replies));
+            }
+            let batches = || async {
+                let mut c = connect(&addr, Duration::from_secs(5)).await.unwrap();
+                c.get_device_info(DeviceInfoRequest::default())
+                    .await
+                    .unwrap()
+                    .into_inner()
+                    .batches
+            };
+            let before = batches().await;
+            let (release, until) = std_mpsc::channel();
+            jobs.send(Job::Hold(until)).unwrap();
+            for (i, (name, (tx, _))) in names.iter().zip(&streams).enumerate() {
+                let mut hidden = row(0.02 * i as f64);
+                let mut data = hidden.data.to_vec();
+                match *name {
+                    "b" => data.truncate(data.len() - 1),
+                    "c" => data.push(0),
+                    _ => {}
+                }
+                hidden.data = data.into();
+                let mut req = step(name, hidden);
+                req.offset = 1;
+                tx.send(req).await.unwrap();
+            }
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            release.send(()).unwrap();
+            for (name, (_, replies)) in names.iter().zip(&mut streams) {
+                let r = within("a batched step", replies.message()).await;
+                match *name {
+                    "b" | "c" => {
+                        let err = r.unwrap_err();
+                        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}: {err:?}");
+                        assert!(err.message().contains("bytes"), "{name}: {err:?}");
+                    }
+                    _ => assert!(r.unwrap().unwrap().token.is_some(), "{name}"),
+                }
+            }
+            assert_eq!(
+                batches().await,
+                before + 1,
+                "the steps did not run as one batch"
+            );
         });
     }
 
