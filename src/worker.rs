@@ -2447,10 +2447,21 @@ mod tests {
     /// A worker configured by `cfg` (TLS included) on a free port, holding
     /// layers 1..3 and the head of the model in `dir`.
     async fn start_with(dir: &Path, cfg: WorkerConfig) -> (String, Client) {
+        let (addr, client, _) = start_with_jobs(dir, cfg).await;
+        (addr, client)
+    }
+
+    /// `start_with`, and the engine's job queue (to hold it with `Job::Hold`).
+    async fn start_with_jobs(
+        dir: &Path,
+        cfg: WorkerConfig,
+    ) -> (String, Client, std_mpsc::Sender<Job>) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let mut builder = server_builder(&cfg).unwrap();
-        let server = WorkerService::new(cfg).into_server();
+        let svc = WorkerService::new(cfg);
+        let jobs = svc.jobs.clone();
+        let server = svc.into_server();
         tokio::spawn(
             builder
                 .add_service(server)
@@ -2475,7 +2486,7 @@ mod tests {
                 break;
             }
         }
-        (addr, client)
+        (addr, client, jobs)
     }
 
     async fn one_step(
@@ -2689,38 +2700,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         crate::models::tests::write_llama(tmp.path(), 3);
         crate::pipeline::runtime().block_on(async {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let addr = listener.local_addr().unwrap().to_string();
             let mut cfg = WorkerConfig::new("batch");
             cfg.cache_dir = tmp.path().join("cache");
-            let svc = WorkerService::new(cfg);
-            let jobs = svc.jobs.clone();
-            tokio::spawn(
-                tonic::transport::Server::builder()
-                    .add_service(svc.into_server())
-                    .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
-            );
-            let mut client = connect(&addr, Duration::from_secs(5)).await.unwrap();
-            let mut progress = client
-                .load_shard(LoadShardRequest {
-                    source: Some(ProtoSource {
-                        path: tmp.path().display().to_string(),
-                        model_id: String::new(),
-                    }),
-                    layer_start: 1,
-                    layer_end: 3,
-                    head: true,
-                    cache_budget: 1 << 30,
-                    ..Default::default()
-                })
-                .await
-                .unwrap()
-                .into_inner();
-            while let Some(p) = progress.message().await.unwrap() {
-                if p.done {
-                    break;
-                }
-            }
+            let (addr, mut client, jobs) = start_with_jobs(tmp.path(), cfg).await;
             let row = |v: f64| {
                 codec::encode(
                     &Array::full(&[1, 1, 256], v, crate::mlx::Dtype::Float32).unwrap(),
