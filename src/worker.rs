@@ -842,6 +842,7 @@ impl Engine {
 
     /// Checks a step against this stage and its sequence, starting the
     /// sequence (a slot, its KV budget, a kept prefix) on its first step.
+    /// Its input is checked where it is read (`activations`, `row_input`).
     fn admit(&mut self, req: &ForwardRequest) -> Result<()> {
         let stage = self.stage.as_ref().ok_or_else(|| {
             Error::NotReady(format!(
@@ -957,11 +958,6 @@ impl Engine {
                 req.sequence_id, req.offset
             )));
         }
-        if self.stage.as_ref().unwrap().info.embed {
-            self.token_ids(req)?;
-        } else {
-            self.hidden(req)?;
-        }
         Ok(())
     }
 
@@ -1023,13 +1019,15 @@ impl Engine {
         Ok(t)
     }
 
-    /// What a row of a batched step brings that cannot join the batch's
-    /// input in one piece: a later stage's compressed activations, decoded
-    /// here. None for token ids and for uncompressed activations whose bytes
-    /// fit their shape (joined by `batch_input`); bytes that do not fit are
-    /// refused here, so that they cannot shift their neighbours' rows.
+    /// Checks a row of a batched step's input, and gives what cannot join the
+    /// batch's input in one piece: a later stage's compressed activations,
+    /// decoded here. None for token ids and for uncompressed activations
+    /// whose bytes fit their shape (joined by `batch_input`); bytes that do
+    /// not fit are refused here, so that they cannot shift their neighbours'
+    /// rows.
     fn row_input(&self, req: &ForwardRequest) -> Result<Option<Array>> {
         if self.stage.as_ref().unwrap().info.embed {
+            self.token_ids(req)?;
             return Ok(None);
         }
         let t = self.hidden(req)?;
@@ -1213,15 +1211,16 @@ impl Engine {
                 sampler.is_greedy() && !sampler.needs_history()
             })
             .collect();
-        let argmax = match plain.iter().any(|&p| p) {
-            true => Some(shared.argmax(-1, false)?),
-            false => None,
-        };
+        let argmax = plain
+            .iter()
+            .any(|&p| p)
+            .then(|| shared.argmax(-1, false))
+            .transpose()?;
         let mut picks = Vec::with_capacity(ready.len());
-        for (b, (req, _)) in ready.iter().enumerate() {
+        for ((req, _), &in_shared_argmax) in ready.iter().zip(&plain) {
+            let b = picks.len() as i32;
             let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
             let sampler = seq.sampler.as_mut().unwrap();
-            let b = b as i32;
             let logprobs = if sampler.needs_history() {
                 seq.history.extend_from_slice(&req.tokens);
                 let l = sampler.process(logits.slice_axis(0, b, b + 1)?, &seq.history)?;
@@ -1229,10 +1228,9 @@ impl Engine {
             } else {
                 shared.slice_axis(0, b, b + 1)?
             };
-            let token = match plain[b as usize] {
-                true => None,
-                false => Some(sampler.sample(&logprobs)?),
-            };
+            let token = (!in_shared_argmax)
+                .then(|| sampler.sample(&logprobs))
+                .transpose()?;
             picks.push((token, logprobs));
         }
         let pending: Vec<&Array> = argmax

@@ -40,10 +40,14 @@ def _per_op(chain, layers: int, repeats: int) -> float:
     return statistics.median(times) / layers * 1e6
 
 
+def _head_dim(shape: dict) -> int:
+    return shape.get("head_dim", shape["hidden_size"] // shape["num_attention_heads"])
+
+
 def _matmuls(shape: dict, bits: int, group: int) -> dict:
     """The distinct `(K, N)` of a layer's projections, quantized."""
     hidden = shape["hidden_size"]
-    head_dim = shape.get("head_dim", hidden // shape["num_attention_heads"])
+    head_dim = _head_dim(shape)
     out = {}
     for k, n in (
         (hidden, shape["num_attention_heads"] * head_dim),
@@ -85,9 +89,8 @@ def _one_batch(shape, weights, r, most, bits, group, length, layers, repeats):
     """`measure` for `r` rows: `{op: microseconds}` and the matmul forms'
     largest difference."""
     dt = mx.bfloat16
-    hidden = shape["hidden_size"]
     heads, kv = shape["num_attention_heads"], shape["num_key_value_heads"]
-    d = shape.get("head_dim", hidden // heads)
+    d = _head_dim(shape)
     figures = {}
     worst = 0.0
 

@@ -759,6 +759,7 @@ pub fn load_separate_mlp(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::models::tests::assert_within;
 
     fn values(n: usize, seed: u32) -> Vec<f32> {
         (0..n as u32)
@@ -797,14 +798,12 @@ mod tests {
             for r in 0..b {
                 let alone = layer.forward(&x.slice_axis(0, r, r + 1).unwrap()).unwrap();
                 let row = got.slice_axis(0, r, r + 1).unwrap();
-                let diff = row
-                    .to_vec::<f32>()
-                    .unwrap()
-                    .iter()
-                    .zip(alone.to_vec::<f32>().unwrap())
-                    .map(|(a, b)| (a - b).abs())
-                    .fold(0.0f32, f32::max);
-                assert!(diff < 1e-5, "row {r} differs by {diff}");
+                assert_within(
+                    &row.to_vec::<f32>().unwrap(),
+                    &alone.to_vec::<f32>().unwrap(),
+                    1e-5,
+                    &format!("row {r}"),
+                );
             }
         }
     }

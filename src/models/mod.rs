@@ -452,13 +452,18 @@ pub(crate) mod tests {
 
     /// `got` equals `want` within 1e-4 everywhere.
     fn assert_close(got: &[f32], want: &[f32], what: &str) {
+        assert_within(got, want, 1e-4, what);
+    }
+
+    /// `got` equals `want` within `tolerance` everywhere.
+    pub(crate) fn assert_within(got: &[f32], want: &[f32], tolerance: f32, what: &str) {
         let diff = got
             .iter()
             .zip(want)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0f32, f32::max);
         assert!(
-            got.len() == want.len() && diff < 1e-4,
+            got.len() == want.len() && diff < tolerance,
             "{what} differs by {diff}"
         );
     }
