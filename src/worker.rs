@@ -448,6 +448,8 @@ struct Engine {
     prefixes: PrefixStore,
     /// How long the last decode step (batched or not) took.
     last_decode: Duration,
+    /// How long a step's result is polled for before its wait sleeps.
+    spin: Duration,
 }
 
 /// The most decode steps run as one batch.
@@ -1158,7 +1160,7 @@ impl Engine {
             if head {
                 Ok((h.clone(), Some(model.logits(&h)?.squeeze(1)?)))
             } else {
-                h.eval()?;
+                mlx::eval_polling(&[&h], self.spin)?;
                 Ok((h, None))
             }
         })();
@@ -1242,7 +1244,7 @@ impl Engine {
                     .flat_map(|((t, l), (req, _))| t.iter().chain(req.logprobs.then_some(l))),
             )
             .collect();
-        mlx::eval(&pending)?;
+        mlx::eval_polling(&pending, self.spin)?;
         let greedy = argmax.map(|a| a.to_vec::<u32>()).transpose()?;
         picks
             .into_iter()
@@ -1306,7 +1308,7 @@ impl Engine {
                 }
                 let logprobs = logits.sub(&logits.logsumexp(mlx::ops::ALL_AXES, true)?)?;
                 let token = sampler.sample(&logprobs)?;
-                mlx::eval(&[&token, &logprobs])?;
+                mlx::eval_polling(&[&token, &logprobs], self.spin)?;
                 out.token = Some(token.item::<u32>()?);
                 if req.logprobs {
                     out.logprobs = Some(codec::encode(&logprobs.squeeze(0)?, Compression::None)?);
@@ -1321,11 +1323,29 @@ impl Engine {
                     "this stage has no next stage to send activations to".into(),
                 ));
             }
-            h.eval()?;
+            mlx::eval_polling(&[h], self.spin)?;
             out.hidden = Some(codec::encode(h, stage.compression)?);
         }
         Ok(out)
     }
+}
+
+/// How long the engine polls for a step's result before sleeping: on a GPU,
+/// about a decode step's device time (a sleeping wait woke about 70 us late
+/// per step on an H200); never on the CPU, where MLX computes on threads of
+/// this process and polling would take a core from them.
+/// `MLX_DIST_STEP_SPIN_US` overrides it (0: always sleep).
+fn step_spin() -> Duration {
+    let default = if mlx::default_device_is_gpu() {
+        2000
+    } else {
+        0
+    };
+    let us = std::env::var("MLX_DIST_STEP_SPIN_US")
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .unwrap_or(default);
+    Duration::from_micros(us.min(1_000_000))
 }
 
 fn micros_since(t: Instant) -> u32 {
@@ -1475,6 +1495,7 @@ impl WorkerService {
             batched_steps: 0,
             prefixes: PrefixStore::default(),
             last_decode: Duration::ZERO,
+            spin: step_spin(),
         };
         std::thread::Builder::new()
             .name("mlx-dist-engine".into())

@@ -191,6 +191,38 @@ def test_concurrent_sequences_do_not_mix(six_layer, workers):
     assert got == want
 
 
+def test_workers_that_poll_for_results_give_the_same_tokens(
+    six_layer, tmp_path_factory, monkeypatch
+):
+    # GPU workers poll for a step's result; make CPU workers do it too, for
+    # single steps and batched ones (concurrent sequences).
+    monkeypatch.setenv("MLX_DIST_STEP_SPIN_US", "20000")
+    procs = start_workers(3, tmp_path_factory.mktemp("polling"))
+    try:
+        path = six_layer["qwen3"]
+        local, tok = mlx_dist.load(str(path))
+        model, dtok = mlx_dist.load(str(path), workers=[w.address for w in procs])
+        prompts = [PROMPT, "a completely different prompt about cats", "hello world " * 5]
+        want = [greedy(local, tok, tok.encode(p), 24) for p in prompts]
+        assert greedy(model, dtok, dtok.encode(prompts[0]), 24) == want[0]
+        got = [None] * len(prompts)
+
+        def run(i):
+            got[i] = greedy(model, dtok, dtok.encode(prompts[i]), 24)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert got == want
+        batched = sum(json.loads(_core.worker_info(w.address))["batched_steps"] for w in procs)
+        assert batched > 0, "the concurrent sequences never ran as one batch"
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def test_worker_holds_only_its_share_of_weights(tiny_model, workers):
     path = tiny_model("llama", num_layers=12)
     local, _ = mlx_dist.load(str(path))

@@ -247,6 +247,12 @@ impl Array {
         eval(&[self])
     }
 
+    /// Whether the value is computed (evaluation scheduled and finished);
+    /// never waits.
+    pub fn is_available(&self) -> bool {
+        unsafe { ffi::mlxd_is_available(self.raw()) != 0 }
+    }
+
     /// Evaluates and copies the elements out, converting to `T`'s dtype.
     pub fn to_vec<T: Element>(&self) -> Result<Vec<T>> {
         let a = if self.dtype() == T::DTYPE {
@@ -306,6 +312,23 @@ impl std::fmt::Debug for Array {
 pub fn eval(arrays: &[&Array]) -> Result<()> {
     let raws: Vec<Arr> = arrays.iter().map(|a| a.raw() as Arr).collect();
     check(unsafe { ffi::mlxd_eval(raws.as_ptr(), raws.len()) })
+}
+
+/// `eval`, waiting for the device by polling for up to `spin` before
+/// sleeping. MLX's wait sleeps until the device signals, and wakes tens of
+/// microseconds after it finishes; a pipeline stage, whose next stage waits
+/// for its result, would pay that on every step. A zero `spin` is `eval`.
+pub fn eval_polling(arrays: &[&Array], spin: std::time::Duration) -> Result<()> {
+    if !spin.is_zero() {
+        async_eval(arrays)?;
+        let until = std::time::Instant::now() + spin;
+        for a in arrays {
+            while !a.is_available() && std::time::Instant::now() < until {
+                std::hint::spin_loop();
+            }
+        }
+    }
+    eval(arrays)
 }
 
 /// Schedules evaluation and returns at once (MLX's `async_eval`).

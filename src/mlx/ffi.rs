@@ -53,6 +53,7 @@ extern "C" {
 
     pub fn mlxd_eval(a: *const Arr, n: usize) -> c_int;
     pub fn mlxd_async_eval(a: *const Arr, n: usize) -> c_int;
+    pub fn mlxd_is_available(a: CArr) -> c_int;
     pub fn mlxd_to_host(a: CArr, out: *mut c_void, nbytes: usize) -> c_int;
 
     pub fn mlxd_binary(out: *mut Arr, op: c_int, a: CArr, b: CArr) -> c_int;

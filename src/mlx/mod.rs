@@ -5,7 +5,7 @@ mod ffi;
 pub mod io;
 pub mod ops;
 
-pub use array::{async_eval, eval, Array, Dtype, Element};
+pub use array::{async_eval, eval, eval_polling, Array, Dtype, Element};
 pub use ops::{random, Mask};
 
 /// The version string of the MLX library in use.
@@ -95,6 +95,7 @@ pub(crate) static MEMORY_TEST_LOCK: std::sync::Mutex<()> = std::sync::Mutex::new
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn round_trip_and_ops() {
@@ -128,6 +129,32 @@ mod tests {
             a.add(&a).unwrap().to_vec::<f32>().unwrap(),
             vec![2.0, 4.0, 6.0]
         );
+    }
+
+    #[test]
+    fn eval_polling_computes_what_eval_does() {
+        let a = Array::arange(0.0, 4096.0, 1.0, Dtype::Float32).unwrap();
+        let want = a
+            .mul(&a)
+            .unwrap()
+            .sum(0, false)
+            .unwrap()
+            .item::<f32>()
+            .unwrap();
+        for spin in [Duration::ZERO, Duration::from_millis(50)] {
+            let (x, y) = (a.mul(&a).unwrap(), a.add(&a).unwrap());
+            let s = x.sum(0, false).unwrap();
+            assert!(!s.is_available());
+            eval_polling(&[&s, &y], spin).unwrap();
+            assert!(s.is_available() && y.is_available(), "{spin:?}");
+            assert_eq!(s.item::<f32>().unwrap(), want);
+            assert_eq!(y.to_vec::<f32>().unwrap()[4095], 8190.0);
+        }
+        // A spin too short for the work falls back to a sleeping wait.
+        let big = Array::arange(0.0, (1 << 22) as f64, 1.0, Dtype::Float32).unwrap();
+        let s = big.mul(&big).unwrap().sum(0, false).unwrap();
+        eval_polling(&[&s], Duration::from_nanos(1)).unwrap();
+        assert!(s.is_available());
     }
 
     #[test]

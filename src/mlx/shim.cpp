@@ -132,6 +132,8 @@ int mlxd_async_eval(arr* const* as, size_t n) {
     mx::async_eval(v);
   })
 }
+// Whether `a` is computed: scheduled work on it has finished. Never blocks.
+int mlxd_is_available(const arr* a) { return a->is_available() ? 1 : 0; }
 // Evaluates `a` and copies its elements, row-major, into `out` (nbytes long).
 int mlxd_to_host(const arr* a, void* out, size_t nbytes) {
   GUARD({
