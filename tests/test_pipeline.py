@@ -34,6 +34,21 @@ def greedy(model, tok, ids, n=24):
     return [r.token for r in mlx_dist.stream_generate(model, tok, ids, max_tokens=n)]
 
 
+def greedy_together(model, tok, prompts, n):
+    """`greedy` of each prompt, all running at once (one thread each)."""
+    got = [None] * len(prompts)
+
+    def run(i):
+        got[i] = greedy(model, tok, tok.encode(prompts[i]), n)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    return got
+
+
 SPLITS = [
     (2, "uniform", None),
     (3, "uniform", None),
@@ -178,17 +193,7 @@ def test_concurrent_sequences_do_not_mix(six_layer, workers):
     model, tok = mlx_dist.load(str(path), workers=[w.address for w in workers[:3]])
     prompts = [PROMPT, "a completely different prompt about cats", "hello world " * 5]
     want = [greedy(model, tok, tok.encode(p), 32) for p in prompts]
-    got = [None] * len(prompts)
-
-    def run(i):
-        got[i] = greedy(model, tok, tok.encode(prompts[i]), 32)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert got == want
+    assert greedy_together(model, tok, prompts, 32) == want
 
 
 def test_workers_that_poll_for_results_give_the_same_tokens(
@@ -205,17 +210,7 @@ def test_workers_that_poll_for_results_give_the_same_tokens(
         prompts = [PROMPT, "a completely different prompt about cats", "hello world " * 5]
         want = [greedy(local, tok, tok.encode(p), 24) for p in prompts]
         assert greedy(model, dtok, dtok.encode(prompts[0]), 24) == want[0]
-        got = [None] * len(prompts)
-
-        def run(i):
-            got[i] = greedy(model, dtok, dtok.encode(prompts[i]), 24)
-
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(120)
-        assert got == want
+        assert greedy_together(model, dtok, prompts, 24) == want
         batched = sum(json.loads(_core.worker_info(w.address))["batched_steps"] for w in procs)
         assert batched > 0, "the concurrent sequences never ran as one batch"
     finally:
