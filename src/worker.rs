@@ -1331,7 +1331,7 @@ impl Engine {
 }
 
 /// How long the engine polls for a step's result before sleeping: on a GPU,
-/// about a decode step's device time (a sleeping wait woke about 70 us late
+/// about a decode step's device time (a sleeping wait woke 40 to 70 us later
 /// per step on an H200); never on the CPU, where MLX computes on threads of
 /// this process and polling would take a core from them.
 /// `MLX_DIST_STEP_SPIN_US` overrides it (0: always sleep).
