@@ -7,6 +7,7 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -72,3 +73,21 @@ class WorkerProcess:
 
 def start_workers(n: int, log_dir: Path, *args: str, prefix: str = "w") -> list[WorkerProcess]:
     return [WorkerProcess(f"{prefix}{i}", log_dir, *args) for i in range(n)]
+
+
+def together(calls, timeout: float = 120.0) -> list:
+    """Calls every function in `calls` at once (one thread each, released
+    together); their results, in order (None for one still running)."""
+    got: list = [None] * len(calls)
+    start = threading.Barrier(len(calls))
+
+    def run(i: int) -> None:
+        start.wait()
+        got[i] = calls[i]()
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+    return got

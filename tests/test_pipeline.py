@@ -4,12 +4,11 @@ equals single-device mlx-dist and mlx-lm token for token."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import mlx_dist
 import pytest
-from cluster_utils import start_workers
+from cluster_utils import start_workers, together
 from mlx_dist import _core
 from tiny_models import mlx_lm_tokens
 
@@ -36,17 +35,7 @@ def greedy(model, tok, ids, n=24):
 
 def greedy_together(model, tok, prompts, n):
     """`greedy` of each prompt, all running at once (one thread each)."""
-    got = [None] * len(prompts)
-
-    def run(i):
-        got[i] = greedy(model, tok, tok.encode(prompts[i]), n)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return got
+    return together([lambda p=p: greedy(model, tok, tok.encode(p), n) for p in prompts])
 
 
 SPLITS = [

@@ -10,7 +10,7 @@ import time
 
 import mlx_dist
 import pytest
-from cluster_utils import start_workers
+from cluster_utils import start_workers, together
 from mlx_dist import _core
 
 
@@ -86,20 +86,12 @@ def test_mixed_workload_equals_one_at_a_time(model_path, local, workers):
 
 def _together(model, tok, runs) -> list:
     """Runs every `(prompt, kwargs)` at once; each one's responses."""
-    got: list = [None] * len(runs)
-    start = threading.Barrier(len(runs))
-
-    def run(i: int) -> None:
-        prompt, kwargs = runs[i]
-        start.wait()
-        got[i] = list(mlx_dist.stream_generate(model, tok, prompt, max_tokens=24, **kwargs))
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(runs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    return got
+    return together(
+        [
+            lambda p=p, kw=kw: list(mlx_dist.stream_generate(model, tok, p, max_tokens=24, **kw))
+            for p, kw in runs
+        ]
+    )
 
 
 def test_batched_rows_keep_their_own_sampler_logprobs_and_codec(model_path, local, workers):
