@@ -452,6 +452,16 @@ struct Engine {
     spin: Duration,
 }
 
+/// A batched decode row's input, checked (`Engine::row_input`).
+enum Row {
+    /// The first stage's token ids.
+    Ids(Vec<i32>),
+    /// Uncompressed activations whose bytes fit their shape, to be joined.
+    Raw,
+    /// Activations decoded on their own (compressed ones).
+    Decoded(Array),
+}
+
 /// The most decode steps run as one batch.
 const MAX_BATCH: usize = 32;
 
@@ -1021,57 +1031,61 @@ impl Engine {
         Ok(t)
     }
 
-    /// Checks a row of a batched step's input, and gives what cannot join the
-    /// batch's input in one piece: a later stage's compressed activations,
-    /// decoded here. None for token ids and for uncompressed activations
-    /// whose bytes fit their shape (joined by `batch_input`); bytes that do
-    /// not fit are refused here, so that they cannot shift their neighbours'
-    /// rows.
-    fn row_input(&self, req: &ForwardRequest) -> Result<Option<Array>> {
+    /// Checks a row of a batched step's input once, and gives what
+    /// `batch_input` makes the batch's input from: the first stage's token
+    /// ids; a later stage's uncompressed activations whose bytes fit their
+    /// shape (joined as bytes); other activations decoded here. Bytes that
+    /// do not fit are refused here, so that they cannot shift their
+    /// neighbours' rows.
+    fn row_input(&self, req: &ForwardRequest) -> Result<Row> {
         if self.stage.as_ref().unwrap().info.embed {
-            self.token_ids(req)?;
-            return Ok(None);
+            return self.token_ids(req).map(Row::Ids);
         }
         let t = self.hidden(req)?;
         if t.compression == Compression::None as i32 {
             let dtype = codec::dtype_from_proto(t.dtype)?;
             let need = t.shape.iter().product::<i64>() as usize * dtype.size();
             if t.data.len() == need {
-                return Ok(None);
+                return Ok(Row::Raw);
             }
         }
-        codec::decode(t).map(Some)
+        codec::decode(t).map(Row::Decoded)
     }
 
-    /// The `[B, 1, hidden]` input of a batch of admitted decode steps (`pre`:
-    /// each row's `row_input`), made in one piece where it can be: the first
-    /// stage embeds all B ids at once, a later stage joins uncompressed rows'
-    /// bytes before MLX sees them. Row by row, B embeddings and a B-way
-    /// concatenation cost a few kernels per row, which a step bound by
+    /// The `[B, 1, hidden]` input of a batch of admitted decode steps (`rows`:
+    /// each one's `row_input`), made in one piece where it can be: the first
+    /// stage embeds all B ids at once, a later stage joins raw rows' bytes
+    /// of one dtype before MLX sees them. Row by row, B embeddings and a
+    /// B-way concatenation cost a few kernels per row, which a step bound by
     /// launching kernels (as on CUDA) feels.
-    fn batch_input(&self, reqs: &[&ForwardRequest], pre: &[Option<Array>]) -> Result<Array> {
+    fn batch_input(&self, reqs: &[&ForwardRequest], rows: Vec<Row>) -> Result<Array> {
         let b = reqs.len() as i32;
+        // Set on a later stage's rows: `row_input` checked it there.
+        fn tensor(req: &ForwardRequest) -> &Tensor {
+            req.hidden.as_ref().unwrap()
+        }
         if self.stage.as_ref().unwrap().info.embed {
             let mut ids = Vec::with_capacity(reqs.len());
-            for req in reqs {
-                ids.extend(self.token_ids(req)?);
+            for row in rows {
+                if let Row::Ids(row) = row {
+                    ids.extend(row);
+                }
             }
             let model = &self.stage.as_ref().unwrap().model;
             return model.embed(&Array::from_slice(&ids, &[b, 1])?);
         }
-        let rows = reqs
-            .iter()
-            .map(|r| self.hidden(r))
-            .collect::<Result<Vec<_>>>()?;
-        let first = rows[0];
-        if pre.iter().all(Option::is_none) && rows.iter().all(|t| t.dtype == first.dtype) {
-            let mut data = Vec::with_capacity(first.data.len() * rows.len());
-            for t in &rows {
-                data.extend_from_slice(&t.data);
+        let dtype = tensor(reqs[0]).dtype;
+        if rows.iter().all(|r| matches!(r, Row::Raw))
+            && reqs.iter().all(|r| tensor(r).dtype == dtype)
+        {
+            let first = tensor(reqs[0]);
+            let mut data = Vec::with_capacity(first.data.len() * reqs.len());
+            for req in reqs {
+                data.extend_from_slice(&tensor(req).data);
             }
             let joined = Tensor {
                 shape: vec![b as i64, 1, first.shape[2]],
-                dtype: first.dtype,
+                dtype,
                 data: data.into(),
                 compression: Compression::None as i32,
                 scales: Default::default(),
@@ -1080,10 +1094,10 @@ impl Engine {
         }
         let arrays = rows
             .into_iter()
-            .zip(pre)
-            .map(|(t, p)| match p {
-                Some(a) => Ok(a.clone()),
-                None => codec::decode(t),
+            .zip(reqs)
+            .map(|(row, req)| match row {
+                Row::Decoded(a) => Ok(a),
+                _ => codec::decode(tensor(req)),
             })
             .collect::<Result<Vec<_>>>()?;
         mlx::ops::concatenate(&arrays.iter().collect::<Vec<_>>(), 0)
@@ -1129,7 +1143,7 @@ impl Engine {
         for (req, reply) in batch {
             // A bad row fails its own sequence alone, before the batch runs.
             match self.admit(&req).and_then(|()| self.row_input(&req)) {
-                Ok(pre) => admitted.push((req, reply, pre)),
+                Ok(row) => admitted.push((req, reply, row)),
                 Err(e) => {
                     self.end(&req.sequence_id);
                     let _ = reply.send(Err(e));
@@ -1142,10 +1156,10 @@ impl Engine {
         // In slot order: when the batch is every slot, or a run of them, the
         // layers attend on the cache buffer as it lies, with no gather.
         admitted.sort_by_key(|(req, _, _)| self.seqs[&req.sequence_id].slot);
-        let (mut ready, mut pre) = (Vec::new(), Vec::new());
-        for (req, reply, p) in admitted {
+        let (mut ready, mut rows) = (Vec::new(), Vec::new());
+        for (req, reply, row) in admitted {
             ready.push((req, reply));
-            pre.push(p);
+            rows.push(row);
         }
         let model = self.stage.as_ref().unwrap().model.clone();
         let head = self.stage.as_ref().unwrap().info.head;
@@ -1155,7 +1169,7 @@ impl Engine {
             .collect();
         let result = (|| -> Result<(Array, Option<Array>)> {
             let reqs: Vec<&ForwardRequest> = ready.iter().map(|(req, _)| req).collect();
-            let h = self.batch_input(&reqs, &pre)?;
+            let h = self.batch_input(&reqs, rows)?;
             let h = model.forward_layers_rows(h, &mut self.caches, &slots, 2)?;
             if head {
                 Ok((h.clone(), Some(model.logits(&h)?.squeeze(1)?)))
