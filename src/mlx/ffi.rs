@@ -216,4 +216,16 @@ extern "C" {
         ctx: *mut c_void,
         adopted: *mut c_int,
     ) -> c_int;
+
+    pub fn mlxd_new_cpu_stream(index: *mut c_int) -> c_int;
+    pub fn mlxd_mailbox_new(
+        mbox: *mut *mut c_void,
+        out: *mut Arr,
+        stream: c_int,
+        shape: *const c_int,
+        ndim: c_int,
+        dtype: c_int,
+    ) -> c_int;
+    pub fn mlxd_mailbox_deliver(mbox: *mut c_void, data: *const c_void, n: usize);
+    pub fn mlxd_mailbox_free(mbox: *mut c_void);
 }

@@ -3,9 +3,11 @@
 mod array;
 mod ffi;
 pub mod io;
+mod mailbox;
 pub mod ops;
 
 pub use array::{async_eval, eval, eval_polling, Array, Dtype, Element};
+pub use mailbox::{Mailbox, MailboxStream};
 pub use ops::{random, Mask};
 
 /// The version string of the MLX library in use.

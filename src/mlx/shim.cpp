@@ -1,12 +1,16 @@
 // A thin C ABI over MLX's C++ API. Every fallible call catches C++
 // exceptions and returns non-zero, leaving the message for mlxd_last_error,
 // so that no exception ever unwinds into Rust.
+#include <condition_variable>
 #include <cstring>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
 
+#include "mlx/backend/cpu/encoder.h"
 #include "mlx/mlx.h"
+#include "mlx/primitives.h"
 
 namespace mx = mlx::core;
 using arr = mx::array;
@@ -460,4 +464,136 @@ int mlxd_from_external(arr** out, void* data, size_t nbytes, const int* shape, i
   })
 }
 
+}  // extern "C"
+
+// A mailbox: an array whose bytes are delivered after the graph that reads
+// it was launched (see src/mlx/mailbox.rs).
+//
+// On the CPU (and Metal) it is computed on a CPU stream of its own by a task
+// that waits for the delivery; MLX makes the computing stream wait for that
+// task (an event), not the thread that launches.
+//
+// On a CUDA GPU a kernel at the head of the graph polls a flag word in unified
+// memory and then copies the payload that follows it. Delivering is a plain
+// host write: no CUDA call, which another thread's implicitly synchronising
+// call (an allocation, a free) could hold up behind the waiting kernel, as
+// MLX's own CPU-to-GPU event (a kernel launched to signal) would be.
+struct Mailbox {
+  std::mutex m;
+  std::condition_variable cv;
+  bool delivered = false;
+  std::vector<char> bytes;
+  // The GPU's box: flag word, then the payload (`nbytes`), and its owner.
+  uint32_t* host = nullptr;
+  size_t nbytes = 0;
+  std::optional<arr> box;
+};
+
+namespace {
+class MailboxRead : public mx::UnaryPrimitive {
+ public:
+  MailboxRead(mx::Stream s, std::shared_ptr<Mailbox> box)
+      : mx::UnaryPrimitive(s), box_(std::move(box)) {}
+  void eval_cpu(const std::vector<arr>&, arr& out) override {
+    out.set_data(mx::allocator::malloc(out.nbytes()));
+    auto& enc = mx::cpu::get_command_encoder(stream());
+    enc.set_output_array(out);
+    enc.dispatch([box = box_, dst = out.data<char>(), n = out.nbytes()]() {
+      std::unique_lock<std::mutex> lock(box->m);
+      box->cv.wait(lock, [&] { return box->delivered; });
+      size_t k = std::min(n, box->bytes.size());
+      if (k) std::memcpy(dst, box->bytes.data(), k);
+      if (n > k) std::memset(dst + k, 0, n - k);
+    });
+  }
+  void eval_gpu(const std::vector<arr>&, arr&) override {
+    throw std::runtime_error("a mailbox is read on a CPU stream");
+  }
+  const char* name() const override { return "MailboxRead"; }
+
+ private:
+  std::shared_ptr<Mailbox> box_;
+};
+// The GPU's mailbox kernel: one block waits for the flag, then copies the
+// payload (W words). The wait sleeps between polls, up to 2 us.
+const char* kMailboxSource = R"(
+  if (threadIdx.x == 0) {
+    const volatile uint32_t* flag = box;
+    unsigned int ns = 64;
+    while (*flag == 0) {
+      __nanosleep(ns);
+      if (ns < 2048) ns *= 2;
+    }
+  }
+  __syncthreads();
+  __threadfence_system();
+  const volatile uint32_t* data = box + 1;
+  for (int i = threadIdx.x; i < W; i += blockDim.x) {
+    out[i] = data[i];
+  }
+)";
+
+// The array a GPU mailbox fills, `shape` of `dtype` (`nbytes`).
+arr device_mailbox(Mailbox& b, const mx::Shape& shape, mx::Dtype dtype, size_t nbytes) {
+  int words = static_cast<int>((nbytes + 3) / 4);
+  arr box(mx::allocator::malloc((words + 1) * 4), {words + 1}, mx::uint32);
+  b.host = box.data<uint32_t>();
+  __atomic_store_n(b.host, 0u, __ATOMIC_RELEASE);
+  b.nbytes = nbytes;
+  b.box = box;
+  static auto kernel = mx::fast::cuda_kernel("mlxd_mailbox", {"box"}, {"out"}, kMailboxSource);
+  auto outs = kernel({box}, {{words}}, {mx::uint32}, {32, 1, 1}, {32, 1, 1}, {{"W", words}},
+                     std::nullopt, false, {});
+  auto bytes = mx::view(outs[0], mx::uint8);
+  if (nbytes % 4) bytes = mx::slice(bytes, {0}, {static_cast<int>(nbytes)});
+  return mx::reshape(mx::view(bytes, dtype), shape);
+}
+}  // namespace
+
+extern "C" {
+// A new CPU stream (its own thread), for mailboxes: a task waiting there
+// holds up nothing else.
+int mlxd_new_cpu_stream(int* index) {
+  GUARD(*index = mx::new_stream(mx::Device::cpu).index)
+}
+// A mailbox and, in *out, the array it fills, scheduled on CPU stream
+// `stream`; the mailbox is freed with mlxd_mailbox_free.
+int mlxd_mailbox_new(void** mbox, arr** out, int stream, const int* shape, int ndim, int dtype) {
+  GUARD({
+    auto b = std::make_shared<Mailbox>();
+    auto sh = to_shape(shape, ndim);
+    auto dt = to_dtype(dtype);
+    size_t nbytes = dt.size();
+    for (auto d : sh) nbytes *= d;
+    if (mx::default_device() == mx::Device::gpu && mx::cu::is_available()) {
+      *out = box(device_mailbox(*b, sh, dt, nbytes));
+    } else {
+      arr a(sh, dt, std::make_shared<MailboxRead>(mx::Stream(stream, mx::Device::cpu), b), {});
+      mx::async_eval({a});
+      *out = box(std::move(a));
+    }
+    *mbox = new std::shared_ptr<Mailbox>(std::move(b));
+  })
+}
+// Delivers `n` bytes (the array's size; missing ones read as zeros). Only
+// the first delivery counts.
+void mlxd_mailbox_deliver(void* box, const void* data, size_t n) {
+  auto& b = *static_cast<std::shared_ptr<Mailbox>*>(box);
+  {
+    std::lock_guard<std::mutex> lock(b->m);
+    if (b->delivered) return;
+    b->delivered = true;
+    if (b->host) {
+      size_t k = std::min(n, b->nbytes);
+      auto* payload = reinterpret_cast<char*>(b->host + 1);
+      if (k) std::memcpy(payload, data, k);
+      if (b->nbytes > k) std::memset(payload + k, 0, b->nbytes - k);
+      __atomic_store_n(b->host, 1u, __ATOMIC_RELEASE);
+      return;
+    }
+    b->bytes.assign(static_cast<const char*>(data), static_cast<const char*>(data) + n);
+  }
+  b->cv.notify_all();
+}
+void mlxd_mailbox_free(void* box) { delete static_cast<std::shared_ptr<Mailbox>*>(box); }
 }  // extern "C"
