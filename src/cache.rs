@@ -156,6 +156,14 @@ impl SlotCache {
         self.capacity = self.capacity.max(room_for(positions.max(0) as u64) as i32);
     }
 
+    /// Forgets `slot`'s positions from `length` on (their buffer rows are
+    /// overwritten by the next writes).
+    pub fn truncate(&mut self, slot: usize, length: i32) {
+        if let Some(l) = self.lengths.get_mut(slot) {
+            *l = (*l).min(length.max(0));
+        }
+    }
+
     /// Forgets what `slot` holds (its row is reused as is).
     pub fn clear_slot(&mut self, slot: usize) {
         if let Some(l) = self.lengths.get_mut(slot) {

@@ -212,9 +212,14 @@ pub fn decode(t: &proto::Tensor) -> Result<Array> {
             let mut scales_shape = shape.clone();
             *scales_shape.last_mut().unwrap() = 1;
             let scales = import(&t.scales, &scales_shape, Dtype::Float32)?;
-            q.astype(Dtype::Float32)?.mul(&scales)?.astype(dtype)
+            dequantize(&q, &scales, dtype)
         }
     }
+}
+
+/// Int8 values `q` times their per-row `scales` (float32), as `dtype`.
+pub fn dequantize(q: &Array, scales: &Array, dtype: Dtype) -> Result<Array> {
+    q.astype(Dtype::Float32)?.mul(scales)?.astype(dtype)
 }
 
 /// The shape as MLX takes it: at most `MAX_AXES` axes of 0 to `i32::MAX`.

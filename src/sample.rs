@@ -118,6 +118,7 @@ fn update_at(
 }
 
 /// Draws tokens from logits.
+#[derive(Clone)]
 pub struct Sampler {
     config: SamplerConfig,
     processors: ProcessorConfig,

@@ -207,6 +207,89 @@ def test_workers_that_poll_for_results_give_the_same_tokens(
             p.stop()
 
 
+def test_steps_launched_ahead_give_the_same_output(
+    six_layer, workers, tmp_path_factory, monkeypatch
+):
+    """Workers that launch a sequence's next decode step before its input
+    arrives (as GPU workers do) give the same tokens and log-probabilities
+    as workers that do not: over the ring and the chain, greedy and seeded
+    sampling, with logits processors, int8-compressed activations, with a
+    reader that pauses (prepared steps time out and are undone) and with
+    concurrent sequences (undone when another joins)."""
+    monkeypatch.setenv("MLX_DIST_LAUNCH_AHEAD", "1")
+    log_dir = tmp_path_factory.mktemp("ahead")
+    procs = start_workers(3, log_dir)
+    try:
+        path = six_layer["qwen3"]
+        local, tok = mlx_dist.load(str(path))
+        ids = tok.encode(PROMPT)
+        want = greedy(local, tok, ids)
+
+        def launched(addrs):
+            return [json.loads(_core.worker_info(a))["steps_launched_ahead"] for a in addrs]
+
+        def run(addrs, ring):
+            model, dtok = mlx_dist.load(str(path), workers=addrs, strategy="uniform", ring=ring)
+            out = {"greedy": greedy(model, dtok, ids)}
+            for name, kw in {
+                "sampled": {"sampler": mlx_dist.make_sampler(temp=0.9, top_k=20), "seed": 3},
+                "penalised": {
+                    "logits_processors": mlx_dist.make_logits_processors(repetition_penalty=1.3)
+                },
+            }.items():
+                rs = list(
+                    mlx_dist.stream_generate(model, dtok, ids, max_tokens=12, logprobs=True, **kw)
+                )
+                out[name] = ([r.token for r in rs], [r.logprobs for r in rs])
+            paused = []
+            for i, r in enumerate(mlx_dist.stream_generate(model, dtok, ids, max_tokens=24)):
+                if i < 3:
+                    time.sleep(0.3)
+                paused.append(r.token)
+            out["paused"] = paused
+            model8, tok8 = mlx_dist.load(
+                str(path), workers=addrs, strategy="uniform", ring=ring, compression="int8"
+            )
+            before = launched(addrs)
+            rs = list(mlx_dist.stream_generate(model8, tok8, ids, max_tokens=12, logprobs=True))
+            out["int8"] = ([r.token for r in rs], [r.logprobs for r in rs])
+            out["int8 launched"] = [b - a for a, b in zip(before, launched(addrs), strict=True)]
+            return out
+
+        def info(key):
+            return sum(json.loads(_core.worker_info(w.address))[key] for w in procs)
+
+        for ring in (True, False):
+            ahead = run([w.address for w in procs], ring)
+            plain = run([w.address for w in workers[:3]], ring)
+            assert ahead["greedy"] == want and ahead["paused"] == want, ring
+            # Every stage launched steps ahead, int8 activations included.
+            assert all(n > 0 for n in ahead["int8 launched"]), ahead["int8 launched"]
+            for name in ("sampled", "penalised", "int8"):
+                assert ahead[name][0] == plain[name][0], (ring, name)
+                for a, b in zip(ahead[name][1], plain[name][1], strict=True):
+                    assert float((a - b).abs().max()) < 1e-5
+        used = info("steps_launched_ahead")
+        assert used > 0, "no step was launched ahead"
+        assert all(
+            json.loads(_core.worker_info(w.address))["steps_launched_ahead"] > 0 for w in procs
+        )
+        assert info("steps_launched_ahead_undone") > 0
+
+        model, dtok = mlx_dist.load(
+            str(path), workers=[w.address for w in procs], strategy="uniform"
+        )
+        prompts = [PROMPT, "a completely different prompt about cats", "hello world " * 5]
+        wants = [greedy(local, tok, tok.encode(p), 24) for p in prompts]
+        assert greedy_together(model, dtok, prompts, 24) == wants
+        assert all(json.loads(_core.worker_info(w.address))["sequences"] == 0 for w in procs)
+        for log in log_dir.glob("*.log"):
+            assert "could not launch" not in log.read_text(), log
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def test_worker_holds_only_its_share_of_weights(tiny_model, workers):
     path = tiny_model("llama", num_layers=12)
     local, _ = mlx_dist.load(str(path))

@@ -350,6 +350,8 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "batches": info.batches, "batched_steps": info.batched_steps,
         "prefix_entries": info.prefix_entries, "prefix_bytes": info.prefix_bytes,
         "ring_tokens": info.ring_tokens, "busy_for_micros": info.busy_for_micros,
+        "steps_launched_ahead": info.steps_launched_ahead,
+        "steps_launched_ahead_undone": info.steps_launched_ahead_undone,
     })
     .to_string())
 }
