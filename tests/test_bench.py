@@ -22,9 +22,23 @@ def _bench(*args: str) -> str:
 
 
 def test_bench_pipeline_measures_chain_and_ring():
-    out = _bench("bench-pipeline", "--stages", "1,2", "--gen-tokens", "12", "--repeats", "1")
-    for setup in ("1 workers, chain", "1 workers, ring", "2 workers, chain", "2 workers, ring"):
-        row = next(line for line in out.splitlines() if line.strip().startswith(setup))
+    out = _bench(
+        "bench-pipeline",
+        "--stages",
+        "1,2",
+        "--gen-tokens",
+        "12",
+        "--repeats",
+        "1",
+        "--launch-ahead",
+    )
+    setups = ["1 workers, chain", "1 workers, ring", "2 workers, chain", "2 workers, ring"]
+    for setup in setups + [s + ", ahead" for s in setups]:
+        row = next(
+            line
+            for line in out.splitlines()
+            if line.strip() == setup or line.strip().startswith(setup + " ")
+        )
         tok_s = float(row.split(setup)[1].split()[0])
         assert tok_s > 0, row
     assert "greedy tokens equal to exact" in out

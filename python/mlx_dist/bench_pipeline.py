@@ -4,6 +4,7 @@ single device, time per hop and bytes sent per token per hop."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import select
@@ -110,16 +111,21 @@ def main(args) -> int:
 
     import mlx_dist
 
-    env = dict(os.environ)
     # Workers of one host share its accelerator; each gets the same device.
+    # With --launch-ahead, a second set of workers launches steps ahead.
+    sets = [("", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="0"))]
+    if getattr(args, "launch_ahead", False):
+        sets.append((", ahead", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="1")))
     with tempfile.TemporaryDirectory() as tmp:
         path = model_path(args, Path(tmp))
         stages = [int(s) for s in args.stages.split(",")]
-        procs = []
+        procs, by_set = [], []
         try:
-            for i in range(max(stages)):
-                procs.append(_start_worker(f"bench{i}", env))
-            addrs = [a for _, a in procs]
+            for j, (label, env) in enumerate(sets):
+                started = [_start_worker(f"bench{j}.{i}", env) for i in range(max(stages))]
+                procs += started
+                by_set.append((label, [a for _, a in started]))
+            addrs = by_set[0][1]
             local, tok = mlx_dist.load(path)
             hidden = local.config.get("hidden_size") or local.config.get("n_embd")
             vocab = local.config["vocab_size"]
@@ -131,33 +137,32 @@ def main(args) -> int:
                 f"prompt {args.prompt_tokens} tokens, decode {n} tokens, median of {args.repeats}"
             )
             print(
-                f"{'setup':>18} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'stage compute ms':>24} "
+                f"{'setup':>25} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'stage compute ms':>24} "
                 f"{'net ms/hop':>10} {'bytes/hop/token':>16}"
             )
             print(
-                f"{'1 device':>18} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16}"
+                f"{'1 device':>25} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16}"
             )
-            for k in stages:
+            for k, (label, set_addrs), ring in itertools.product(stages, by_set, (False, True)):
                 # Decode steps sent by the coordinator and back up the chain
                 # (2k network traversals a token), then round the ring (k).
-                for ring in (False, True):
-                    model, dtok = mlx_dist.load(
-                        path, workers=addrs[:k], strategy="uniform", ring=ring
-                    )
-                    _decode(model, dtok, ids[:8], 4, 1)
-                    tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
-                    per_hop = _decode_bytes_per_hop(model, dtok, ids, addrs[:k], args.gen_tokens)
-                    step_ms = 1000 / tps
-                    # A one-stage ring hands the token over in-process.
-                    hops = (k if k > 1 else 0) if ring else 2 * k
-                    beyond = max(step_ms - sum(per_stage), 0.0)
-                    hop_txt = f"{beyond / hops:10.3f}" if hops else f"{'-':>10}"
-                    stages_txt = "+".join(f"{x:.2f}" for x in per_stage)
-                    setup = f"{k} workers, {'ring' if ring else 'chain'}"
-                    print(
-                        f"{setup:>18} {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
-                        f"{hop_txt} {per_hop:16.0f}"
-                    )
+                model, dtok = mlx_dist.load(
+                    path, workers=set_addrs[:k], strategy="uniform", ring=ring
+                )
+                _decode(model, dtok, ids[:8], 4, 1)
+                tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
+                per_hop = _decode_bytes_per_hop(model, dtok, ids, set_addrs[:k], args.gen_tokens)
+                step_ms = 1000 / tps
+                # A one-stage ring hands the token over in-process.
+                hops = (k if k > 1 else 0) if ring else 2 * k
+                beyond = max(step_ms - sum(per_stage), 0.0)
+                hop_txt = f"{beyond / hops:10.3f}" if hops else f"{'-':>10}"
+                stages_txt = "+".join(f"{x:.2f}" for x in per_stage)
+                setup = f"{k} workers, {'ring' if ring else 'chain'}{label}"
+                print(
+                    f"{setup:>25} {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
+                    f"{hop_txt} {per_hop:16.0f}"
+                )
             if hidden:
                 print(f"(hidden size {hidden}: hidden x 2 + 64 = {hidden * 2 + 64} bytes)")
             # The int8 codec: speed, bytes and how often greedy tokens agree.

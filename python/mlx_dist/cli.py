@@ -437,6 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument("--prompt-tokens", type=int, default=64)
     bp.add_argument("--gen-tokens", type=int, default=128)
     bp.add_argument("--repeats", type=int, default=3)
+    bp.add_argument(
+        "--launch-ahead",
+        action="store_true",
+        help="also measure workers that launch decode steps ahead (MLX_DIST_LAUNCH_AHEAD=1)",
+    )
     bp.set_defaults(func=_bench_pipeline)
 
     bo = sub.add_parser(
