@@ -21,7 +21,7 @@ def _bench(*args: str) -> str:
     return out.stdout
 
 
-def test_bench_pipeline_measures_chain_and_ring():
+def test_bench_pipeline_measures_chain_and_ring(tmp_path):
     out = _bench(
         "bench-pipeline",
         "--stages",
@@ -31,7 +31,13 @@ def test_bench_pipeline_measures_chain_and_ring():
         "--repeats",
         "1",
         "--launch-ahead",
+        "--worker-logs",
+        str(tmp_path),
     )
+    # Two plain workers and two launching ahead, each with its log.
+    logs = sorted(p.name for p in tmp_path.glob("*.log"))
+    assert logs == ["bench0.0.log", "bench0.1.log", "bench1.0.log", "bench1.1.log"], logs
+    assert all("serving on" in (tmp_path / n).read_text() for n in logs)
     setups = ["1 workers, chain", "1 workers, ring", "2 workers, chain", "2 workers, ring"]
     for setup in setups + [s + ", ahead" for s in setups]:
         row = next(

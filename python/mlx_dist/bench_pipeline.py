@@ -16,14 +16,25 @@ import time
 from pathlib import Path
 
 
-def _start_worker(name: str, env: dict) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlx_dist.cli", "worker", "--port", "0", "--name", name],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        text=True,
-    )
+def _start_worker(name: str, env: dict, logs: Path | None = None) -> tuple[subprocess.Popen, str]:
+    """A worker process on a free loopback port; its log goes to
+    `logs/<name>.log` when `logs` is given, else nowhere."""
+    if logs is None:
+        err = subprocess.DEVNULL
+    else:
+        logs.mkdir(parents=True, exist_ok=True)
+        err = (logs / f"{name}.log").open("ab")
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "mlx_dist.cli", "worker", "--port", "0", "--name", name],
+            stdout=subprocess.PIPE,
+            stderr=err,
+            env=env,
+            text=True,
+        )
+    finally:
+        if logs is not None:
+            err.close()
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         if select.select([proc.stdout], [], [], 0.5)[0]:
@@ -122,7 +133,8 @@ def main(args) -> int:
         procs, by_set = [], []
         try:
             for j, (label, env) in enumerate(sets):
-                started = [_start_worker(f"bench{j}.{i}", env) for i in range(max(stages))]
+                logs = Path(args.worker_logs) if getattr(args, "worker_logs", None) else None
+                started = [_start_worker(f"bench{j}.{i}", env, logs) for i in range(max(stages))]
                 procs += started
                 by_set.append((label, [a for _, a in started]))
             addrs = by_set[0][1]

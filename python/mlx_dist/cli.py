@@ -442,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also measure workers that launch decode steps ahead (MLX_DIST_LAUNCH_AHEAD=1)",
     )
+    bp.add_argument("--worker-logs", help="keep each worker's log in this directory")
     bp.set_defaults(func=_bench_pipeline)
 
     bo = sub.add_parser(
