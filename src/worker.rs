@@ -1354,7 +1354,6 @@ impl Engine {
         logits: Option<Array>,
     ) -> Result<StepOut> {
         let stage = self.stage.as_ref().unwrap();
-        let model = stage.model.clone();
         if !stage.info.head {
             if stage.next.is_none() {
                 return Err(Error::InvalidArgument(
@@ -1375,7 +1374,7 @@ impl Engine {
         let l = h.dim(1);
         let logits = match logits {
             Some(x) => x.slice_axis(1, l - 1, l)?,
-            None => model.logits(&h.slice_axis(1, l - 1, l)?)?,
+            None => stage.model.logits(&h.slice_axis(1, l - 1, l)?)?,
         };
         let sampler = seq.sampler.as_mut().unwrap();
         let (token, logprobs) = draw(sampler, logits.squeeze(1)?, &seq.history)?;

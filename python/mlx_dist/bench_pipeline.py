@@ -125,15 +125,15 @@ def main(args) -> int:
     # Workers of one host share its accelerator; each gets the same device.
     # With --launch-ahead, a second set of workers launches steps ahead.
     sets = [("", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="0"))]
-    if getattr(args, "launch_ahead", False):
+    if args.launch_ahead:
         sets.append((", ahead", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="1")))
     with tempfile.TemporaryDirectory() as tmp:
         path = model_path(args, Path(tmp))
         stages = [int(s) for s in args.stages.split(",")]
+        logs = Path(args.worker_logs) if args.worker_logs else None
         procs, by_set = [], []
         try:
             for j, (label, env) in enumerate(sets):
-                logs = Path(args.worker_logs) if getattr(args, "worker_logs", None) else None
                 started = [_start_worker(f"bench{j}.{i}", env, logs) for i in range(max(stages))]
                 procs += started
                 by_set.append((label, [a for _, a in started]))

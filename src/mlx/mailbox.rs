@@ -4,7 +4,8 @@
 //! A pipeline stage knows its next decode step long before that step's
 //! input arrives (the input is the rest of the pipeline's result). With a
 //! mailbox it builds and launches the step at once; the device waits for the
-//! input (an MLX event across streams), so MLX's CPU work of encoding the
+//! input (on CUDA a kernel polling a flag the delivery sets; elsewhere an MLX
+//! event on a task of a CPU stream), so MLX's CPU work of encoding the
 //! step's kernels is done while the other stages compute, not after.
 use std::os::raw::c_void;
 use std::ptr;
@@ -36,8 +37,8 @@ pub struct Mailbox {
 unsafe impl Send for Mailbox {}
 
 impl Mailbox {
-    /// A mailbox and the `shape`, `dtype` array it fills, already scheduled
-    /// on `stream`: graphs built on the array can be launched at once.
+    /// A mailbox and the `shape`, `dtype` array it fills (read on `stream`
+    /// when not on CUDA): graphs built on the array can be launched at once.
     pub fn new(stream: &MailboxStream, shape: &[i32], dtype: Dtype) -> Result<(Mailbox, Array)> {
         let mut raw = ptr::null_mut();
         let array = super::array::make(|out| unsafe {
@@ -50,7 +51,7 @@ impl Mailbox {
                 dtype as i32,
             )
         })?;
-        let nbytes = shape.iter().map(|&d| d as usize).product::<usize>() * dtype.size();
+        let nbytes = array.nbytes();
         Ok((Mailbox { raw, nbytes }, array))
     }
 

@@ -103,13 +103,15 @@ impl Posted {
     /// Delivers `req`'s input (which `fits`).
     fn deliver(&mut self, req: &ForwardRequest) {
         let m = self.mailbox.take().unwrap();
-        match (&req.hidden, self.scales.take()) {
-            (Some(t), Some(s)) if self.input != Input::Token => {
+        match (self.input, &req.hidden) {
+            (Input::Token, _) => m.deliver(&(req.tokens[0] as i32).to_le_bytes()),
+            (_, Some(t)) => {
                 m.deliver(&t.data);
-                s.deliver(&t.scales);
+                if let Some(s) = self.scales.take() {
+                    s.deliver(&t.scales);
+                }
             }
-            (Some(t), _) if self.input != Input::Token => m.deliver(&t.data),
-            _ => m.deliver(&(req.tokens[0] as i32).to_le_bytes()),
+            (_, None) => unreachable!("`fits` checked the activations"),
         }
         self.delivered = true;
     }
@@ -254,22 +256,22 @@ impl Engine {
         }
         let hidden = model.args.hidden_size;
         let stream = self.mailboxes.as_ref().unwrap();
-        let (mailbox, x) = match guess.input {
-            Input::Token => mlx::Mailbox::new(stream, &[1, 1], mlx::Dtype::Int32)?,
+        let (mailbox, scales, x) = match guess.input {
+            Input::Token => {
+                let (m, ids) = mlx::Mailbox::new(stream, &[1, 1], mlx::Dtype::Int32)?;
+                (m, None, ids)
+            }
             Input::Hidden(d) => {
-                mlx::Mailbox::new(stream, &[1, 1, hidden], codec::dtype_from_proto(d)?)?
+                let dtype = codec::dtype_from_proto(d)?;
+                let (m, h) = mlx::Mailbox::new(stream, &[1, 1, hidden], dtype)?;
+                (m, None, h)
             }
-            Input::Int8(_) => mlx::Mailbox::new(stream, &[1, 1, hidden], mlx::Dtype::Int8)?,
-        };
-        let (scales, x) = match guess.input {
             Input::Int8(d) => {
-                let (m, s) = mlx::Mailbox::new(stream, &[1, 1, 1], mlx::Dtype::Float32)?;
-                (
-                    Some(m),
-                    codec::dequantize(&x, &s, codec::dtype_from_proto(d)?)?,
-                )
+                let dtype = codec::dtype_from_proto(d)?;
+                let (m, q) = mlx::Mailbox::new(stream, &[1, 1, hidden], mlx::Dtype::Int8)?;
+                let (s, scale) = mlx::Mailbox::new(stream, &[1, 1, 1], mlx::Dtype::Float32)?;
+                (m, Some(s), codec::dequantize(&q, &scale, dtype)?)
             }
-            _ => (None, x),
         };
         *lock(&self.post.0) = Some(Posted {
             seq: guess.seq.clone(),
