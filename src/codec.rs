@@ -81,45 +81,116 @@ pub fn dtype_from_proto(d: i32) -> Result<Dtype> {
     })
 }
 
-/// Encodes `a` for the wire. Exact mode shares MLX's evaluated buffer (a
-/// non-contiguous view is made contiguous first). Int8 mode needs a float
-/// tensor with at least one axis; an empty one is sent exact, there being
-/// nothing to compress. Non-finite values do not survive int8.
-pub fn encode(a: &Array, compression: Compression) -> Result<proto::Tensor> {
-    let dtype = dtype_to_proto(a.dtype())? as i32;
-    let shape: Vec<i64> = a.shape().iter().map(|&d| d as i64).collect();
-    if compression == Compression::Int8 && a.size() > 0 {
+/// Activations on their way to the wire, built with the step that makes
+/// them and evaluated with it (`arrays`), so that int8 quantization is no
+/// separate launch; `encode` then reads them.
+pub enum Outgoing {
+    /// Sent as they are.
+    Exact(Array),
+    /// Int8 values and their per-row float32 scales (`[..., 1]`), for a
+    /// tensor of `shape` and proto `dtype`.
+    Int8 {
+        shape: Vec<i64>,
+        dtype: i32,
+        q: Array,
+        scales: Array,
+    },
+}
+
+impl Outgoing {
+    /// `a` to send with `compression`. Int8 mode needs a float tensor with
+    /// at least one axis; an empty one is sent exact, there being nothing
+    /// to compress. Non-finite values do not survive int8.
+    pub fn new(a: &Array, compression: Compression) -> Result<Outgoing> {
+        if compression == Compression::None || a.size() == 0 {
+            return Ok(Outgoing::Exact(a.clone()));
+        }
         if !a.dtype().is_float() {
             return Err(Error::InvalidArgument(format!(
                 "int8 compression needs a float tensor, not {}",
                 a.dtype().name()
             )));
         }
-        if shape.is_empty() {
+        if a.ndim() == 0 {
             return Err(Error::InvalidArgument(
                 "int8 compression needs a tensor with at least one axis".into(),
             ));
         }
         let (q, scales) = quantize(a)?;
-        return Ok(proto::Tensor {
-            shape,
-            dtype,
-            data: q.host_bytes()?,
-            compression: Compression::Int8 as i32,
-            scales: scales.host_bytes()?,
-        });
+        Ok(Outgoing::Int8 {
+            shape: a.shape().iter().map(|&d| d as i64).collect(),
+            dtype: dtype_to_proto(a.dtype())? as i32,
+            q,
+            scales,
+        })
     }
-    Ok(proto::Tensor {
-        shape,
-        dtype,
-        data: a.host_bytes()?,
-        compression: Compression::None as i32,
-        scales: Bytes::new(),
-    })
+
+    /// What to evaluate before `encode`.
+    pub fn arrays(&self) -> Vec<&Array> {
+        match self {
+            Outgoing::Exact(a) => vec![a],
+            Outgoing::Int8 { q, scales, .. } => vec![q, scales],
+        }
+    }
+
+    /// Row `b` of the first axis (one sequence of a batch), which stays.
+    pub fn row(&self, b: i32) -> Result<Outgoing> {
+        Ok(match self {
+            Outgoing::Exact(a) => Outgoing::Exact(a.slice_axis(0, b, b + 1)?),
+            Outgoing::Int8 {
+                shape,
+                dtype,
+                q,
+                scales,
+            } => {
+                let mut shape = shape.clone();
+                shape[0] = 1;
+                Outgoing::Int8 {
+                    shape,
+                    dtype: *dtype,
+                    q: q.slice_axis(0, b, b + 1)?,
+                    scales: scales.slice_axis(0, b, b + 1)?,
+                }
+            }
+        })
+    }
+
+    /// The wire tensor. Exact mode shares MLX's evaluated buffer (a
+    /// non-contiguous view is made contiguous first).
+    pub fn encode(&self) -> Result<proto::Tensor> {
+        Ok(match self {
+            Outgoing::Exact(a) => proto::Tensor {
+                shape: a.shape().iter().map(|&d| d as i64).collect(),
+                dtype: dtype_to_proto(a.dtype())? as i32,
+                data: a.host_bytes()?,
+                compression: Compression::None as i32,
+                scales: Bytes::new(),
+            },
+            Outgoing::Int8 {
+                shape,
+                dtype,
+                q,
+                scales,
+            } => proto::Tensor {
+                shape: shape.clone(),
+                dtype: *dtype,
+                data: q.host_bytes()?,
+                compression: Compression::Int8 as i32,
+                scales: scales.host_bytes()?,
+            },
+        })
+    }
+}
+
+/// Encodes `a` for the wire (see `Outgoing`).
+pub fn encode(a: &Array, compression: Compression) -> Result<proto::Tensor> {
+    let out = Outgoing::new(a, compression)?;
+    mlx::eval(&out.arrays())?;
+    out.encode()
 }
 
 /// Per-row absmax int8: `q = round(x / s)` with `s = max|x| / 127` over the
-/// last axis, evaluated. Returns `q` (int8) and `s` (float32, `[..., 1]`).
+/// last axis. Returns `q` (int8) and `s` (float32, `[..., 1]`), unevaluated.
 fn quantize(a: &Array) -> Result<(Array, Array)> {
     let f32_scalar = |v: f32| Array::scalar(v as f64, Dtype::Float32);
     let x = a.astype(Dtype::Float32)?;
@@ -133,7 +204,6 @@ fn quantize(a: &Array) -> Result<(Array, Array)> {
         .minimum(&f32_scalar(127.0)?)?
         .maximum(&f32_scalar(-127.0)?)?
         .astype(Dtype::Int8)?;
-    mlx::eval(&[&q, &scales])?;
     Ok((q, scales))
 }
 

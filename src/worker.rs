@@ -473,7 +473,7 @@ struct Engine {
 /// A step's results, launched but not yet waited for.
 enum Pending {
     /// The activations sent to the next stage.
-    Hidden(Array),
+    Hidden(codec::Outgoing),
     /// The last stage's token and the log-probabilities it was drawn from.
     Token { token: Array, logprobs: Array },
     /// Nothing to send (a prompt's chunk on the last stage).
@@ -1226,26 +1226,30 @@ impl Engine {
             .iter()
             .map(|(req, _)| self.seqs[&req.sequence_id].slot)
             .collect();
-        let result = (|| -> Result<(Array, Option<Array>)> {
+        let compression = self.stage.as_ref().unwrap().compression;
+        enum Out {
+            Logits(Array),
+            Hidden(codec::Outgoing),
+        }
+        let result = (|| -> Result<Out> {
             let reqs: Vec<&ForwardRequest> = ready.iter().map(|(req, _)| req).collect();
             let h = self.batch_input(&reqs, rows)?;
             let h = model.forward_layers_rows(h, &mut self.caches, &slots, 2)?;
             if head {
-                Ok((h.clone(), Some(model.logits(&h)?.squeeze(1)?)))
+                Ok(Out::Logits(model.logits(&h)?.squeeze(1)?))
             } else {
-                mlx::eval_polling(&[&h], self.spin)?;
-                Ok((h, None))
+                // Every row's activations (quantized, if so) at once.
+                let out = codec::Outgoing::new(&h, compression)?;
+                mlx::eval_polling(&out.arrays(), self.spin)?;
+                Ok(Out::Hidden(out))
             }
         })();
-        let outs = result.and_then(|(h, logits)| match logits {
-            Some(l) => self.sample_rows(&ready, &l),
-            None => ready
+        let outs = result.and_then(|r| match r {
+            Out::Logits(logits) => self.sample_rows(&ready, &logits),
+            Out::Hidden(h) => ready
                 .iter()
                 .enumerate()
-                .map(|(b, (req, _))| {
-                    let b = b as i32;
-                    self.output(req, &h.slice_axis(0, b, b + 1)?, None)
-                })
+                .map(|(b, (req, _))| self.send_on(req, h.row(b as i32)?))
                 .collect(),
         });
         let outs = match outs {
@@ -1355,12 +1359,8 @@ impl Engine {
     ) -> Result<StepOut> {
         let stage = self.stage.as_ref().unwrap();
         if !stage.info.head {
-            if stage.next.is_none() {
-                return Err(Error::InvalidArgument(
-                    "this stage has no next stage to send activations to".into(),
-                ));
-            }
-            return self.finish(req, Pending::Hidden(h.clone()));
+            let h = codec::Outgoing::new(h, stage.compression)?;
+            return self.send_on(req, h);
         }
         let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
         if seq.sampler.as_ref().is_some_and(|s| s.needs_history()) {
@@ -1381,6 +1381,17 @@ impl Engine {
         self.finish(req, Pending::Token { token, logprobs })
     }
 
+    /// What a stage without the head sends on: activations `h` for the
+    /// next stage.
+    fn send_on(&self, req: &ForwardRequest, h: codec::Outgoing) -> Result<StepOut> {
+        if self.stage.as_ref().unwrap().next.is_none() {
+            return Err(Error::InvalidArgument(
+                "this stage has no next stage to send activations to".into(),
+            ));
+        }
+        self.finish(req, Pending::Hidden(h))
+    }
+
     /// Waits for a step's results and makes what the step sends on.
     fn finish(&self, req: &ForwardRequest, pending: Pending) -> Result<StepOut> {
         let stage = self.stage.as_ref().unwrap();
@@ -1394,8 +1405,8 @@ impl Engine {
         };
         match pending {
             Pending::Hidden(h) => {
-                mlx::eval_polling(&[&h], self.spin)?;
-                out.hidden = Some(codec::encode(&h, stage.compression)?);
+                mlx::eval_polling(&h.arrays(), self.spin)?;
+                out.hidden = Some(h.encode()?);
             }
             Pending::Token { token, logprobs } => {
                 mlx::eval_polling(&[&token, &logprobs], self.spin)?;

@@ -218,6 +218,7 @@ extern "C" {
     ) -> c_int;
 
     pub fn mlxd_new_cpu_stream(index: *mut c_int) -> c_int;
+    pub fn mlxd_mailbox_on_device() -> c_int;
     pub fn mlxd_mailbox_new(
         mbox: *mut *mut c_void,
         out: *mut Arr,

@@ -55,6 +55,12 @@ impl Mailbox {
         Ok((Mailbox { raw, nbytes }, array))
     }
 
+    /// Whether a mailbox's array waits on the device (a CUDA GPU, where a
+    /// kernel polls for the delivery) rather than on a CPU stream's task.
+    pub fn waits_on_device() -> bool {
+        unsafe { ffi::mlxd_mailbox_on_device() != 0 }
+    }
+
     /// Bytes the array holds: what `deliver` takes.
     pub fn nbytes(&self) -> usize {
         self.nbytes

@@ -556,6 +556,10 @@ extern "C" {
 int mlxd_new_cpu_stream(int* index) {
   GUARD(*index = mx::new_stream(mx::Device::cpu).index)
 }
+// Whether mailboxes wait on the device (a CUDA GPU is the default device).
+int mlxd_mailbox_on_device() {
+  return mx::default_device() == mx::Device::gpu && mx::cu::is_available();
+}
 // A mailbox and, in *out, the array it fills, scheduled on CPU stream
 // `stream`; the mailbox is freed with mlxd_mailbox_free.
 int mlxd_mailbox_new(void** mbox, arr** out, int stream, const int* shape, int ndim, int dtype) {
@@ -565,7 +569,7 @@ int mlxd_mailbox_new(void** mbox, arr** out, int stream, const int* shape, int n
     auto dt = to_dtype(dtype);
     size_t nbytes = dt.size();
     for (auto d : sh) nbytes *= d;
-    if (mx::default_device() == mx::Device::gpu && mx::cu::is_available()) {
+    if (mlxd_mailbox_on_device()) {
       *out = box(device_mailbox(*b, sh, dt, nbytes));
     } else {
       arr a(sh, dt, std::make_shared<MailboxRead>(mx::Stream(stream, mx::Device::cpu), b), {});
