@@ -47,6 +47,8 @@ def test_bench_pipeline_measures_chain_and_ring(tmp_path):
         )
         tok_s = float(row.split(setup)[1].split()[0])
         assert tok_s > 0, row
+        # Every pipeline's greedy tokens are the single device's.
+        assert row.split()[-1] == "yes", row
     assert "greedy tokens equal to exact" in out
 
 

@@ -79,7 +79,9 @@ def make_random_model(shape: str, bits: int | None, path: Path, dtype: str = "bf
     )
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
-    # Small weights keep activations finite through many random layers.
+    # Small weights keep activations finite through many random layers; a
+    # fixed seed makes the same model every time.
+    mx.random.seed(0)
     model.update(
         nn.utils.tree_map(
             lambda p: (mx.random.normal(p.shape) * 0.02).astype(getattr(mx, dtype)),

@@ -71,14 +71,16 @@ def model_path(args, tmp: Path) -> str:
 
 
 def _decode(model, tok, ids, gen, repeats):
-    """Median decode tokens/s, tokens made, and the median per-step compute
-    time of each stage (distributed models), in ms."""
+    """Median decode tokens/s, tokens made, the median per-step compute time
+    of each stage (distributed models), in ms, and the tokens of the last
+    run."""
     import mlx_dist
 
     runs, stage_ms = [], []
     for _ in range(repeats):
-        last = None
+        tokens = []
         for last in mlx_dist.stream_generate(model, tok, ids, max_tokens=gen):
+            tokens.append(last.token)
             micros = getattr(model, "last_stage_micros", None)
             if micros and last.generation_tokens > 4:
                 stage_ms.append([m / 1000 for m in micros])
@@ -88,7 +90,15 @@ def _decode(model, tok, ids, gen, repeats):
         if stage_ms
         else []
     )
-    return statistics.median(r[0] for r in runs), min(r[1] for r in runs), per_stage
+    return statistics.median(r[0] for r in runs), min(r[1] for r in runs), per_stage, tokens
+
+
+def _agreement(want, got) -> str:
+    """How far greedy tokens `got` equal `want`: "yes", or where they part."""
+    if want == got:
+        return "yes"
+    same = next((i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got)))
+    return f"first {same}/{len(want)}"
 
 
 def _sent(addrs):
@@ -123,10 +133,14 @@ def main(args) -> int:
     import mlx_dist
 
     # Workers of one host share its accelerator; each gets the same device.
-    # With --launch-ahead, a second set of workers launches steps ahead.
-    sets = [("", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="0"))]
+    # With --launch-ahead, one set of workers launches steps ahead and one
+    # does not; else one set does what the device's default is.
+    sets = [("", dict(os.environ))]
     if args.launch_ahead:
-        sets.append((", ahead", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="1")))
+        sets = [
+            ("", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="0")),
+            (", ahead", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="1")),
+        ]
     with tempfile.TemporaryDirectory() as tmp:
         path = model_path(args, Path(tmp))
         stages = [int(s) for s in args.stages.split(",")]
@@ -143,17 +157,17 @@ def main(args) -> int:
             vocab = local.config["vocab_size"]
             ids = [(i * 7919) % (vocab - 1) + 1 for i in range(args.prompt_tokens)]
             _decode(local, tok, ids[:8], 4, 1)
-            base, n, _ = _decode(local, tok, ids, args.gen_tokens, args.repeats)
+            base, n, _, base_tokens = _decode(local, tok, ids, args.gen_tokens, args.repeats)
             print(f"device: {mx.default_device()}  model: {path}")
             print(
                 f"prompt {args.prompt_tokens} tokens, decode {n} tokens, median of {args.repeats}"
             )
             print(
                 f"{'setup':>25} {'tok/s':>9} {'ratio':>7} {'ms/token':>9} {'stage compute ms':>24} "
-                f"{'net ms/hop':>10} {'bytes/hop/token':>16}"
+                f"{'net ms/hop':>10} {'bytes/hop/token':>16} {'= 1 device':>12}"
             )
             print(
-                f"{'1 device':>25} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16}"
+                f"{'1 device':>25} {base:9.1f} {1.0:7.3f} {1000 / base:9.2f} {'-':>24} {'-':>10} {'-':>16} {'-':>12}"
             )
             for k, (label, set_addrs), ring in itertools.product(stages, by_set, (False, True)):
                 # Decode steps sent by the coordinator and back up the chain
@@ -162,7 +176,7 @@ def main(args) -> int:
                     path, workers=set_addrs[:k], strategy="uniform", ring=ring
                 )
                 _decode(model, dtok, ids[:8], 4, 1)
-                tps, n, per_stage = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
+                tps, n, per_stage, tokens = _decode(model, dtok, ids, args.gen_tokens, args.repeats)
                 per_hop = _decode_bytes_per_hop(model, dtok, ids, set_addrs[:k], args.gen_tokens)
                 step_ms = 1000 / tps
                 # A one-stage ring hands the token over in-process.
@@ -173,7 +187,7 @@ def main(args) -> int:
                 setup = f"{k} workers, {'ring' if ring else 'chain'}{label}"
                 print(
                     f"{setup:>25} {tps:9.1f} {tps / base:7.3f} {step_ms:9.2f} {stages_txt:>24} "
-                    f"{hop_txt} {per_hop:16.0f}"
+                    f"{hop_txt} {per_hop:16.0f} {_agreement(base_tokens, tokens):>12}"
                 )
             if hidden:
                 print(f"(hidden size {hidden}: hidden x 2 + 64 = {hidden * 2 + 64} bytes)")
@@ -189,15 +203,12 @@ def main(args) -> int:
                 r.token for r in mlx_dist.stream_generate(q, qtok, ids, max_tokens=args.gen_tokens)
             ]
             qbytes = _decode_bytes_per_hop(q, qtok, ids, addrs[:k], args.gen_tokens)
-            same = next(
-                (i for i, (x, y) in enumerate(zip(want, got)) if x != y), min(len(want), len(got))
-            )
             agree = sum(x == y for x, y in zip(want, got)) / max(len(want), 1)
-            qtps, _, _ = _decode(q, qtok, ids, args.gen_tokens, args.repeats)
+            qtps, _, _, _ = _decode(q, qtok, ids, args.gen_tokens, args.repeats)
             print(
                 f"int8 codec over {k} workers: {qtps:.1f} tok/s ({qtps / base:.3f}x), "
-                f"{qbytes:.0f} bytes/hop/token; greedy tokens equal to exact for the "
-                f"first {same} of {len(want)}, {100 * agree:.0f}% position-wise"
+                f"{qbytes:.0f} bytes/hop/token; greedy tokens equal to exact: "
+                f"{_agreement(want, got)}, {100 * agree:.0f}% position-wise"
             )
         finally:
             stop_workers(procs)

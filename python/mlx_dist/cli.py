@@ -440,7 +440,9 @@ def main(argv: list[str] | None = None) -> int:
     bp.add_argument(
         "--launch-ahead",
         action="store_true",
-        help="also measure workers that launch decode steps ahead (MLX_DIST_LAUNCH_AHEAD=1)",
+        help="measure workers that launch decode steps ahead and workers that do not, side "
+        "by side (MLX_DIST_LAUNCH_AHEAD=1 and 0); without it the workers do what their "
+        "device's default is (ahead on a CUDA GPU)",
     )
     bp.add_argument("--worker-logs", help="keep each worker's log in this directory")
     bp.set_defaults(func=_bench_pipeline)
