@@ -38,6 +38,7 @@ def test_bench_pipeline_measures_chain_and_ring(tmp_path):
     logs = sorted(p.name for p in tmp_path.glob("*.log"))
     assert logs == ["bench0.0.log", "bench0.1.log", "bench1.0.log", "bench1.1.log"], logs
     assert all("serving on" in (tmp_path / n).read_text() for n in logs)
+    limit = int(re.search(r"hidden x 2 \+ 64 = (\d+) bytes", out).group(1))
     setups = ["1 workers, chain", "1 workers, ring", "2 workers, chain", "2 workers, ring"]
     for setup in setups + [s + ", ahead" for s in setups]:
         row = next(
@@ -49,8 +50,14 @@ def test_bench_pipeline_measures_chain_and_ring(tmp_path):
         assert tok_s > 0, row
         # Every pipeline's greedy tokens are the single device's.
         assert row.split()[-1] == "yes", row
+        # A hop carries one token's activations and little else.
+        if setup.startswith("2 "):
+            assert 0 < int(row.split()[-2]) <= limit, row
     for label in ("", ", ahead"):
-        assert f"int8 codec over 2 workers{label}: " in out, out
+        line = next(
+            x for x in out.splitlines() if x.startswith(f"int8 codec over 2 workers{label}:")
+        )
+        assert 0 < int(line.split(" bytes/hop/token")[0].split()[-1]) < 0.6 * limit, line
 
 
 def test_bench_throughput_measures_the_servers_side_by_side():

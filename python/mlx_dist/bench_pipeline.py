@@ -112,9 +112,12 @@ def _sent(addrs):
 
 def _decode_bytes_per_hop(model, tok, ids, addrs, gen):
     """Bytes of one decode step's message on one hop: a full run's traffic
-    less a prefill-only run's, over the decode messages."""
+    less a prefill-only run's, over the decode messages. A run first puts
+    the prompt in the workers' prefix caches, so that both prefill alike."""
     import mlx_dist
 
+    for _ in mlx_dist.stream_generate(model, tok, ids, max_tokens=1):
+        pass
     b0, m0 = _sent(addrs)
     for _ in mlx_dist.stream_generate(model, tok, ids, max_tokens=1):
         pass
