@@ -4,9 +4,10 @@
 //! A pipeline stage knows its next decode step long before that step's
 //! input arrives (the input is the rest of the pipeline's result). With a
 //! mailbox it builds and launches the step at once; the device waits for the
-//! input (on CUDA a kernel polling a flag the delivery sets; elsewhere an MLX
-//! event on a task of a CPU stream), so MLX's CPU work of encoding the
-//! step's kernels is done while the other stages compute, not after.
+//! input (on CUDA a kernel polling a flag in pinned host memory that the
+//! delivery sets; elsewhere an MLX event on a task of a CPU stream), so MLX's
+//! CPU work of encoding the step's kernels is done while the other stages
+//! compute, not after.
 use std::os::raw::c_void;
 use std::ptr;
 

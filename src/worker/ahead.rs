@@ -1,4 +1,5 @@
-//! Decode steps launched ahead of their input (`MLX_DIST_LAUNCH_AHEAD=1`).
+//! Decode steps launched ahead of their input (on a CUDA GPU, or with
+//! `MLX_DIST_LAUNCH_AHEAD=1`).
 //!
 //! A stage cannot start step t+1 of a sequence before step t has gone round
 //! the rest of the pipeline, but it knows what that step will be: one more
@@ -156,10 +157,11 @@ const PREPARED_WAIT: Duration = Duration::from_millis(100);
 
 /// Whether decode steps are launched ahead of their input (`Prepared`):
 /// `MLX_DIST_LAUNCH_AHEAD=1` or `0`, else where the mailbox waits on the
-/// device (a CUDA GPU). On one H200 shared by three worker processes it made
-/// decode 1.15 to 1.24 times as fast as one device (0.67 to 0.71 without).
-/// On the CPU, where MLX's encoding is a small part of a step, it gained
-/// nothing; on Metal it is untried.
+/// device (a CUDA GPU). On one H200 shared by three worker processes it
+/// took a stage's step from about 2 ms to 0.7-0.8 and decode from 0.39-0.77
+/// times one device's speed to 0.73-1.32 (README). On the CPU, where MLX's
+/// encoding is a small part of a step, it gained nothing; on Metal it is
+/// untried.
 pub(super) fn launch_ahead() -> bool {
     let setting = std::env::var("MLX_DIST_LAUNCH_AHEAD").ok();
     let on = launch_ahead_from(setting.as_deref(), mlx::Mailbox::waits_on_device());
