@@ -219,6 +219,7 @@ extern "C" {
 
     pub fn mlxd_new_cpu_stream(index: *mut c_int) -> c_int;
     pub fn mlxd_mailbox_on_device() -> c_int;
+    pub fn mlxd_mailbox_pinned_boxes() -> usize;
     pub fn mlxd_mailbox_new(
         mbox: *mut *mut c_void,
         out: *mut Arr,

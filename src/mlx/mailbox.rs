@@ -62,6 +62,12 @@ impl Mailbox {
         unsafe { ffi::mlxd_mailbox_on_device() != 0 }
     }
 
+    /// How many pinned boxes (CUDA) this process has made, 64 at most:
+    /// each is reused once the kernel that read it has run.
+    pub fn pinned_boxes() -> usize {
+        unsafe { ffi::mlxd_mailbox_pinned_boxes() }
+    }
+
     /// Bytes the array holds: what `deliver` takes.
     pub fn nbytes(&self) -> usize {
         self.nbytes
@@ -125,5 +131,34 @@ mod tests {
         let (mbox, x) = Mailbox::new(&stream, &[3], Dtype::Int32).unwrap();
         mbox.deliver(&7i32.to_le_bytes());
         assert_eq!(x.to_vec::<i32>().unwrap(), vec![7, 0, 0]);
+    }
+
+    #[test]
+    fn mailboxes_made_one_after_another_read_their_own_input() {
+        // On CUDA they reuse pinned boxes: a box goes back only once the
+        // kernel that read it has run.
+        let stream = MailboxStream::new().unwrap();
+        let one = Array::from_slice(&[1i32, 1], &[2]).unwrap();
+        for i in 0..24i32 {
+            let (mbox, x) = Mailbox::new(&stream, &[2], Dtype::Int32).unwrap();
+            if i % 4 == 3 {
+                // Dropped before any graph read it.
+                drop(x);
+                drop(mbox);
+                continue;
+            }
+            let y = x.add(&one).unwrap();
+            crate::mlx::async_eval(&[&y]).unwrap();
+            let data: Vec<u8> = [i, -i].iter().flat_map(|v| v.to_le_bytes()).collect();
+            mbox.deliver(&data);
+            assert_eq!(y.to_vec::<i32>().unwrap(), vec![i + 1, 1 - i]);
+        }
+        // A box is reused once its kernel ran, not made anew each time; the
+        // boxes of the six dropped unlaunched are not.
+        assert!(
+            Mailbox::pinned_boxes() <= 6 + 2,
+            "{}",
+            Mailbox::pinned_boxes()
+        );
     }
 }

@@ -488,7 +488,8 @@ int mlxd_from_external(arr** out, void* data, size_t nbytes, const int* shape, i
 // H200, delivery to result of a small step took 22-61 us (medians) pinned,
 // 183 us unified.
 // A pinned box, used again once no mailbox holds it and the kernel that
-// read it has run (`read`).
+// read it has run (`read`). A box whose kernel was never launched (its graph
+// dropped unlaunched) is never used again: hence `kMaxPinnedBoxes`.
 struct PinnedBox {
   uint32_t* ptr;
   size_t bytes;
@@ -559,6 +560,8 @@ const char* kPinnedMailboxSource =
 // Pinned host memory for GPU mailboxes, through the CUDA driver that MLX
 // loaded (none: the unified-memory fallback).
 
+constexpr size_t kMaxPinnedBoxes = 64;
+
 class PinnedBoxes {
  public:
   static PinnedBoxes& get() {
@@ -574,6 +577,8 @@ class PinnedBoxes {
         return ready(b.get());
       }
     }
+    // Past the cap, mailboxes use unified memory.
+    if (boxes_.size() >= kMaxPinnedBoxes) return nullptr;
     size_t size = std::max<size_t>(4096, (bytes + 4095) / 4096 * 4096);
     void* p = nullptr;
     ensure_context();
@@ -585,6 +590,10 @@ class PinnedBoxes {
   void give_back(PinnedBox* b) {
     std::lock_guard<std::mutex> lock(m_);
     b->held = false;
+  }
+  size_t count() {
+    std::lock_guard<std::mutex> lock(m_);
+    return boxes_.size();
   }
 
  private:
@@ -685,6 +694,8 @@ int mlxd_mailbox_new(void** mbox, arr** out, int stream, const int* shape, int n
     *mbox = new std::shared_ptr<Mailbox>(std::move(b));
   })
 }
+// How many pinned boxes this process has made (they are reused).
+size_t mlxd_mailbox_pinned_boxes() { return PinnedBoxes::get().count(); }
 // Delivers `n` bytes (the array's size; missing ones read as zeros). Only
 // the first delivery counts.
 void mlxd_mailbox_deliver(void* box, const void* data, size_t n) {
