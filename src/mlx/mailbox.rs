@@ -40,6 +40,9 @@ unsafe impl Send for Mailbox {}
 impl Mailbox {
     /// A mailbox and the `shape`, `dtype` array it fills (read on `stream`
     /// when not on CUDA): graphs built on the array can be launched at once.
+    /// Launch the array only inside the graph that reads it: on an H200,
+    /// launching it alone (its own `async_eval`) and then that graph hung
+    /// (seen in these tests, not explained).
     pub fn new(stream: &MailboxStream, shape: &[i32], dtype: Dtype) -> Result<(Mailbox, Array)> {
         let mut raw = ptr::null_mut();
         let array = super::array::make(|out| unsafe {
