@@ -1,6 +1,11 @@
 """The built-in demo model (SmolLM2-135M-Instruct, GGUF Q4_1): it answers,
 and greedy generation equals mlx-lm's on the same weights."""
 
+import os
+import signal
+import subprocess
+from pathlib import Path
+
 import mlx.core as mx
 import mlx_dist
 import mlx_lm
@@ -85,3 +90,46 @@ def test_demo_over_three_workers_answers_like_one_device(demo, demo_gguf, tmp_pa
     finally:
         for p in procs:
             p.stop()
+
+
+def _session(sid: int) -> list[int]:
+    """The processes of session `sid` still alive (Linux /proc)."""
+    alive = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = Path(f"/proc/{d}/stat").read_text()
+            except OSError:
+                continue
+            # After the command's name: state, ppid, pgrp, session.
+            if int(stat.rsplit(")", 1)[1].split()[3]) == sid:
+                alive.append(int(d))
+    return alive
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc") or not os.environ.get("UV"), reason="Linux, uv run")
+def test_demo_script_answers_and_leaves_nothing_running():
+    """The README's first command: a two-worker cluster answers, then goes."""
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    # The script's set-up finds the uv that runs these tests.
+    env["PATH"] = os.path.dirname(env["UV"]) + os.pathsep + env["PATH"]
+    proc = subprocess.Popen(
+        ["bash", str(root / "examples" / "demo.sh")],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:
+        left = [p for p in _session(proc.pid) if p != proc.pid]
+        for p in left:
+            os.kill(p, signal.SIGKILL)
+    assert proc.returncode == 0, err[-3000:]
+    assert "Paris" in out, out
+    assert "local cluster:" in err and "serving on http://" in err, err[-3000:]
+    assert not left, f"the script left processes {left} running"
