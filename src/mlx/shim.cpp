@@ -487,6 +487,7 @@ int mlxd_from_external(arr** out, void* data, size_t nbytes, const int* shape, i
 // moves it back, is the fallback (and `MLX_DIST_MAILBOX=unified`): on an
 // H200, delivery to result of a small step took 22-61 us (medians) pinned,
 // 183 us unified.
+
 // A pinned box, used again once no mailbox holds it and the kernel that
 // read it has run (`read`). A box whose kernel was never launched (its graph
 // dropped unlaunched) is never used again: hence `kMaxPinnedBoxes`.
@@ -557,11 +558,12 @@ const char* kPinnedMailboxSource =
     "      reinterpret_cast<const volatile uint32_t*>(addr[0]);\n" MAILBOX_BODY;
 #undef MAILBOX_BODY
 
-// Pinned host memory for GPU mailboxes, through the CUDA driver that MLX
-// loaded (none: the unified-memory fallback).
-
+// The most pinned boxes a process makes; past it, mailboxes use unified
+// memory.
 constexpr size_t kMaxPinnedBoxes = 64;
 
+// Pinned host memory for GPU mailboxes, through the CUDA driver that MLX
+// loaded (none: the unified-memory fallback).
 class PinnedBoxes {
  public:
   static PinnedBoxes& get() {
