@@ -30,6 +30,10 @@ address() {
     return 1
 }
 
+# Fetched here, in the foreground, so that its progress shows: the server's
+# output goes to a file.
+.venv/bin/python -m mlx_dist.demo >/dev/null
+
 start w1 "$bin" worker --port 0 --name worker-1
 start w2 "$bin" worker --port 0 --name worker-2
 w1=$(address w1 "${pids[0]}")
