@@ -54,7 +54,7 @@ export UV_PYTHON_DOWNLOADS=never
 if ! plan=$("${UV[@]}" sync --locked --dry-run 2>&1); then
     echo "checking the environment (a first build of the extension takes several minutes) ..." >&2
 elif [[ $'\n'$plan == *$'\n + mlx-dist '* ]]; then
-    echo "building the mlx-dist extension (Rust: about 5 minutes the first time on 2 cores) ..." >&2
+    echo "building the mlx-dist extension (Rust: 3 to 5 minutes the first time on 2 cores) ..." >&2
 fi
 "${UV[@]}" sync --locked --quiet
 export PYO3_PYTHON="$PWD/.venv/bin/python"
