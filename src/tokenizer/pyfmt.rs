@@ -1,5 +1,8 @@
 //! Python's ways of writing values, for templates written against Jinja in Python:
 //! `repr` and `str` when a value is printed, `json.dumps` for `tojson`, and `strftime`.
+use std::fmt::Write;
+
+use chrono::DateTime;
 use minijinja::value::{Kwargs, Value as JValue, ValueKind};
 use minijinja::{ErrorKind, Output, State};
 
@@ -286,38 +289,14 @@ pub(super) fn tojson_filter(
     Ok(JValue::from(out))
 }
 
-/// `strftime` on UTC time, for the `strftime_now` global (Python uses local time;
-/// servers usually run in UTC).
+/// Python's `strftime` on UTC time, for the `strftime_now` global (Python uses local time;
+/// servers usually run in UTC). chrono refuses a whole format for one conversion it does not
+/// know, so each is formatted alone, and an unknown one is written as it stands, as glibc does.
 pub(super) fn strftime(format: &str, unix_secs: i64) -> String {
-    const DAYS: [&str; 7] = [
-        "Sunday",
-        "Monday",
-        "Tuesday",
-        "Wednesday",
-        "Thursday",
-        "Friday",
-        "Saturday",
-    ];
-    const MONTHS: [&str; 12] = [
-        "January",
-        "February",
-        "March",
-        "April",
-        "May",
-        "June",
-        "July",
-        "August",
-        "September",
-        "October",
-        "November",
-        "December",
-    ];
-    let days = unix_secs.div_euclid(86_400);
-    let secs = unix_secs.rem_euclid(86_400);
-    let (year, month, day) = civil_from_days(days);
-    let weekday = (days + 4).rem_euclid(7) as usize; // 1970-01-01 was a Thursday.
-    let yday = days - days_from_civil(year, 1, 1) + 1;
-    let (h, m, s) = (secs / 3600, secs % 3600 / 60, secs % 60);
+    let Some(time) = DateTime::from_timestamp(unix_secs, 0) else {
+        return format.to_string();
+    };
+    let time = time.naive_utc();
     let mut out = String::new();
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
@@ -325,68 +304,31 @@ pub(super) fn strftime(format: &str, unix_secs: i64) -> String {
             out.push(c);
             continue;
         }
-        let mut spec = chars.next();
-        // glibc's `%-d`: no padding.
-        let pad = spec != Some('-');
-        if !pad {
-            spec = chars.next();
+        // One conversion, with glibc's padding flag if it has one (`%-d`: no padding).
+        let mut spec = String::from('%');
+        let mut conv = chars.next();
+        if let Some(flag @ ('-' | '_' | '0')) = conv {
+            spec.push(flag);
+            conv = chars.next();
         }
-        let num = |v: i64, width: usize| {
-            if pad {
-                format!("{v:0width$}")
-            } else {
-                v.to_string()
-            }
+        let Some(conv) = conv else {
+            out.push_str(&spec);
+            break;
         };
-        match spec {
-            Some('Y') => out.push_str(&year.to_string()),
-            Some('y') => out.push_str(&num(year.rem_euclid(100), 2)),
-            Some('m') => out.push_str(&num(month, 2)),
-            Some('d') => out.push_str(&num(day, 2)),
-            Some('e') => out.push_str(&format!("{day:2}")),
-            Some('H') => out.push_str(&num(h, 2)),
-            Some('I') => out.push_str(&num((h + 11) % 12 + 1, 2)),
-            Some('M') => out.push_str(&num(m, 2)),
-            Some('S') => out.push_str(&num(s, 2)),
-            Some('j') => out.push_str(&num(yday, 3)),
-            Some('p') => out.push_str(if h < 12 { "AM" } else { "PM" }),
-            Some('a') => out.push_str(&DAYS[weekday][..3]),
-            Some('A') => out.push_str(DAYS[weekday]),
-            Some('b') | Some('h') => out.push_str(&MONTHS[month as usize - 1][..3]),
-            Some('B') => out.push_str(MONTHS[month as usize - 1]),
-            Some('%') => out.push('%'),
-            Some(other) => {
-                out.push('%');
-                out.push(other);
-            }
-            None => out.push('%'),
+        spec.push(conv);
+        // Python's `%f` is microseconds, chrono's nanoseconds; a naive time has no zone.
+        let item = match conv {
+            'f' => "%6f",
+            'z' | 'Z' => "",
+            _ => &spec,
+        };
+        let mut text = String::new();
+        match write!(text, "{}", time.format(item)) {
+            Ok(()) => out.push_str(&text),
+            Err(_) => out.push_str(&spec),
         }
     }
     out
-}
-
-/// Proleptic Gregorian date of a day count since 1970-01-01.
-fn civil_from_days(days: i64) -> (i64, i64, i64) {
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    (year, month, day)
-}
-
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y.rem_euclid(400);
-    let mp = (month + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 #[cfg(test)]
@@ -443,5 +385,15 @@ mod tests {
             strftime("%A %B %-d, %H:%M:%S %j %y%%", t),
             "Friday July 26, 13:05:09 208 24%"
         );
+    }
+
+    #[test]
+    fn strftime_follows_python_where_chrono_differs() {
+        // Python's `datetime.strftime` on a naive time at the same instant.
+        let t = 1_721_999_109;
+        assert_eq!(strftime("%F %T.%f", t), "2024-07-26 13:05:09.000000");
+        assert_eq!(strftime("[%z%Z] %c", t), "[] Fri Jul 26 13:05:09 2024");
+        assert_eq!(strftime("%Q %:z %.3f %-", t), "%Q %:z %.3f %-");
+        assert_eq!(strftime("%e|%l|%P|%_d|%u", t), "26| 1|pm|26|5");
     }
 }

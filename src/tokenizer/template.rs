@@ -1,7 +1,6 @@
 //! Chat templates, rendered as transformers renders them: Jinja with trim_blocks and lstrip_blocks,
 //! Python's string methods, HF's globals (`raise_exception`, `strftime_now`) and `tojson` filter.
-use std::time::{SystemTime, UNIX_EPOCH};
-
+use chrono::Utc;
 use minijinja::value::{Value as JValue, ValueKind};
 use minijinja::ErrorKind;
 use serde_json::{Map, Value};
@@ -222,11 +221,7 @@ pub(super) fn render_template(source: &str, ctx: JValue) -> Result<String> {
         Err(minijinja::Error::new(ErrorKind::InvalidOperation, msg))
     });
     env.add_function("strftime_now", |format: String| {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs() as i64)
-            .unwrap_or(0);
-        strftime(&format, now)
+        strftime(&format, Utc::now().timestamp())
     });
     let template = env.template_from_str(&source)?;
     Ok(template.render(ctx)?)
