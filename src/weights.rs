@@ -13,7 +13,13 @@ use serde_json::{json, Map, Value};
 use crate::error::{Error, Result};
 use crate::mlx::io::{load_gguf, load_safetensors, GgufValue};
 use crate::mlx::Array;
-use crate::models::base::Quant;
+
+/// Affine quantization parameters of one layer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Quant {
+    pub group_size: i32,
+    pub bits: i32,
+}
 
 /// Where a model's files are.
 #[derive(Clone, Debug, PartialEq)]

@@ -16,7 +16,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+
+from mlx_dist.rates import Rates
 
 
 def fetch(url: str, api_key: str | None, timeout: float = 3.0) -> dict:
@@ -38,52 +39,6 @@ def human(n: float | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return "-"
-
-
-@dataclass
-class Counters:
-    """One device's cumulative counters at one moment."""
-
-    at: float
-    busy_micros: int
-    uptime_micros: int
-    tokens: int
-    steps: int
-
-
-class Rates:
-    """Per-device rates between the last two snapshots."""
-
-    def __init__(self) -> None:
-        self.last: dict[str, Counters] = {}
-
-    def update(self, status: dict, now: float) -> dict[str, dict]:
-        out: dict[str, dict] = {}
-        for d in status.get("devices", []):
-            info = d.get("info") or {}
-            key = str(d.get("address", d.get("name")))
-            if "uptime_micros" not in info:
-                continue
-            c = Counters(
-                now,
-                int(info.get("busy_micros", 0)),
-                int(info.get("uptime_micros", 0)),
-                int(info.get("tokens_processed", 0)),
-                int(info.get("steps", 0)),
-            )
-            prev = self.last.get(key)
-            self.last[key] = c
-            # A restarted worker's counters start again: no rate this time.
-            if prev is None or c.uptime_micros <= prev.uptime_micros or c.tokens < prev.tokens:
-                continue
-            up = c.uptime_micros - prev.uptime_micros
-            steps = c.steps - prev.steps
-            out[key] = {
-                "busy": min(1.0, (c.busy_micros - prev.busy_micros) / up),
-                "tokens_per_s": (c.tokens - prev.tokens) / max(c.at - prev.at, 1e-6),
-                "ms_per_step": (c.busy_micros - prev.busy_micros) / steps / 1e3 if steps else None,
-            }
-        return out
 
 
 COLUMNS = (

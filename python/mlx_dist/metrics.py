@@ -13,6 +13,8 @@ from prometheus_client import (
     generate_latest,
 )
 
+from mlx_dist.rates import Rates
+
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _TOKEN = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56)
 
@@ -98,8 +100,6 @@ class Metrics:
             ["stage"],
             registry=r,
         )
-        from mlx_dist.dashboard import Rates
-
         self._rates = Rates()
 
     def watch_engine(self, queued: Callable[[], float], active: Callable[[], float]) -> None:

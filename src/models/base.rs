@@ -7,14 +7,7 @@ use serde_json::Value;
 use crate::cache::{CacheRef, Positions};
 use crate::error::{Error, Result};
 use crate::mlx::{ops, Array, Dtype, Mask};
-use crate::weights::Weights;
-
-/// Affine quantization parameters of one layer.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Quant {
-    pub group_size: i32,
-    pub bits: i32,
-}
+use crate::weights::{Quant, Weights};
 
 /// A weight matrix `[out, in]`, dense or packed by `mx.quantize`.
 #[derive(Clone)]
