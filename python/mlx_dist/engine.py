@@ -29,6 +29,11 @@ class EngineStopped(Exception):
     """The engine has shut down."""
 
 
+class CapacityExceeded(MemoryError):
+    """A sequence's KV cache does not fit even with no other sequence
+    running: waiting cannot help. The message has the worker's numbers."""
+
+
 @dataclass
 class Step:
     """One generated token. ``text`` is the new text (possibly empty while
@@ -88,7 +93,13 @@ class Engine:
     """Runs jobs for ``model`` (a local ``Model`` or a ``DistributedModel``).
 
     At most ``max_active`` sequences generate at once; at most ``max_queue``
-    more wait, beyond which :meth:`submit` raises :class:`QueueFull`."""
+    more wait, beyond which :meth:`submit` raises :class:`QueueFull`.
+
+    A job whose KV cache does not fit beside the running sequences (a
+    worker answers ``MemoryError``) waits at the head of the queue, and
+    nothing is admitted past it, until sequences end; when it does not fit
+    with none running either, it fails with :class:`CapacityExceeded`, and
+    so does at once any later job at least as long."""
 
     def __init__(self, model, tokenizer, *, max_active: int = 8, max_queue: int = 64, metrics=None):
         if max_active < 1 or max_queue < 0:
@@ -100,9 +111,17 @@ class Engine:
         self.max_queue = max_queue
         self.metrics = metrics
         self._pending: collections.deque[Job] = collections.deque()
+        # Jobs taken off the queue whose generation is being made: with
+        # pending and active, what the queue bound counts (under _cond).
+        self._starting = 0
         self._active: list[_Running] = []
-        # Lowered when a worker runs out of KV memory, until a sequence ends.
+        # The shortest length (prompt + max_tokens) that did not fit with no
+        # other sequence running, and the worker's answer then; per plan.
+        self._too_long: tuple[int, int, str] | None = None
+        # Lowered when a worker runs out of KV memory, until a sequence ends
+        # or the job waiting for room (_waiting) is cancelled.
         self._limit = max_active
+        self._waiting: Job | None = None
         self._cond = threading.Condition()
         self._stopped = False
         # Figures for monitoring: seconds spent running the model, token
@@ -126,9 +145,13 @@ class Engine:
         with self._cond:
             if self._stopped:
                 raise EngineStopped("the engine has stopped")
-            if len(self._pending) >= self.max_queue and len(self._active) >= self._limit:
+            # Counted together under the lock, so that a burst cannot pass
+            # between a job leaving the queue and its sequence starting.
+            held = len(self._pending) + self._starting + len(self._active)
+            if held >= self.max_active + self.max_queue:
                 raise QueueFull(
-                    f"{len(self._pending)} requests are waiting (the limit is {self.max_queue})"
+                    f"{held} requests are running or waiting (the limit is "
+                    f"{self.max_active} running + {self.max_queue} waiting)"
                 )
             self._pending.append(job)
             self._cond.notify()
@@ -148,12 +171,26 @@ class Engine:
                     self._cond.wait()
                 if self._stopped:
                     break
+                if self._waiting is not None and self._waiting.cancelled.is_set():
+                    self._waiting = None
+                    self._limit = self.max_active
+                while self._pending and self._pending[0].cancelled.is_set():
+                    self._pending.popleft()
                 admit = []
                 while self._pending and len(self._active) + len(admit) < self._limit:
                     admit.append(self._pending.popleft())
+                self._starting = len(admit)
             began = time.perf_counter()
-            for job in admit:
-                self._start(job)
+            for i, job in enumerate(admit):
+                if not self._start(job):
+                    # It waits for room at the head of the queue: nothing
+                    # taken after it may start before it.
+                    with self._cond:
+                        self._pending.extendleft(reversed(admit[i:]))
+                        self._starting = 0
+                    break
+                with self._cond:
+                    self._starting -= 1
             for run in list(self._active):
                 self._step(run)
             self.busy_seconds += time.perf_counter() - began
@@ -165,9 +202,19 @@ class Engine:
             while self._pending:
                 self._pending.popleft().sink(Failed(stopped))
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job) -> bool:
+        """Starts ``job``'s sequence, or fails it; False when it must wait
+        for running sequences to end (the caller puts it back in front)."""
+        if self._waiting is job:
+            self._waiting = None
         if job.cancelled.is_set():
-            return
+            return True
+        length = len(job.prompt) + int(job.options.get("max_tokens", 256))
+        epoch = self._model.epoch if self._stages else 0
+        known = self._too_long
+        if known is not None and known[0] == epoch and length >= known[1]:
+            self._fail(job, CapacityExceeded(known[2]))
+            return True
         try:
             gen = _core.Generation(
                 self._model, self._tokenizer, job.prompt, logprobs=job.logprobs, **job.options
@@ -175,18 +222,22 @@ class Engine:
         except MemoryError as e:
             if self._active:
                 # A worker's KV budget is full: wait for a running sequence to end.
-                with self._cond:
-                    self._pending.appendleft(job)
-                    self._limit = len(self._active)
-                return
-            self._fail(job, e)
-            return
+                self._limit = len(self._active)
+                self._waiting = job
+                return False
+            # Nothing else holds memory: it can never fit (until a re-plan).
+            if known is None or known[0] != epoch or length < known[1]:
+                self._too_long = (epoch, length, str(e))
+            self._fail(job, CapacityExceeded(str(e)))
+            return True
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request
             self._fail(job, e)
-            return
+            return True
         cached = gen.cached_tokens
         self.tokens_processed += len(job.prompt) - cached
-        self._active.append(_Running(job, gen, last=time.perf_counter(), cached=cached))
+        with self._cond:
+            self._active.append(_Running(job, gen, last=time.perf_counter(), cached=cached))
+        return True
 
     def _step(self, run: _Running) -> None:
         job = run.job

@@ -36,7 +36,16 @@ from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_dist import _core
-from mlx_dist.engine import Done, Engine, EngineStopped, Failed, Job, QueueFull, Step
+from mlx_dist.engine import (
+    CapacityExceeded,
+    Done,
+    Engine,
+    EngineStopped,
+    Failed,
+    Job,
+    QueueFull,
+    Step,
+)
 from mlx_dist.metrics import Metrics
 
 DEFAULT_PORT = 8100
@@ -284,22 +293,33 @@ def _bad(message: str, param: str | None = None, code: str | None = None) -> API
     return APIError(400, message, param=param, code=code)
 
 
-def _engine_error(e: BaseException) -> APIError:
-    """Maps a failure of generation to the HTTP error that fits it."""
+def _engine_error(e: BaseException, local_worker: str | None = None) -> APIError:
+    """Maps a failure of generation to the HTTP error that fits it.
+    ``local_worker``'s loopback address, a detail, is left out of messages."""
     if isinstance(e, APIError):
         return e
+    message = str(e)
+    if local_worker:
+        message = message.replace(f" ({local_worker})", "").replace(local_worker, "local")
     if isinstance(e, (ValueError, TypeError)):
-        return _bad(str(e))
+        return _bad(message)
+    if isinstance(e, CapacityExceeded):
+        return APIError(
+            413,
+            f"this request needs more KV cache memory than there is, even with no other "
+            f"request running (shorten the prompt or lower max_tokens): {message}",
+            code="insufficient_capacity",
+        )
     if isinstance(e, MemoryError):
         return APIError(
             503,
-            f"not enough memory for this request: {e}",
+            f"not enough memory for this request: {message}",
             code="insufficient_capacity",
             headers={"Retry-After": "5"},
         )
     if isinstance(e, (ConnectionError, EngineStopped)):
-        return APIError(503, str(e), code="service_unavailable", headers={"Retry-After": "5"})
-    return APIError(500, f"{type(e).__name__}: {e}", code="internal_error")
+        return APIError(503, message, code="service_unavailable", headers={"Retry-After": "5"})
+    return APIError(500, f"{type(e).__name__}: {message}", code="internal_error")
 
 
 # Request bodies. Types are checked here (a wrong type is a 422); values are
@@ -547,6 +567,7 @@ class _Run:
     def __init__(self, state: ServerState, prompt: list[int], opts: dict, top: int | None):
         loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.local_worker = state.local_worker
 
         def sink(event) -> None:
             with contextlib.suppress(RuntimeError):  # the loop has closed
@@ -582,7 +603,7 @@ class _Run:
                             return
                         continue
                 if isinstance(event, Failed):
-                    raise _engine_error(event.error)
+                    raise _engine_error(event.error, self.local_worker)
                 yield event
                 if isinstance(event, Done):
                     return
