@@ -311,26 +311,26 @@ def main(argv: list[str] | None = None) -> int:
         help="require 'Authorization: Bearer KEY' (default: $MLX_DIST_API_KEY; none: open)",
     )
     s.add_argument("--model-name", default=None, help="the model's id in the API")
-    s.add_argument("--max-concurrency", type=int, default=8, help="sequences generating at once")
+    # Settings left out (None) come from MLX_DIST_* variables, else ServerSettings' defaults.
+    s.add_argument("--max-concurrency", type=int, help="sequences generating at once (default 8)")
     s.add_argument(
-        "--max-queue", type=int, default=64, help="requests waiting beyond those (then 429)"
+        "--max-queue", type=int, help="requests waiting beyond those, then 429 (default 64)"
     )
     s.add_argument(
-        "--max-tokens", type=int, default=512, help="completion length when a request gives none"
+        "--max-tokens", type=int, help="completion length when a request gives none (default 512)"
     )
-    s.add_argument("--temp", type=float, default=0.0, help="temperature when a request gives none")
+    s.add_argument("--temp", type=float, help="temperature when a request gives none (default 0)")
     s.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
     s.add_argument(
         "--recovery-wait",
         type=float,
-        default=30.0,
-        help="seconds to wait for room for the model after a worker fails (then 503)",
+        help="seconds to wait for room for the model after a worker fails, then 503 (default 30)",
     )
     s.add_argument("--log-level", default="info", help="uvicorn's log level")
     s.add_argument(
         "--batch",
         action=argparse.BooleanOptionalAction,
-        default=True,
+        default=None,
         help="on one device, batch concurrent sequences' decode steps (in a worker inside "
         "this process); --no-batch steps them in turn",
     )

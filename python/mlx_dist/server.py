@@ -1286,10 +1286,12 @@ def serve(
     unknown = set(settings) - {f.name for f in dataclasses.fields(ServerSettings)}
     if unknown:
         raise TypeError(f"serve() got unexpected arguments: {sorted(unknown)}")
-    env = ServerSettings.from_env()
-    if api_key is None:
-        api_key = env.api_key
-    cfg = ServerSettings(model=model, workers=workers, api_key=api_key, **settings)
+    # Settings not given (None) come from MLX_DIST_* variables, else the defaults.
+    cfg = ServerSettings.from_env()
+    given = dict(settings, model=model, workers=workers, api_key=api_key)
+    for name, value in given.items():
+        if value is not None:
+            setattr(cfg, name, value)
     state = ServerState(cfg)
     state.load(progress=progress)
     if state.over_workers and announce is not None:
