@@ -137,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         tls_ca=args.tls_ca,
         batch=args.batch,
+        max_context=args.max_context,
     )
     return 0
 
@@ -333,6 +334,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="on one device, batch concurrent sequences' decode steps (in a worker inside "
         "this process); --no-batch steps them in turn",
+    )
+    s.add_argument(
+        "--max-context",
+        "--max-prompt-tokens",
+        type=int,
+        default=None,
+        help="tokens a sequence may hold, prompt and completion; longer prompts get 400 "
+        "(default: the model's context length when its config gives one, else 32768)",
     )
     _add_cluster(s)
     s.set_defaults(func=_serve)

@@ -113,7 +113,8 @@ def stream_generate(
 
     Arguments follow mlx-lm: ``sampler``, ``logits_processors``,
     ``prefill_step_size``, plus ``seed`` and ``stop`` (strings that end
-    generation and are not emitted)."""
+    generation and are not emitted). A model loaded with ``max_context=N``
+    refuses a prompt of N tokens or more and stops a completion at N."""
     if draft_model is not None:
         raise ValueError("speculative decoding (draft_model) is not supported by mlx-dist")
     if not isinstance(max_tokens, int) or max_tokens < 1:
@@ -121,6 +122,13 @@ def stream_generate(
     progress = kwargs.get("prompt_progress_callback")
     opts = _options(dict(kwargs))
     ids = _encode_prompt(tokenizer, prompt)
+    limit = getattr(model, "max_context", None)
+    if limit:
+        if len(ids) >= limit:
+            raise ValueError(
+                f"the prompt has {len(ids)} tokens; max_context is {limit} (prompt and completion)"
+            )
+        max_tokens = min(max_tokens, limit - len(ids))
     if progress:
         progress(0, len(ids))
     if not isinstance(model, Model):

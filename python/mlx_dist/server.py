@@ -47,10 +47,9 @@ from mlx_dist.engine import (
     Step,
 )
 from mlx_dist.metrics import Metrics
+from mlx_dist.utils import context_limit
 
 DEFAULT_PORT = 8100
-# A bound on max_tokens when the model's config gives no context length.
-_MAX_TOKENS_CAP = 1 << 20
 
 
 @dataclasses.dataclass
@@ -81,6 +80,9 @@ class ServerSettings:
     # stage batches the decode steps of concurrent sequences (False: step
     # them in turn, each with its own cache).
     batch: bool = True
+    # Tokens a sequence may hold, prompt and completion (None: the model's
+    # context length when its config gives a sane one, else 32768).
+    max_context: int | None = None
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
@@ -119,6 +121,8 @@ class ServerSettings:
             raise ValueError("max_tokens must be at least 1")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
+        if self.max_context is not None and self.max_context < 2:
+            raise ValueError("max_context must be at least 2")
 
 
 class ServerState:
@@ -176,6 +180,7 @@ class ServerState:
                 token=s.token,
                 recovery_wait=s.recovery_wait,
                 tls_ca=s.tls_ca or cfg.get("tls_ca"),
+                max_context=s.max_context,
             )
         elif s.batch:
             self.local_worker = _core.start_local_worker()
@@ -186,9 +191,10 @@ class ServerState:
                 kv_tokens=int(s.kv_tokens or 4096),
                 progress=progress,
                 recover=False,
+                max_context=s.max_context,
             )
         else:
-            self.model, self.tokenizer = load(model)
+            self.model, self.tokenizer = load(model, max_context=s.max_context)
         source = model or getattr(self.model, "path", "") or "mlx-dist-demo"
         self.name = s.model_name or _model_name(str(source))
         self.aliases = {self.name, str(source)}
@@ -224,8 +230,14 @@ class ServerState:
 
     @property
     def context_length(self) -> int | None:
+        """The model's context length, as its config gives it."""
         n = self.model._core.context_length
         return int(n) if n else None
+
+    @property
+    def context_limit(self) -> int:
+        """The most tokens a sequence may hold here, prompt and completion."""
+        return context_limit(self.model)
 
     @property
     def vocab_size(self) -> int:
@@ -436,6 +448,8 @@ def _messages(messages: list[ChatMessage]) -> list[dict]:
 
 
 def _chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[int]:
+    """The request's messages through the chat template, as token ids
+    (seconds for a megabyte: call it in a thread)."""
     messages = _messages(req.messages or [])
     tok = state.tokenizer
     if not tok.has_chat_template:
@@ -475,32 +489,44 @@ def _number(value, name: str, lo: float, hi: float) -> None:
         raise _bad(f"{name} must be between {lo:g} and {hi:g}, got {value}", name)
 
 
+def _limit_text(state: ServerState) -> str:
+    """What the context limit is and where it comes from."""
+    limit = state.context_limit
+    if getattr(state.model, "max_context", None):
+        return f"the context here is {limit} tokens (max_context)"
+    if state.context_length == limit:
+        return f"this model's maximum context length is {limit} tokens"
+    return (
+        f"the context here is {limit} tokens (the default where the model's config gives "
+        f"no usable context length; --max-context / MLX_DIST_MAX_CONTEXT changes it)"
+    )
+
+
 def _options(state: ServerState, req: _Sampling, prompt: list[int], max_tokens) -> dict:
     """The keyword arguments of ``_core.Generation`` for this request."""
     if not prompt:
         raise _bad("the prompt is empty", "prompt")
     if req.n not in (None, 1):
         raise _bad("only n=1 is supported", "n")
-    ctx = state.context_length
-    room = ctx - len(prompt) if ctx else None
-    if room is not None and room <= 0:
+    room = state.context_limit - len(prompt)
+    if room <= 0:
         raise _bad(
-            f"this model's maximum context length is {ctx} tokens; the prompt has {len(prompt)}",
+            f"{_limit_text(state)}; the prompt has {len(prompt)} tokens, leaving no room for "
+            f"a completion",
             "messages" if isinstance(req, ChatRequest) else "prompt",
             "context_length_exceeded",
         )
     param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
     if max_tokens is None:
-        max_tokens = min(state.settings.max_tokens, room or _MAX_TOKENS_CAP)
+        max_tokens = min(state.settings.max_tokens, room)
     elif max_tokens < 1:
         raise _bad(f"{param} must be at least 1, got {max_tokens}", param)
-    elif max_tokens > (room or _MAX_TOKENS_CAP):
+    elif max_tokens > room:
         raise _bad(
-            f"{param} is too large: {max_tokens} tokens requested, room for "
-            f"{room or _MAX_TOKENS_CAP} after the prompt of {len(prompt)}"
-            + (f" (the context is {ctx})" if ctx else ""),
+            f"{param} is too large: {max_tokens} tokens requested, room for {room} after "
+            f"the prompt of {len(prompt)} ({_limit_text(state)})",
             param,
-            "context_length_exceeded" if room else None,
+            "context_length_exceeded",
         )
     temp = state.settings.temperature if req.temperature is None else req.temperature
     _number(temp, "temperature", 0, 2)
@@ -822,7 +848,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatRequest, request: Request):
         st = ready_state(req.model)
-        prompt = _chat_prompt(st, req)
+        prompt = await asyncio.to_thread(_chat_prompt, st, req)
         max_tokens = (
             req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         )
@@ -867,7 +893,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             raise _bad("suffix is not supported", "suffix")
         if req.best_of not in (None, 1):
             raise _bad("only best_of=1 is supported", "best_of")
-        prompt = _completion_prompt(st, req.prompt)
+        prompt = await asyncio.to_thread(_completion_prompt, st, req.prompt)
         opts = _options(st, req, prompt, req.max_tokens)
         top = req.logprobs
         _number(top, "logprobs", 0, 20)
@@ -909,16 +935,18 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         if (req.prompt is None) == (req.messages is None):
             raise _bad("give either prompt or messages", "prompt")
         if req.messages is not None:
-            ids = _chat_prompt(st, req)
+            ids = await asyncio.to_thread(_chat_prompt, st, req)
         else:
-            ids = st.tokenizer.encode(req.prompt, add_special_tokens=req.add_special_tokens)
-        return {"tokens": ids, "count": len(ids), "max_model_len": st.context_length}
+            ids = await asyncio.to_thread(
+                st.tokenizer.encode, req.prompt, add_special_tokens=req.add_special_tokens
+            )
+        return {"tokens": ids, "count": len(ids), "max_model_len": st.context_limit}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         st = ready_state(req.model)
         ids = _check_ids(st, req.tokens, "tokens")
-        return {"prompt": st.tokenizer.decode(ids)}
+        return {"prompt": await asyncio.to_thread(st.tokenizer.decode, ids)}
 
     @app.get("/health")
     async def health():
@@ -970,7 +998,7 @@ def _model_card(st: ServerState) -> dict:
         "object": "model",
         "created": st.created,
         "owned_by": "mlx-dist",
-        "max_model_len": st.context_length,
+        "max_model_len": st.context_limit,
     }
 
 
@@ -1170,6 +1198,7 @@ async def _cluster_status(st: ServerState) -> dict:
         "model": st.name,
         "model_type": st.model.model_type,
         "context_length": st.context_length,
+        "max_context": st.context_limit,
         "distributed": st.over_workers,
         "engine": {
             "active_sequences": engine.active,

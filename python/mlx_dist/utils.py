@@ -10,6 +10,24 @@ import numpy as np
 
 from mlx_dist import _core
 
+# The context assumed when a model's config gives none, or one past
+# SANE_CONTEXT (a GGUF without a context-length key, a config saying 1e30):
+# without a bound, one long prompt would take the engine for minutes.
+DEFAULT_MAX_CONTEXT = 32768
+SANE_CONTEXT = 1 << 20
+
+
+def context_limit(model) -> int:
+    """The most tokens (prompt and completion) a sequence of ``model`` may
+    hold: ``load(..., max_context=N)``'s N, else the model's context length
+    when it is known and at most ``SANE_CONTEXT``, else
+    ``DEFAULT_MAX_CONTEXT``."""
+    given = getattr(model, "max_context", None)
+    if given:
+        return int(given)
+    n = model._core.context_length
+    return int(n) if n and 1 < n <= SANE_CONTEXT else DEFAULT_MAX_CONTEXT
+
 
 class Model:
     """A loaded model. Calling it on token ids returns the logits of a full
@@ -18,6 +36,8 @@ class Model:
     def __init__(self, core: _core.Model):
         self._core = core
         self.config: dict[str, Any] = json.loads(core.config_json)
+        # load(..., max_context=N): prompts and completions are held to N tokens.
+        self.max_context: int | None = None
 
     @property
     def model_type(self) -> str:
@@ -136,7 +156,20 @@ def load(
     over TLS, trusting that certificate (process-wide; ``MLX_DIST_TLS_CA``
     does the same when no ``tls_ca`` is given). ``ring=False`` sends every
     decode step from here instead of letting the last worker hand each token
-    straight to the first."""
+    straight to the first. ``max_context=N`` holds every sequence to N
+    tokens, prompt and completion (a longer prompt is refused, a completion
+    stops at N), whatever the model's config says."""
+    max_context = kwargs.pop("max_context", None)
+    if max_context is not None and (
+        isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2
+    ):
+        raise ValueError(f"max_context must be an integer of at least 2, got {max_context!r}")
+    model, tokenizer = _load(path_or_repo, workers, strategy, **kwargs)
+    model.max_context = max_context
+    return model, tokenizer
+
+
+def _load(path_or_repo, workers, strategy: str, **kwargs):
     dist_keys = {
         "proportions",
         "compression",
