@@ -138,6 +138,10 @@ def _serve(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         batch=args.batch,
         max_context=args.max_context,
+        header_timeout=args.header_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+        max_body_bytes=args.max_body_bytes,
     )
     return 0
 
@@ -342,6 +346,31 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokens a sequence may hold, prompt and completion; longer prompts get 400 "
         "(default: the model's context length when its config gives one, else 32768)",
+    )
+    s.add_argument(
+        "--header-timeout",
+        type=float,
+        default=None,
+        help="seconds a connection has to send a request's headers, and between parts of "
+        "its body (default 10)",
+    )
+    s.add_argument(
+        "--keep-alive-timeout",
+        type=float,
+        default=None,
+        help="seconds an idle kept-alive connection stays open (default 5)",
+    )
+    s.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="open connections at most; past them requests get 503 (default 1024)",
+    )
+    s.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=None,
+        help="larger request bodies get 413 (default 8 MiB)",
     )
     _add_cluster(s)
     s.set_defaults(func=_serve)

@@ -50,6 +50,11 @@ from mlx_dist.metrics import Metrics
 from mlx_dist.utils import context_limit
 
 DEFAULT_PORT = 8100
+# A body over the limit is still read, up to this much or for this long,
+# before the 413, so that a client still sending sees the answer instead
+# of a reset connection.
+_DRAIN_BYTES = 64 << 20
+_DRAIN_SECONDS = 5.0
 # How often a non-streamed generation checks that its client is still there.
 _DISCONNECT_POLL_S = 0.25
 
@@ -85,6 +90,14 @@ class ServerSettings:
     # Tokens a sequence may hold, prompt and completion (None: the model's
     # context length when its config gives a sane one, else 32768).
     max_context: int | None = None
+    # Seconds a connection has to send a request's headers (from its
+    # opening, or from the end of its previous answer), and between parts
+    # of its body.
+    header_timeout: float = 10.0
+    # Seconds an idle kept-alive connection stays open.
+    keep_alive_timeout: float = 5.0
+    # Open connections at most; past them requests get 503.
+    max_connections: int = 1024
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> ServerSettings:
@@ -125,6 +138,10 @@ class ServerSettings:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError("max_context must be at least 2")
+        if self.header_timeout <= 0 or self.keep_alive_timeout <= 0:
+            raise ValueError("header_timeout and keep_alive_timeout must be above 0")
+        if self.max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
 
 
 class ServerState:
@@ -682,9 +699,39 @@ _ENDPOINTS = {
 }
 
 
+def _has_key(headers: dict[bytes, bytes], key: str) -> bool:
+    """Whether ``Authorization: Bearer <key>`` was sent. The header's raw
+    bytes are compared with the key's UTF-8 bytes, so a key in any script
+    matches when sent as UTF-8."""
+    scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
+    want = key.encode("utf-8", "surrogateescape")  # argv bytes that were not UTF-8
+    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(b" \t"), want)
+
+
+async def _drain(receive) -> bool:
+    """Reads and drops what is left of a request's body, up to
+    ``_DRAIN_BYTES`` or ``_DRAIN_SECONDS``; True when it was read to its end
+    (the connection can then serve another request)."""
+    seen = 0
+    try:
+        async with asyncio.timeout(_DRAIN_SECONDS):
+            while seen <= _DRAIN_BYTES:
+                message = await receive()
+                if message["type"] != "http.request":
+                    return False
+                seen += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    return True
+    except TimeoutError:
+        pass
+    return False
+
+
 class _Guard:
     """ASGI middleware in front of everything: the API key, the body size
-    limit, and counting answers by endpoint and status."""
+    limit and how long a body may take, and counting answers by endpoint
+    and status. A refused request's body is read before the answer, so a
+    client still sending sees the answer, not a reset connection."""
 
     def __init__(self, app, state_of: Callable[[], ServerState]):
         self.app = app
@@ -712,6 +759,8 @@ class _Guard:
         try:
             error = self._refuse(scope, state)
             if error is not None:
+                if scope["method"] not in ("GET", "HEAD") and not await _drain(receive):
+                    error.headers = {**(error.headers or {}), "Connection": "close"}
                 await error.response()(scope, receive, counted_send)
                 return
             if scope["method"] == "POST":
@@ -721,16 +770,37 @@ class _Guard:
                     (b"content-type", b"application/json")
                 ]
             limit = state.settings.max_body_bytes
+            timeout = state.settings.header_timeout
             seen = 0
+            body_done = scope["method"] in ("GET", "HEAD")
 
             async def limited_receive():
-                nonlocal seen
-                message = await receive()
+                nonlocal seen, body_done
+                if body_done:
+                    return await receive()
+                try:
+                    # A body that stops arriving holds its connection no longer.
+                    message = await asyncio.wait_for(receive(), timeout)
+                except TimeoutError:
+                    raise HTTPException(
+                        408,
+                        f"the request body stopped arriving for {timeout:g} s",
+                        headers={"Connection": "close"},
+                    ) from None
                 if message["type"] == "http.request":
                     seen += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if seen > limit:
+                        drained = body_done or await _drain(receive)
+                        body_done = True
                         # FastAPI passes HTTPException through body parsing.
-                        raise HTTPException(413, f"the request body is over {limit} bytes")
+                        raise HTTPException(
+                            413,
+                            f"the request body is over {limit} bytes",
+                            headers=None if drained else {"Connection": "close"},
+                        )
+                else:
+                    body_done = True
                 return message
 
             await self.app(scope, limited_receive, counted_send)
@@ -825,7 +895,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         message = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
         if e.status_code == 404:
             message = f"no such endpoint: {_request.method} {_request.url.path}"
-        return APIError(e.status_code, message).response()
+        return APIError(e.status_code, message, headers=e.headers).response()
 
     @app.exception_handler(Exception)
     async def _crash(_request: Request, e: Exception):
@@ -1282,6 +1352,66 @@ async def _devices(st: ServerState) -> list[dict]:
 app = create_app()
 
 
+def _guarded_protocol(header_timeout: float) -> type:
+    """uvicorn's HTTP protocol, closing a connection that has not sent a
+    request's headers within ``header_timeout`` seconds of opening or of
+    its previous answer (uvicorn's keep-alive timeout ends at the first
+    byte, so a client sending nothing, or a header a byte at a time, held
+    its connection for ever), and setting TCP_NODELAY on it."""
+    from uvicorn.config import HTTP_PROTOCOLS
+    from uvicorn.importer import import_from_string
+
+    base = import_from_string(HTTP_PROTOCOLS["auto"])
+
+    class GuardedProtocol(base):
+        _header_timer: asyncio.TimerHandle | None = None
+        _timed_cycle: Any = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            sock = transport.get_extra_info("socket")
+            if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._arm()
+
+        def _arm(self) -> None:
+            self._disarm()
+            # A request's headers are in once the protocol makes a new cycle.
+            self._timed_cycle = self.cycle
+            self._header_timer = asyncio.get_running_loop().call_later(
+                header_timeout, self._expire
+            )
+
+        def _disarm(self) -> None:
+            if self._header_timer is not None:
+                self._header_timer.cancel()
+                self._header_timer = None
+
+        def _expire(self) -> None:
+            self._header_timer = None
+            cycle = self.cycle
+            idle = cycle is None or cycle.response_complete
+            if cycle is self._timed_cycle and idle and not self.transport.is_closing():
+                self.transport.close()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self._header_timer is not None and self.cycle is not self._timed_cycle:
+                self._disarm()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._arm()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm()
+            super().connection_lost(exc)
+
+    return GuardedProtocol
+
+
 class ServerHandle:
     """A server running in a background thread (``serve(block=False)``)."""
 
@@ -1335,7 +1465,11 @@ def serve(
     if state.over_workers and announce is not None:
         announce(state.model.plan)
 
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    # Named TCP (not protocol 0) so that asyncio sets TCP_NODELAY on every
+    # accepted connection: without it Nagle's algorithm met delayed ACKs and
+    # each request on a kept-alive connection waited about 40 ms.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
@@ -1346,7 +1480,14 @@ def serve(
     bound = sock.getsockname()[1]
     url = f"http://{host if ':' not in host else f'[{host}]'}:{bound}"
     server = uvicorn.Server(
-        uvicorn.Config(create_app(cfg, state), log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.Config(
+            create_app(cfg, state),
+            log_level=log_level,
+            timeout_graceful_shutdown=5,
+            http=_guarded_protocol(cfg.header_timeout),
+            timeout_keep_alive=cfg.keep_alive_timeout,
+            limit_concurrency=cfg.max_connections,
+        )
     )
     (announce or (lambda line: print(line, file=sys.stderr, flush=True)))(f"listening on {url}")
 
