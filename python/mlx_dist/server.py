@@ -535,7 +535,8 @@ def _options(state: ServerState, req: _Sampling, prompt: list[int], max_tokens) 
             "messages" if isinstance(req, ChatRequest) else "prompt",
             "context_length_exceeded",
         )
-    param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) else "max_tokens"
+    given = getattr(req, "max_completion_tokens", None) is not None
+    param = "max_completion_tokens" if given else "max_tokens"
     if max_tokens is None:
         max_tokens = min(state.settings.max_tokens, room)
     elif max_tokens < 1:
@@ -843,6 +844,47 @@ class _Guard:
         return None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """Every error answer, as OpenAI's."""
+
+    error: ErrorDetail
+
+
+_ERROR_TEXT = {
+    400: "a bad value, malformed JSON, or a prompt over the context (code context_length_exceeded)",
+    401: "no valid API key, or no cluster token for /cluster/join",
+    403: "joining is off",
+    404: "no such model",
+    408: "the request body stopped arriving",
+    413: "the body is over max_body_bytes, or the request's KV cache cannot fit",
+    422: "a value of the wrong type, or a missing field",
+    429: "the queue is full (Retry-After)",
+    503: "loading, a worker down, or no memory for now (Retry-After)",
+}
+_GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 503)
+
+
+def _errors(*codes: int, stream: bool = False) -> dict:
+    """OpenAPI ``responses`` for these error statuses (and, with
+    ``stream``, the event stream a 200 may be)."""
+    out: dict[int | str, dict] = {
+        c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes
+    }
+    if stream:
+        out[200] = {
+            "description": "the answer, or with stream: true server-sent events",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        }
+    return out
+
+
 def create_app(settings: ServerSettings | None = None, state: ServerState | None = None) -> FastAPI:
     """The FastAPI application. With no ``state``, the model is loaded at
     start-up from ``settings`` (by default, from the environment)."""
@@ -915,16 +957,16 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             )
         return st
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", responses=_errors(401, 503))
     async def models():
         st = ready_state()
         return {"object": "list", "data": [_model_card(st)]}
 
-    @app.get("/v1/models/{model_id:path}")
+    @app.get("/v1/models/{model_id:path}", responses=_errors(400, 401, 404, 503))
     async def model_card(model_id: str):
         return _model_card(ready_state(model_id))
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_errors(*_GENERATE_ERRORS, stream=True))
     async def chat_completions(req: ChatRequest, request: Request):
         st = ready_state(req.model)
         prompt = await asyncio.to_thread(_chat_prompt, st, req)
@@ -965,7 +1007,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             "usage": _usage(done),
         }
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_errors(*_GENERATE_ERRORS, stream=True))
     async def completions(req: CompletionRequest, request: Request):
         st = ready_state(req.model)
         if req.suffix:
@@ -976,22 +1018,22 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         opts = _options(st, req, prompt, req.max_tokens)
         top = req.logprobs
         _number(top, "logprobs", 0, 20)
+        echo = await asyncio.to_thread(_Echo, st, prompt) if req.echo else None
         run = _Run(st, prompt, opts, top)
-        echo = st.tokenizer.decode(prompt) if req.echo else ""
         ident = f"cmpl-{uuid.uuid4().hex}"
         created = int(time.time())
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
             return _stream(_completion_chunks(st, run, ident, created, echo, include_usage))
         steps, done = await _collect(run, request)
-        text = echo
-        lp = _LegacyLogprobs(st, len(echo)) if top is not None else None
+        if done is None:
+            return Response(status_code=499)
+        text = echo.text if echo is not None else ""
+        lp = _LegacyLogprobs(st) if top is not None else None
         for e in steps:
             if lp is not None:
                 lp.add(e, len(text))
-            text += e.text
-        if done is None:
-            return Response(status_code=499)
+            text += echo.step(e) if echo is not None else e.text
         return {
             "id": ident,
             "object": "text_completion",
@@ -1008,7 +1050,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             "usage": _usage(done),
         }
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", responses=_errors(400, 401, 404, 413, 422, 503))
     async def tokenize(req: TokenizeRequest):
         st = ready_state(req.model)
         if (req.prompt is None) == (req.messages is None):
@@ -1021,7 +1063,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             )
         return {"tokens": ids, "count": len(ids), "max_model_len": st.context_limit}
 
-    @app.post("/detokenize")
+    @app.post("/detokenize", responses=_errors(400, 401, 404, 413, 422, 503))
     async def detokenize(req: DetokenizeRequest):
         st = ready_state(req.model)
         ids = _check_ids(st, req.tokens, "tokens")
@@ -1039,7 +1081,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             body["excluded"] = st.model.excluded
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.post("/cluster/join")
+    @app.post("/cluster/join", responses=_errors(400, 401, 403, 413, 422, 503))
     async def cluster_join(req: JoinRequest):
         st = ready_state()
         if not st.over_workers:
@@ -1053,12 +1095,22 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
             st.replan_soon(f"worker {req.address} announced itself")
         return {"address": req.address, "added": added, "workers": st.model._core.all_workers}
 
-    @app.get("/cluster/status")
+    @app.get("/cluster/status", responses=_errors(401, 503))
     async def cluster_status():
         st = ready_state()
         return await _cluster_status(st)
 
-    @app.get("/metrics")
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "Prometheus text exposition format",
+                "content": {"text/plain": {"schema": {"type": "string"}}},
+            },
+            **_errors(401),
+        },
+    )
     async def metrics():
         st = get_state()
         if st.ready:
@@ -1161,7 +1213,7 @@ def _chat_chunks(
 class _LegacyLogprobs:
     """``logprobs`` of the completions API: parallel lists."""
 
-    def __init__(self, st: ServerState, offset: int):
+    def __init__(self, st: ServerState):
         self.st = st
         self.tokens, self.token_logprobs, self.top, self.offsets = [], [], [], []
 
@@ -1180,8 +1232,39 @@ class _LegacyLogprobs:
         }
 
 
+class _Echo:
+    """``echo``: the prompt's text, then the completion's steps. The
+    detokenizer drops one leading space from the start of a completion
+    (mlx-lm's: "The capital is" gives "Paris"); after the prompt that space
+    is text ("The capital is Paris"), given back here. Decoding the prompt
+    takes a while for a long one: make this in a thread."""
+
+    def __init__(self, st: ServerState, prompt: list[int]):
+        self.tokenizer = st.tokenizer
+        self.prompt = prompt
+        self.text = st.tokenizer.decode(prompt)
+        self.tokens: list[int] = []
+        self.started = False
+
+    def step(self, event: Step) -> str:
+        """The text ``event`` adds after the prompt and the steps before it."""
+        self.tokens.append(event.token)
+        if self.started or not event.text:
+            return event.text
+        self.started = True
+        joined = self.tokenizer.decode(self.prompt + self.tokens)
+        tail = joined[len(self.text) :] if joined.startswith(self.text) else ""
+        lost = not tail.startswith(event.text) and tail[1:].startswith(event.text)
+        return " " + event.text if tail.startswith(" ") and lost else event.text
+
+
 def _completion_chunks(
-    st: ServerState, run: _Run, ident: str, created: int, echo: str, include_usage: bool
+    st: ServerState,
+    run: _Run,
+    ident: str,
+    created: int,
+    echo: _Echo | None,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
     def chunk(text: str, finish=None, logprobs=None) -> dict:
         return {
@@ -1193,21 +1276,22 @@ def _completion_chunks(
             "usage": None,
         }
 
-    offset = len(echo)
+    offset = len(echo.text) if echo is not None else 0
 
     def on_step(event: Step) -> dict | None:
         nonlocal offset
+        text = echo.step(event) if echo is not None else event.text
         lp = None
         if run.job.logprobs:
-            one = _LegacyLogprobs(st, offset)
+            one = _LegacyLogprobs(st)
             one.add(event, offset)
             lp = one.body()
-        offset += len(event.text)
-        if event.text or lp:
-            return chunk(event.text, logprobs=lp)
+        offset += len(text)
+        if text or lp:
+            return chunk(text, logprobs=lp)
         return None
 
-    opening = [chunk(echo)] if echo else []
+    opening = [chunk(echo.text)] if echo is not None and echo.text else []
     return _events(run, opening, on_step, lambda f: chunk("", finish=f), include_usage)
 
 
