@@ -7,6 +7,7 @@ import select
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -38,12 +39,19 @@ class ServerProcess:
                 self.stdout.append(line)
                 if line.startswith("listening on "):
                     url = line.split()[-1]
+                    # Keep reading: uvicorn's access log goes to stdout, and a
+                    # full pipe would block the server's event loop.
+                    threading.Thread(target=self._read_stdout, daemon=True).start()
                     wait_ready(url)
                     return url
                 if not line and self.proc.poll() is not None:
                     break
         self.stop()
         raise RuntimeError(f"the server did not start: {self.log.read_text()[-3000:]}")
+
+    def _read_stdout(self) -> None:
+        for line in self.proc.stdout:
+            self.stdout.append(line)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -307,8 +307,14 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+    def response(self) -> Response:
+        # ASCII JSON: a message quoting a client's broken text still encodes.
+        return Response(
+            json.dumps(self.body()),
+            status_code=self.status,
+            headers=self.headers,
+            media_type="application/json",
+        )
 
 
 def _error_type(status: int) -> str:
@@ -466,6 +472,34 @@ def _messages(messages: list[ChatMessage]) -> list[dict]:
     return out
 
 
+def _check_text(value: Any, where: str) -> None:
+    """Refuses a string anywhere in a request that is not valid Unicode (a
+    lone surrogate, as JSON's "\\ud800" gives): no tokenizer can take it."""
+    if isinstance(value, str):
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise _bad(
+                f"{where} is not valid Unicode text (it has a lone surrogate)", where
+            ) from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_text(k, where)
+            _check_text(v, f"{where}.{k}" if where else str(k))
+    elif isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_text(v, f"{where}[{i}]")
+    elif isinstance(value, BaseModel):
+        _check_text(value.model_dump(), where)
+
+
+def _dumps(value: Any, param: str) -> str:
+    try:
+        return json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as e:
+        raise _bad(f"{param} cannot be given to the chat template: {e}", param) from None
+
+
 def _chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[int]:
     """The request's messages through the chat template, as token ids
     (seconds for a megabyte: call it in a thread)."""
@@ -474,13 +508,35 @@ def _chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list
     if not tok.has_chat_template:
         text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
         return tok.encode(text)
-    kwargs = dict(getattr(req, "chat_template_kwargs", None) or {})
+    # Template variables; add_generation_prompt and tools may come here too.
+    extra = dict(getattr(req, "chat_template_kwargs", None) or {})
+    tools = getattr(req, "tools", None)
+    if "tools" in extra:
+        if tools is not None:
+            raise _bad("tools is given twice: in the request and in chat_template_kwargs", "tools")
+        tools = extra.pop("tools")
+        if tools is not None and not isinstance(tools, list):
+            raise _bad("chat_template_kwargs.tools must be a list", "chat_template_kwargs.tools")
+    add = extra.pop("add_generation_prompt", True)
+    if not isinstance(add, bool):
+        raise _bad(
+            "chat_template_kwargs.add_generation_prompt must be true or false",
+            "chat_template_kwargs.add_generation_prompt",
+        )
+    if "messages" in extra:
+        raise _bad(
+            "chat_template_kwargs cannot replace the messages", "chat_template_kwargs.messages"
+        )
     try:
-        return tok.apply_chat_template(
-            messages, tools=getattr(req, "tools", None), add_generation_prompt=True, **kwargs
+        text = tok._core.apply_chat_template(
+            _dumps(messages, "messages"),
+            add,
+            _dumps(tools, "tools") if tools is not None else None,
+            _dumps(extra, "chat_template_kwargs") if extra else None,
         )
     except ValueError as e:
         raise _bad(f"the chat template failed on these messages: {e}", "messages") from None
+    return tok.encode(text, add_special_tokens=False)
 
 
 def _check_ids(state: ServerState, ids: list[int], param: str) -> list[int]:
@@ -553,8 +609,8 @@ def _options(state: ServerState, req: _Sampling, prompt: list[int], max_tokens) 
     top_p = state.settings.top_p if req.top_p is None else req.top_p
     _number(top_p, "top_p", 0, 1)
     _number(req.min_p, "min_p", 0, 1)
-    if req.top_k is not None and req.top_k < -1:
-        raise _bad("top_k must be -1 (off), 0 (off) or more", "top_k")
+    if req.top_k is not None and not -1 <= req.top_k < 1 << 31:
+        raise _bad("top_k must be -1 (off), 0 (off) or a count of tokens below 2^31", "top_k")
     _number(req.frequency_penalty, "frequency_penalty", -2, 2)
     _number(req.presence_penalty, "presence_penalty", -2, 2)
     if req.repetition_penalty is not None and not 0 < req.repetition_penalty <= 10:
@@ -568,7 +624,8 @@ def _options(state: ServerState, req: _Sampling, prompt: list[int], max_tokens) 
         "temp": float(temp),
         "top_p": 0.0 if top_p >= 1 else float(top_p),
         "min_p": float(req.min_p or 0.0),
-        "top_k": max(0, req.top_k or 0),
+        # Keeping the whole vocabulary or more is no top-k at all.
+        "top_k": max(0, req.top_k or 0) if (req.top_k or 0) < state.vocab_size else 0,
         "stop": _stops(req.stop),
     }
     if req.seed is not None:
@@ -964,10 +1021,12 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
 
     @app.get("/v1/models/{model_id:path}", responses=_errors(400, 401, 404, 503))
     async def model_card(model_id: str):
+        _check_text(model_id, "model")
         return _model_card(ready_state(model_id))
 
     @app.post("/v1/chat/completions", responses=_errors(*_GENERATE_ERRORS, stream=True))
     async def chat_completions(req: ChatRequest, request: Request):
+        _check_text(req.model_dump(), "")
         st = ready_state(req.model)
         prompt = await asyncio.to_thread(_chat_prompt, st, req)
         max_tokens = (
@@ -1009,6 +1068,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
 
     @app.post("/v1/completions", responses=_errors(*_GENERATE_ERRORS, stream=True))
     async def completions(req: CompletionRequest, request: Request):
+        _check_text(req.model_dump(), "")
         st = ready_state(req.model)
         if req.suffix:
             raise _bad("suffix is not supported", "suffix")
@@ -1052,6 +1112,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
 
     @app.post("/tokenize", responses=_errors(400, 401, 404, 413, 422, 503))
     async def tokenize(req: TokenizeRequest):
+        _check_text(req.model_dump(), "")
         st = ready_state(req.model)
         if (req.prompt is None) == (req.messages is None):
             raise _bad("give either prompt or messages", "prompt")
@@ -1065,6 +1126,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
 
     @app.post("/detokenize", responses=_errors(400, 401, 404, 413, 422, 503))
     async def detokenize(req: DetokenizeRequest):
+        _check_text(req.model_dump(), "")
         st = ready_state(req.model)
         ids = _check_ids(st, req.tokens, "tokens")
         return {"prompt": await asyncio.to_thread(st.tokenizer.decode, ids)}
