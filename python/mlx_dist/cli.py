@@ -138,6 +138,8 @@ def _serve(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         batch=args.batch,
         max_context=args.max_context,
+        allow_join=args.allow_join,
+        join_interval=args.join_interval,
         header_timeout=args.header_timeout,
         keep_alive_timeout=args.keep_alive_timeout,
         max_connections=args.max_connections,
@@ -346,6 +348,18 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokens a sequence may hold, prompt and completion; longer prompts get 400 "
         "(default: the model's context length when its config gives one, else 32768)",
+    )
+    s.add_argument(
+        "--allow-join",
+        action="store_true",
+        default=None,
+        help="let workers join through /cluster/join without a cluster token (off by default)",
+    )
+    s.add_argument(
+        "--join-interval",
+        type=float,
+        default=None,
+        help="seconds at least between two re-plans that joining workers start (default 10)",
     )
     s.add_argument(
         "--header-timeout",

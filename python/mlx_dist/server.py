@@ -57,6 +57,8 @@ _DRAIN_BYTES = 64 << 20
 _DRAIN_SECONDS = 5.0
 # How often a non-streamed generation checks that its client is still there.
 _DISCONNECT_POLL_S = 0.25
+# Seconds a joining worker has to answer before it is refused.
+_JOIN_PROBE_S = 3.0
 
 
 @dataclasses.dataclass
@@ -90,6 +92,10 @@ class ServerSettings:
     # Tokens a sequence may hold, prompt and completion (None: the model's
     # context length when its config gives a sane one, else 32768).
     max_context: int | None = None
+    # /cluster/join without a cluster token set: refused unless allowed.
+    allow_join: bool = False
+    # Seconds at least between two re-plans that joins start.
+    join_interval: float = 10.0
     # Seconds a connection has to send a request's headers (from its
     # opening, or from the end of its previous answer), and between parts
     # of its body.
@@ -138,6 +144,8 @@ class ServerSettings:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError("max_context must be at least 2")
+        if self.join_interval < 0:
+            raise ValueError("join_interval must be 0 or more")
         if self.header_timeout <= 0 or self.keep_alive_timeout <= 0:
             raise ValueError("header_timeout and keep_alive_timeout must be above 0")
         if self.max_connections < 1:
@@ -158,6 +166,11 @@ class ServerState:
         self.created = int(time.time())
         self._token_text: dict[int, str] = {}
         self._replanning: threading.Thread | None = None
+        # Re-plans that joins asked for: when the last began, and whether
+        # one is due (the join rate limit).
+        self._join_lock = threading.Lock()
+        self._last_join_replan = float("-inf")
+        self._join_replan_due: threading.Timer | None = None
         # The in-process worker that runs a one-device model, batched.
         self.local_worker: str | None = None
 
@@ -240,7 +253,35 @@ class ServerState:
         self._replanning = threading.Thread(target=run, name="mlx-dist-replan", daemon=True)
         self._replanning.start()
 
+    def replan_for_join(self, reason: str) -> float:
+        """Re-plans for a worker that joined, at most once every
+        ``join_interval`` seconds: later joins are taken by one re-plan at
+        the end of the interval. Returns the seconds until it starts."""
+        with self._join_lock:
+            if self._join_replan_due is not None:
+                return max(0.0, self._join_replan_due.due - time.monotonic())
+            wait = self._last_join_replan + self.settings.join_interval - time.monotonic()
+            if wait <= 0:
+                self._last_join_replan = time.monotonic()
+                self.replan_soon(reason)
+                return 0.0
+
+            def later() -> None:
+                with self._join_lock:
+                    self._join_replan_due = None
+                    self._last_join_replan = time.monotonic()
+                self.replan_soon(reason)
+
+            timer = threading.Timer(wait, later)
+            timer.daemon = True
+            timer.due = time.monotonic() + wait
+            self._join_replan_due = timer
+            timer.start()
+            return wait
+
     def close(self) -> None:
+        if self._join_replan_due is not None:
+            self._join_replan_due.cancel()
         if self.engine is not None:
             self.engine.stop()
         if self.local_worker is not None:
@@ -320,6 +361,7 @@ class APIError(Exception):
 def _error_type(status: int) -> str:
     return {
         401: "authentication_error",
+        403: "permission_error",
         404: "invalid_request_error",
         429: "rate_limit_error",
         503: "service_unavailable",
@@ -873,21 +915,15 @@ class _Guard:
         if scope["path"] == "/cluster/join" and token:
             # Workers announce themselves with the cluster token, not the API key.
             given = headers.get(b"x-mlx-dist-token", b"")
-            if not hmac.compare_digest(given, token.encode()):
+            if not hmac.compare_digest(given, token.encode("utf-8", "surrogateescape")):
                 return APIError(401, "joining needs the cluster token", code="invalid_token")
-            return None
-        if key and scope["path"] != "/health":
-            auth = headers.get(b"authorization", b"").decode("latin-1")
-            scheme, _, given = auth.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), key.encode()
-            ):
-                return APIError(
-                    401,
-                    "a valid API key is required: send 'Authorization: Bearer <key>'",
-                    code="invalid_api_key",
-                    headers={"WWW-Authenticate": "Bearer"},
-                )
+        elif key and scope["path"] != "/health" and not _has_key(headers, key):
+            return APIError(
+                401,
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -1131,31 +1167,65 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
         ids = _check_ids(st, req.tokens, "tokens")
         return {"prompt": await asyncio.to_thread(st.tokenizer.decode, ids)}
 
-    @app.get("/health")
-    async def health():
+    @app.get("/health", responses=_errors(503))
+    async def health(request: Request):
+        """200 when every stage answers, else 503. With an API key set, the
+        details (model, workers, their devices) only for a caller sending it."""
         st = get_state()
         if not st.ready:
             return JSONResponse({"status": "loading"}, status_code=503)
         workers = await _workers(st, timeout=2.0) if st.distributed else []
         ok = all(w["reachable"] for w in workers)
-        body = {"status": "ok" if ok else "degraded", "model": st.name, "workers": workers}
+        code = 200 if ok else 503
+        body: dict[str, Any] = {"status": "ok" if ok else "degraded"}
+        key = st.settings.api_key
+        if key and not _has_key(dict(request.scope["headers"]), key):
+            return JSONResponse(body, status_code=code)
+        body.update(model=st.name, workers=workers)
         if st.distributed:
             body["excluded"] = st.model.excluded
-        return JSONResponse(body, status_code=200 if ok else 503)
+        return JSONResponse(body, status_code=code)
 
     @app.post("/cluster/join", responses=_errors(400, 401, 403, 413, 422, 503))
     async def cluster_join(req: JoinRequest):
+        """A worker announces itself (``mlx-dist worker --coordinator``). It
+        needs the cluster token when one is set, else the ``allow_join``
+        setting; the address must answer as a worker; re-plans for joins
+        start at most once every ``join_interval`` seconds."""
+        _check_text(req.address, "address")
         st = ready_state()
         if not st.over_workers:
             raise _bad("this server runs the model on one device: it takes no workers")
+        token = st.settings.token or os.environ.get("MLX_DIST_TOKEN")
+        if not token and not st.settings.allow_join:
+            raise APIError(
+                403,
+                "joining is off: give the cluster a token (--token, sent by the workers) "
+                "or start the server with --allow-join",
+                code="join_not_allowed",
+            )
+        address = req.address.strip()
+        host, sep, port = address.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise _bad(f"bad worker address {address!r}: expected host:port", "address")
         try:
-            added = st.model._core.add_worker(req.address)
+            await asyncio.to_thread(_core.worker_info, address, _JOIN_PROBE_S)
+        except (ConnectionError, ValueError, RuntimeError, OSError) as e:
+            raise _bad(f"no worker answers at {address}: {e}", "address") from None
+        try:
+            added = await asyncio.to_thread(st.model._core.add_worker, address)
         except ValueError as e:
             raise _bad(str(e), "address") from None
-        if added or req.address in st.model.excluded:
+        wait = None
+        if added or address in st.model.excluded:
             # The next plan uses it; sequences running replay onto it.
-            st.replan_soon(f"worker {req.address} announced itself")
-        return {"address": req.address, "added": added, "workers": st.model._core.all_workers}
+            wait = st.replan_for_join(f"worker {address} announced itself")
+        return {
+            "address": address,
+            "added": added,
+            "workers": st.model._core.all_workers,
+            "replan_in_seconds": wait,
+        }
 
     @app.get("/cluster/status", responses=_errors(401, 503))
     async def cluster_status():
