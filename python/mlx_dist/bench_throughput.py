@@ -253,6 +253,27 @@ def _ttft(model, tok, prompts) -> float:
     return statistics.median(times)
 
 
+def _print_ttft(args, local, tok, models: dict, stage_counts: list[int], prompt) -> None:
+    """Time to the first token of an ``args.ttft_tokens``-token prompt, one
+    device against each stage count."""
+    warm = [prompt(900, args.ttft_tokens)]
+    longs = [prompt(1000 + r, args.ttft_tokens) for r in range(args.repeats)]
+    _ttft(local, tok, warm)
+    one = _ttft(local, tok, longs)
+    print(f"time to first token, {args.ttft_tokens}-token prompt: 1 device {one:.3f} s")
+    for k in stage_counts:
+        if k == 1:
+            continue
+        model, dtok = models[k]
+        _ttft(model, dtok, [prompt(901 + k, args.ttft_tokens)])
+        t = _ttft(
+            model,
+            dtok,
+            [prompt(2000 + 10 * k + r, args.ttft_tokens) for r in range(args.repeats)],
+        )
+        print(f"  {k} stages (pipelined chunks): {t:.3f} s ({t / one:.2f}x)")
+
+
 def main(args) -> int:
     import mlx.core as mx
 
@@ -339,22 +360,10 @@ def main(args) -> int:
                     stream_counts,
                     base,
                 )
-            warm = [prompt(900, args.ttft_tokens)]
-            longs = [prompt(1000 + r, args.ttft_tokens) for r in range(args.repeats)]
-            _ttft(local, tok, warm)
-            one = _ttft(local, tok, longs)
-            print(f"time to first token, {args.ttft_tokens}-token prompt: 1 device {one:.3f} s")
-            for k in stage_counts:
-                if k == 1:
-                    continue
-                model, dtok = models[k]
-                _ttft(model, dtok, [prompt(901 + k, args.ttft_tokens)])
-                t = _ttft(
-                    model,
-                    dtok,
-                    [prompt(2000 + 10 * k + r, args.ttft_tokens) for r in range(args.repeats)],
-                )
-                print(f"  {k} stages (pipelined chunks): {t:.3f} s ({t / one:.2f}x)")
+            if args.ttft_tokens > 0:
+                _print_ttft(args, local, tok, models, stage_counts, prompt)
+            else:
+                print("time to first token: not measured (--ttft-tokens 0)")
         finally:
             stop_workers(procs)
     return 0
