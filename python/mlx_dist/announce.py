@@ -63,8 +63,8 @@ def announce(
             return True
         except urllib.error.HTTPError as e:
             last = f"{e.code}: {e.read()[:300].decode(errors='replace')}"
-            if e.code in (400, 401, 404):
-                break  # retrying will not help
+            if e.code in (400, 401, 403, 404):
+                break  # retrying will not help (403: the server takes no joins)
         except (urllib.error.URLError, OSError) as e:
             last = str(e)
         time.sleep(wait)
