@@ -37,6 +37,7 @@ impl PyTokenizer {
     #[pyo3(signature = (messages_json, add_generation_prompt = true, tools_json = None, extra_json = None))]
     fn apply_chat_template(
         &self,
+        py: Python<'_>,
         messages_json: &str,
         add_generation_prompt: bool,
         tools_json: Option<&str>,
@@ -55,12 +56,15 @@ impl PyTokenizer {
                 .into())
             }
         };
-        Ok(self.inner.apply_chat_template(
-            &messages,
-            add_generation_prompt,
-            tools.as_ref(),
-            extra.as_ref(),
-        )?)
+        // A long conversation takes milliseconds: other threads run meanwhile.
+        Ok(py.detach(|| {
+            self.inner.apply_chat_template(
+                &messages,
+                add_generation_prompt,
+                tools.as_ref(),
+                extra.as_ref(),
+            )
+        })?)
     }
 
     #[getter]
