@@ -252,13 +252,13 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from mlx_dist.bench import main as bench_main
+    from mlx_dist.bench.generate import main as bench_main
 
     return bench_main(args)
 
 
 def _bench_pipeline(args: argparse.Namespace) -> int:
-    from mlx_dist.bench_pipeline import main as bench_main
+    from mlx_dist.bench.pipeline import main as bench_main
 
     return bench_main(args)
 
@@ -270,19 +270,19 @@ def _top(args: argparse.Namespace) -> int:
 
 
 def _bench_throughput(args: argparse.Namespace) -> int:
-    from mlx_dist.bench_throughput import main as bench_main
+    from mlx_dist.bench.throughput import main as bench_main
 
     return bench_main(args)
 
 
 def _bench_ops(args: argparse.Namespace) -> int:
-    from mlx_dist.bench_ops import main as bench_main
+    from mlx_dist.bench.ops import main as bench_main
 
     return bench_main(args)
 
 
 def _bench_recovery(args: argparse.Namespace) -> int:
-    from mlx_dist.bench_recovery import main as bench_main
+    from mlx_dist.bench.recovery import main as bench_main
 
     return bench_main(args)
 

@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-from mlx_dist.bench_pipeline import _start_worker
+from mlx_dist.bench.pipeline import _start_worker
 
 
 def _memory(addresses: list[str]) -> dict[str, int]:

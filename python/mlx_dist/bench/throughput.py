@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from mlx_dist.bench_pipeline import _start_worker, model_path, stop_workers
+from mlx_dist.bench.pipeline import _start_worker, model_path, stop_workers
 
 
 def _together(run, items) -> tuple[float, int]:

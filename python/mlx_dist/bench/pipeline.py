@@ -58,7 +58,7 @@ def stop_workers(procs) -> None:
 def model_path(args, tmp: Path) -> str:
     """The model a bench runs: a random one of `--random-shape` made in
     `tmp`, else `--model`, else the demo model."""
-    from mlx_dist.bench import make_random_model
+    from mlx_dist.bench.generate import make_random_model
 
     if args.random_shape:
         print(f"making a random {args.random_shape} model ...", flush=True)
