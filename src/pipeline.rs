@@ -89,7 +89,21 @@ pub type Progress<'a> = &'a (dyn Fn(usize, u64, u64, &str) + Sync);
 pub struct StageHandle {
     pub address: String,
     pub name: String,
+    /// The worker runs inside this process (`worker::start_local`).
+    pub local: bool,
     client: Client,
+}
+
+impl std::fmt::Display for StageHandle {
+    /// How messages name the worker: `name (address)`, or only its name for
+    /// the worker inside this process (its loopback port is a detail).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.local {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{} ({})", self.name, self.address)
+        }
+    }
 }
 
 /// A model loaded over a chain of workers (one plan; `recovery` re-plans).
@@ -178,13 +192,9 @@ fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
     match s.code() {
         tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
         // A restarted worker or a dropped sequence: a re-plan mends it.
-        tonic::Code::FailedPrecondition => {
-            Error::Worker(format!("worker {} ({}): {msg}", stage.name, stage.address))
-        }
-        tonic::Code::InvalidArgument => {
-            Error::InvalidArgument(format!("worker {} ({}): {msg}", stage.name, stage.address))
-        }
-        _ => Error::Worker(format!("worker {} ({}): {msg}", stage.name, stage.address)),
+        tonic::Code::FailedPrecondition => Error::Worker(format!("worker {stage}: {msg}")),
+        tonic::Code::InvalidArgument => Error::InvalidArgument(format!("worker {stage}: {msg}")),
+        _ => Error::Worker(format!("worker {stage}: {msg}")),
     }
 }
 
@@ -357,6 +367,7 @@ impl Cluster {
                 c = declared_over(c, d);
             }
             handles.push(StageHandle {
+                local: crate::worker::is_local(&spec.address),
                 address: spec.address.clone(),
                 name: info.name,
                 client,
@@ -672,10 +683,7 @@ impl RemoteTokens {
         if self.tx.send(req).await.is_err() {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
-                Error::Worker(format!(
-                    "worker {} ({}) closed the stream",
-                    self.first.name, self.first.address
-                ))
+                Error::Worker(format!("worker {} closed the stream", self.first))
             }));
         }
         Ok(())
@@ -728,14 +736,13 @@ impl RemoteTokens {
                 Ok(r)
             }
             Ok(None) => Err(Error::Worker(format!(
-                "worker {} ({}) ended the stream",
-                self.first.name, self.first.address
+                "worker {} ended the stream",
+                self.first
             ))),
             Err(s) if s.code() == tonic::Code::Unavailable && !s.message().contains("stage") => {
                 Err(Error::Worker(format!(
-                    "worker {} ({}) failed: {}",
-                    self.first.name,
-                    self.first.address,
+                    "worker {} failed: {}",
+                    self.first,
                     s.message()
                 )))
             }

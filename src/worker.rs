@@ -2495,6 +2495,11 @@ pub fn stop_local(addr: &str) {
     }
 }
 
+/// Whether `addr` is a worker `start_local` started in this process.
+pub fn is_local(addr: &str) -> bool {
+    lock(&LOCAL).contains_key(addr)
+}
+
 /// Local workers of this process, by address: how to stop each.
 static LOCAL: ByAddress<oneshot::Sender<()>> = ByAddress::new(Default::default);
 
