@@ -2523,9 +2523,7 @@ async fn serve_on(
         "serving on {local}{}",
         if tls { " with TLS" } else { " (plain, no TLS)" }
     );
-    // The builder's TCP_NODELAY applies only to listeners it binds itself:
-    // without it, a small reply can wait for the peer's delayed ACK.
-    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = incoming(listener);
     builder
         // A coordinator or previous stage that vanished is noticed within seconds.
         .http2_keepalive_interval(Some(keepalive_interval()))
@@ -2538,6 +2536,14 @@ async fn serve_on(
         })
         .await
         .map_err(|e| Error::Worker(format!("worker {name} stopped: {e}")))
+}
+
+/// The connections a worker serves, each with TCP_NODELAY: the builder's
+/// own setting applies only to listeners it binds itself, and without it a
+/// small reply can wait for the peer's delayed ACK. (Clients set it in
+/// `open_client`, which every channel of this crate goes through.)
+fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
 /// A gRPC server builder serving TLS when `cfg` says.
@@ -2608,7 +2614,7 @@ mod tests {
         tokio::spawn(
             builder
                 .add_service(server)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+                .serve_with_incoming(incoming(listener)),
         );
         let mut client = connect(&addr, Duration::from_secs(5)).await.unwrap();
         let req = LoadShardRequest {
@@ -2652,6 +2658,18 @@ mod tests {
             max_length: 8,
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn served_connections_set_tcp_nodelay() {
+        crate::pipeline::runtime().block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut accepted = incoming(listener);
+            let _peer = tokio::net::TcpStream::connect(addr).await.unwrap();
+            let conn = tokio_stream::StreamExt::next(&mut accepted).await.unwrap();
+            assert!(conn.unwrap().nodelay().unwrap());
+        });
     }
 
     #[test]
