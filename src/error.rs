@@ -33,6 +33,11 @@ pub enum Error {
     /// the cluster again resolves it.
     #[error("{0}")]
     NotReady(String),
+    /// A stage no longer keeps the prefix a sequence asked to start from
+    /// (evicted, or never kept): a cache miss, mended by computing the
+    /// prompt again, never an error a caller should see.
+    #[error("{0}")]
+    PrefixMissing(String),
     /// A worker failed, could not be reached, or refused a call; the
     /// message names it.
     #[error("{0}")]

@@ -189,8 +189,16 @@ async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
 
 fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
     let msg = s.message();
+    let kind = s
+        .metadata()
+        .get(crate::worker::ERROR_KIND_KEY)
+        .and_then(|v| v.to_str().ok());
     match s.code() {
         tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
+        // An evicted prefix: a cache miss (`Cluster::start`).
+        tonic::Code::FailedPrecondition if kind == Some(crate::worker::PREFIX_MISSING) => {
+            Error::PrefixMissing(format!("worker {stage}: {msg}"))
+        }
         // A restarted worker or a dropped sequence: a re-plan mends it.
         tonic::Code::FailedPrecondition => Error::Worker(format!("worker {stage}: {msg}")),
         tonic::Code::InvalidArgument => Error::InvalidArgument(format!("worker {stage}: {msg}")),
@@ -458,19 +466,24 @@ impl Cluster {
         let penalties = procs.repetition_penalty.is_some()
             || procs.presence_penalty.is_some()
             || procs.frequency_penalty.is_some();
+        // The last two prompt tokens run at least: the step before the last
+        // is answered before this returns, so a stage that lacks the prefix
+        // says so here (the last step's answer is the first token, read
+        // later), and `cached_tokens` is known when it returns.
         let prefix = if penalties {
             None
         } else {
-            lock(&self.prefixes).lookup(prompt)
+            lock(&self.prefixes).lookup(prompt, 2)
         };
         let run = |prefix| self.start_from(spec, prefix);
-        match run(prefix.clone()).await {
-            Err(_) if prefix.is_some() => {
-                // A stage dropped the prefix (evicted, or restarted): without it.
-                lock(&self.prefixes).remove(&prefix.unwrap().0);
+        match (run(prefix.clone()).await, prefix) {
+            (Err(Error::PrefixMissing(why)), Some((id, _))) => {
+                // A stage evicted it: a miss, computed again from scratch.
+                tracing::debug!("{why}: the prompt runs without it");
+                lock(&self.prefixes).remove(&id);
                 run(None).await
             }
-            r => r,
+            (r, _) => r,
         }
     }
 
@@ -520,7 +533,9 @@ impl Cluster {
         };
         let cached = prefix.as_ref().map_or(0, |p| p.1);
         let mut r = RemoteTokens {
-            keep: Some((seq.clone(), self.prefixes.clone())),
+            keep: Some(seq.clone()),
+            prefixes: self.prefixes.clone(),
+            forgets: Vec::new(),
             first_step: Some((prefix.map(|p| p.0).unwrap_or_default(), seq.clone())),
             seq,
             first,
@@ -613,8 +628,13 @@ pub struct RemoteTokens {
     pub cached: usize,
     /// (prefix to start from, id to keep this sequence as), on the first step.
     first_step: Option<(String, String)>,
-    /// Where to note, at the end, that the stages keep this sequence's cache.
-    keep: Option<(String, Arc<std::sync::Mutex<PrefixIndex>>)>,
+    /// The id the stages keep this sequence's cache as, to note at the end
+    /// in `prefixes`.
+    keep: Option<String>,
+    prefixes: Arc<std::sync::Mutex<PrefixIndex>>,
+    /// Kept prefixes the first step told the stages to forget: queued again
+    /// if the sequence fails (they may not have reached every stage).
+    forgets: Vec<String>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
     /// Tokens still to come round the ring after the next reply, and the
     /// last token that came (the stages feed it in themselves).
@@ -661,7 +681,14 @@ impl RemoteTokens {
         max_length: u32,
         decode_ahead: u32,
     ) -> Result<()> {
-        let (prefix_id, keep_as) = self.first_step.take().unwrap_or_default();
+        let first = self.first_step.take();
+        let forget_prefixes = if first.is_some() {
+            self.forgets = lock(&self.prefixes).take_forgotten();
+            self.forgets.clone()
+        } else {
+            Vec::new()
+        };
+        let (prefix_id, keep_as) = first.unwrap_or_default();
         let req = ForwardRequest {
             sequence_id: self.seq.clone(),
             offset: self.offset,
@@ -676,6 +703,7 @@ impl RemoteTokens {
             decode_ahead,
             stage_micros: Vec::new(),
             ring_credit: if decode_ahead > 0 { RING_CREDIT } else { 0 },
+            forget_prefixes,
         };
         self.offset += tokens.len() as u32;
         self.outstanding.push_back(tokens.len());
@@ -838,10 +866,15 @@ impl Drop for RemoteTokens {
                 runtime().block_on(release);
             }
         }
-        if let Some((id, index)) = self.keep.take() {
-            if !self.failed {
+        if let Some(id) = self.keep.take() {
+            let mut index = lock(&self.prefixes);
+            if self.failed {
+                // A stage before the one that failed may keep it.
+                index.requeue(std::mem::take(&mut self.forgets));
+                index.remove(&id);
+            } else {
                 self.fed.truncate(self.acked);
-                lock(&index).insert(id, std::mem::take(&mut self.fed));
+                index.insert(id, std::mem::take(&mut self.fed));
             }
         }
     }

@@ -5,14 +5,51 @@
 //! The coordinator decides: its `PrefixIndex` remembers which tokens each
 //! kept prefix holds and, for a new prompt, names the longest usable one
 //! and how many positions to take from it. Each stage keeps the caches in
-//! a `PrefixStore`, bounded by bytes, least recently used evicted first; a
-//! stage that evicted one refuses the step and the coordinator starts over
-//! without it.
+//! a `PrefixStore`, bounded by bytes, least recently used evicted first.
 //!
+//! The two are kept in step both ways. What the index stops naming (a
+//! sequence equal to or covered by a kept one, the oldest beyond its size,
+//! one a stage lacked) it queues, and the next sequence's first step tells
+//! every stage to drop those (`forget_prefixes`), so identical prompts
+//! share one entry. A stage that evicted an entry the index still names
+//! refuses the step with `Error::PrefixMissing`; the coordinator forgets
+//! the entry and runs the sequence again without it: a miss, not an error.
+//!
+//! One setting bounds every prefix cache, `MLX_DIST_PREFIX_CACHE_MB`
+//! (`budget_from_env`); a stage keeps at most a quarter of its KV budget.
 //! A model in this process keeps both halves in one `PrefixCache`.
 use std::collections::VecDeque;
 
 use crate::cache::KvCache;
+
+/// `MLX_DIST_PREFIX_CACHE_MB` when it is not set.
+pub const DEFAULT_BUDGET_MB: u64 = 1024;
+
+/// A stage keeps prefixes in at most this share of its KV budget, so that
+/// live sequences always find room.
+const KV_SHARE: u64 = 4;
+
+/// The bound of every prefix cache in this process, in bytes:
+/// `MLX_DIST_PREFIX_CACHE_MB` megabytes (default 1024; 0 turns it off).
+/// Read here only.
+pub fn budget_from_env() -> u64 {
+    let mb = match std::env::var("MLX_DIST_PREFIX_CACHE_MB") {
+        Err(_) => DEFAULT_BUDGET_MB,
+        Ok(v) => v.trim().parse::<u64>().unwrap_or_else(|_| {
+            tracing::warn!(
+                "MLX_DIST_PREFIX_CACHE_MB={v:?} is not a number of megabytes: {DEFAULT_BUDGET_MB} is used"
+            );
+            DEFAULT_BUDGET_MB
+        }),
+    };
+    mb.saturating_mul(1 << 20)
+}
+
+/// What a stage with `kv_budget` bytes of KV cache may keep as prefixes:
+/// `configured` bytes, and at most a quarter of its KV budget.
+pub fn stage_budget(configured: u64, kv_budget: u64) -> u64 {
+    configured.min(kv_budget / KV_SHARE)
+}
 
 /// A prompt shares fewer positions than this with every kept prefix: not
 /// worth a lookup on every stage.
@@ -23,17 +60,24 @@ pub const MIN_PREFIX: usize = 4;
 pub struct PrefixIndex {
     /// Most recently used first.
     entries: VecDeque<(String, Vec<u32>)>,
+    /// Ids the index no longer names that stages may still hold, oldest
+    /// first: for the stores to drop (`take_forgotten`).
+    forgotten: VecDeque<String>,
 }
 
 /// Prefixes the coordinator remembers at most (stages may hold fewer).
 const INDEX_ENTRIES: usize = 256;
 
+/// Ids waiting to be forgotten by the stores at most: beyond it the oldest
+/// are left to the stores' own eviction.
+const FORGOTTEN: usize = 1024;
+
 impl PrefixIndex {
     /// The kept prefix sharing the most leading tokens with `prompt`, and
-    /// how many (at most all but the last prompt token, which must run to
-    /// produce logits).
-    pub fn lookup(&mut self, prompt: &[u32]) -> Option<(String, usize)> {
-        let limit = prompt.len().saturating_sub(1);
+    /// how many: at most all but the last `run` prompt tokens (at least the
+    /// last must run, to produce logits).
+    pub fn lookup(&mut self, prompt: &[u32], run: usize) -> Option<(String, usize)> {
+        let limit = prompt.len().saturating_sub(run.max(1));
         let (i, n) = self
             .entries
             .iter()
@@ -52,16 +96,15 @@ impl PrefixIndex {
         Some((id, n))
     }
 
-    /// Remembers that the stages keep `tokens`' cache under `id`. Returns
-    /// whether it did, and the ids of the entries it forgot (those the new
-    /// one covers, and the oldest beyond the index's size).
-    pub fn insert(&mut self, id: String, tokens: Vec<u32>) -> (bool, Vec<String>) {
-        if tokens.len() < MIN_PREFIX {
-            return (false, Vec::new());
-        }
+    /// Notes that the stages keep `tokens`' cache under `id`; returns
+    /// whether the index names it. One too short, or equal to or covered by
+    /// an entry already named, is not named but queued to be forgotten, as
+    /// are the entries it covers and the oldest beyond the index's size.
+    pub fn insert(&mut self, id: String, tokens: Vec<u32>) -> bool {
         // A prefix another entry already covers adds nothing.
-        if self.entries.iter().any(|(_, t)| t.starts_with(&tokens)) {
-            return (false, Vec::new());
+        if tokens.len() < MIN_PREFIX || self.entries.iter().any(|(_, t)| t.starts_with(&tokens)) {
+            self.forget(id);
+            return false;
         }
         let mut dropped = Vec::new();
         self.entries.retain(|(i, t)| {
@@ -75,12 +118,42 @@ impl PrefixIndex {
         while self.entries.len() > INDEX_ENTRIES {
             dropped.extend(self.entries.pop_back().map(|e| e.0));
         }
-        (true, dropped)
+        for d in dropped {
+            self.forget(d);
+        }
+        true
     }
 
-    /// Forgets a prefix a stage no longer holds.
+    /// Stops naming prefix `id` (a stage lacked it, or its sequence
+    /// failed) and queues it for every store to drop.
     pub fn remove(&mut self, id: &str) {
         self.entries.retain(|(i, _)| i != id);
+        self.forget(id.to_string());
+    }
+
+    fn forget(&mut self, id: String) {
+        self.forgotten.push_back(id);
+        while self.forgotten.len() > FORGOTTEN {
+            self.forgotten.pop_front();
+        }
+    }
+
+    /// The ids the stores should drop, oldest first (each given once).
+    pub fn take_forgotten(&mut self) -> Vec<String> {
+        self.forgotten.drain(..).collect()
+    }
+
+    /// Queues again ids taken that did not reach every store (the step
+    /// that carried them failed).
+    pub fn requeue(&mut self, ids: Vec<String>) {
+        for id in ids {
+            self.forget(id);
+        }
+    }
+
+    /// Whether prefix `id` is named.
+    pub fn contains(&self, id: &str) -> bool {
+        self.entries.iter().any(|(i, _)| i == id)
     }
 
     pub fn len(&self) -> usize {
@@ -101,9 +174,10 @@ pub struct PrefixStore {
 }
 
 impl PrefixStore {
-    /// Keeps `caches` under `id`, then evicts the least recently used
-    /// entries beyond `budget` bytes.
+    /// Keeps `caches` under `id` (in place of an entry of that id), then
+    /// evicts the least recently used entries beyond `budget` bytes.
     pub fn insert(&mut self, id: String, caches: Vec<KvCache>, budget: u64) {
+        self.remove(&id);
         let bytes: u64 = caches.iter().map(|c| c.nbytes() as u64).sum();
         if bytes == 0 || bytes > budget {
             return;
@@ -195,13 +269,9 @@ impl PrefixCache {
         }
     }
 
-    /// `MLX_DIST_PREFIX_CACHE_MB` megabytes (default 1024; 0 turns it off).
+    /// Bounded by `MLX_DIST_PREFIX_CACHE_MB` (`budget_from_env`).
     pub fn from_env() -> PrefixCache {
-        let mb = std::env::var("MLX_DIST_PREFIX_CACHE_MB")
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(1024);
-        PrefixCache::new(mb << 20)
+        PrefixCache::new(budget_from_env())
     }
 
     /// Caches holding the longest kept prefix of `prompt` (all but its last
@@ -210,7 +280,7 @@ impl PrefixCache {
         if self.budget == 0 {
             return None;
         }
-        let (id, n) = self.index.lookup(prompt)?;
+        let (id, n) = self.index.lookup(prompt, 1)?;
         match self.store.take(&id, n) {
             Some(c) => Some((c, n)),
             None => {
@@ -220,28 +290,54 @@ impl PrefixCache {
         }
     }
 
-    /// Keeps `caches`, which hold `tokens`' positions, for later prompts.
+    /// Keeps `caches`, which hold `tokens`' positions, for later prompts
+    /// (only those positions: a sequence's cache has room for more).
     pub fn keep(&mut self, tokens: Vec<u32>, caches: Vec<KvCache>) {
         if self.budget == 0 {
             return;
         }
         self.next_id += 1;
         let id = self.next_id.to_string();
-        let (kept, dropped) = self.index.insert(id.clone(), tokens);
-        for d in dropped {
-            self.store.remove(&d);
-        }
-        if kept {
-            self.store.insert(id.clone(), caches, self.budget);
-            if !self.store.contains(&id) {
-                self.index.remove(&id);
+        if self.index.insert(id.clone(), tokens) {
+            match caches.iter().map(|c| c.compacted()).collect() {
+                Ok(caches) => self.store.insert(id.clone(), caches, self.budget),
+                Err(e) => tracing::warn!("could not keep the prefix: {e}"),
             }
         }
+        for d in self.index.take_forgotten() {
+            self.store.remove(&d);
+        }
+        // Evicted here: the index names only what the store holds.
+        let gone: Vec<String> = self
+            .index
+            .entries
+            .iter()
+            .filter(|(i, _)| !self.store.contains(i))
+            .map(|(i, _)| i.clone())
+            .collect();
+        for i in gone {
+            self.index.remove(&i);
+        }
+        self.index.take_forgotten();
     }
 
     /// Bytes of the kept caches.
     pub fn bytes(&self) -> u64 {
         self.store.bytes()
+    }
+
+    /// Prefixes kept.
+    pub fn len(&self) -> usize {
+        self.store.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.store.is_empty()
+    }
+
+    /// The most bytes kept (0: off).
+    pub fn budget(&self) -> u64 {
+        self.budget
     }
 }
 
@@ -255,22 +351,63 @@ mod tests {
         let mut ix = PrefixIndex::default();
         ix.insert("a".into(), vec![1, 2, 3, 4, 5, 6]);
         ix.insert("b".into(), vec![1, 2, 3, 9, 9, 9, 9]);
-        assert_eq!(ix.lookup(&[1, 2, 3, 4, 5, 6, 7, 8]), Some(("a".into(), 6)));
-        // All but the last prompt token at most.
-        assert_eq!(ix.lookup(&[1, 2, 3, 4, 5, 6]), Some(("a".into(), 5)));
+        assert_eq!(
+            ix.lookup(&[1, 2, 3, 4, 5, 6, 7, 8], 1),
+            Some(("a".into(), 6))
+        );
+        // All but the last prompt token at most, or the last two.
+        assert_eq!(ix.lookup(&[1, 2, 3, 4, 5, 6], 1), Some(("a".into(), 5)));
+        assert_eq!(ix.lookup(&[1, 2, 3, 4, 5, 6], 2), Some(("a".into(), 4)));
         // Too short a match is no match.
-        assert_eq!(ix.lookup(&[1, 2, 3, 7, 7, 7]), None);
+        assert_eq!(ix.lookup(&[1, 2, 3, 7, 7, 7], 1), None);
         // A prefix of a kept one is not kept again; a longer one replaces it.
-        ix.insert("c".into(), vec![1, 2, 3, 4, 5]);
+        assert!(!ix.insert("c".into(), vec![1, 2, 3, 4, 5]));
         assert_eq!(ix.len(), 2);
-        ix.insert("d".into(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(ix.insert("d".into(), vec![1, 2, 3, 4, 5, 6, 7, 8, 9]));
         assert_eq!(ix.len(), 2);
         assert_eq!(
-            ix.lookup(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]),
+            ix.lookup(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 1),
             Some(("d".into(), 9))
         );
         ix.remove("d");
-        assert_eq!(ix.lookup(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]), None);
+        assert_eq!(ix.lookup(&[1, 2, 3, 4, 5, 6, 7, 8, 9, 10], 1), None);
+    }
+
+    #[test]
+    fn what_the_index_stops_naming_is_queued_for_the_stores() {
+        let mut ix = PrefixIndex::default();
+        let p: Vec<u32> = (1..=10).collect();
+        assert!(ix.insert("a".into(), p.clone()));
+        assert!(ix.take_forgotten().is_empty());
+        // The same prompt again, and a prefix of it: one entry, the others
+        // forgotten by the stages that kept them.
+        assert!(!ix.insert("b".into(), p.clone()));
+        assert!(!ix.insert("c".into(), p[..6].to_vec()));
+        assert!(!ix.insert("short".into(), vec![1, 2]));
+        assert_eq!(ix.len(), 1);
+        assert_eq!(ix.take_forgotten(), ["b", "c", "short"]);
+        // A longer one covers it: the covered one goes.
+        assert!(ix.insert("d".into(), (1..=12).collect()));
+        assert_eq!(ix.take_forgotten(), ["a"]);
+        // A stage lacked it, or its sequence failed.
+        ix.remove("d");
+        assert!(!ix.contains("d"));
+        ix.remove("never-named");
+        assert_eq!(ix.take_forgotten(), ["d", "never-named"]);
+        // The oldest beyond the index's size.
+        for i in 0..INDEX_ENTRIES as u32 + 3 {
+            ix.insert(format!("e{i}"), vec![i, i, i, i, 9]);
+        }
+        assert_eq!(ix.len(), INDEX_ENTRIES);
+        assert_eq!(ix.take_forgotten(), ["e0", "e1", "e2"]);
+        // Given once; queued again when the step carrying them failed; at
+        // most FORGOTTEN wait.
+        assert!(ix.take_forgotten().is_empty());
+        ix.requeue(vec!["x".into()]);
+        assert_eq!(ix.take_forgotten(), ["x"]);
+        ix.requeue((0..FORGOTTEN + 5).map(|i| i.to_string()).collect());
+        let f = ix.take_forgotten();
+        assert_eq!((f.len(), f[0].as_str()), (FORGOTTEN, "5"));
     }
 
     fn cache(positions: i32) -> KvCache {
@@ -298,26 +435,140 @@ mod tests {
         assert!(st.take("b", 1).is_none());
         assert!(st.take("a", 1).is_some());
         assert!(st.bytes() <= one * 2);
+        // An id kept again replaces its entry; one removed frees its bytes.
+        st.insert("a".into(), vec![cache(3), cache(3)], one * 2);
+        assert_eq!(st.len(), 2);
+        st.remove("a");
+        st.remove("c");
+        assert_eq!((st.len(), st.bytes()), (0, 0));
+    }
+
+    #[test]
+    fn a_kept_copy_holds_only_its_positions_and_pins_no_buffer() {
+        let _serial = crate::mlx::MEMORY_TEST_LOCK
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // A row with room for 1024 positions, 10 of them used.
+        let mut slots = crate::cache::SlotCache::new();
+        slots.reserve(1, 1000);
+        slots.copy_in(0, &cache(10)).unwrap();
+        crate::mlx::eval(&slots.state()).unwrap();
+        let row = slots.nbytes();
+        let kept = slots.copy_out(0).unwrap();
+        assert_eq!(kept.offset(), 10);
+        assert_eq!(kept.nbytes(), row * 10 / 1024);
+        let local = cache(10).compacted().unwrap();
+        assert_eq!(local.nbytes(), kept.nbytes());
+        // The shared buffer goes once its cache does: the copy is its own.
+        let before = crate::mlx::active_memory();
+        drop(slots);
+        assert!(
+            before - crate::mlx::active_memory() >= row,
+            "the copy pins the row"
+        );
+    }
+
+    #[test]
+    fn the_budget_is_one_setting_within_a_share_of_the_kv_budget() {
+        assert_eq!(stage_budget(1 << 30, 8 << 30), 1 << 30);
+        assert_eq!(stage_budget(1 << 30, 1 << 30), 256 << 20);
+        assert_eq!(stage_budget(0, 8 << 30), 0);
     }
 
     #[test]
     fn a_local_prefix_cache_keeps_finds_and_forgets_together() {
-        let one = cache(10).nbytes() as u64;
+        // Kept entries hold only their positions, not the cache's room.
+        let room = cache(10).nbytes() as u64;
+        let one = cache(10).compacted().unwrap().nbytes() as u64;
+        assert_eq!(room / one, 256 / 10);
         let mut pc = PrefixCache::new(one * 2);
         pc.keep((1..=10).collect(), vec![cache(10)]);
+        assert_eq!(pc.bytes(), one);
         let (c, n) = pc.take(&[1, 2, 3, 4, 5, 6, 99]).unwrap();
         assert_eq!((c[0].offset(), n), (6, 6));
         assert!(pc.take(&[7, 7, 7, 7, 7]).is_none());
+        // The same prompt again shares the entry.
+        for _ in 0..5 {
+            pc.keep((1..=10).collect(), vec![cache(10)]);
+        }
+        assert_eq!((pc.len(), pc.bytes()), (1, one));
         // A longer sequence covering the first replaces it in both halves.
         pc.keep((1..=12).collect(), vec![cache(12)]);
-        assert_eq!(pc.bytes(), one);
+        assert_eq!(pc.len(), 1);
         assert_eq!(pc.take(&(1..=20).collect::<Vec<_>>()).unwrap().1, 12);
+        // Others evict it by bytes; the index stops naming it too.
+        pc.keep((30..=40).collect(), vec![cache(11)]);
+        pc.keep((50..=60).collect(), vec![cache(11)]);
+        assert!(pc.bytes() <= one * 2);
+        assert!(pc.take(&(1..=20).collect::<Vec<_>>()).is_none());
+        assert!(!pc.index.contains("7"));
+        assert_eq!(pc.index.len(), pc.len());
         // Over the budget: nothing kept, nothing found.
-        pc.keep((50..=90).collect(), vec![cache(600)]);
-        assert!(pc.take(&(50..=95).collect::<Vec<_>>()).is_none());
+        pc.keep((70..=90).collect(), vec![cache(600)]);
+        assert!(pc.take(&(70..=95).collect::<Vec<_>>()).is_none());
         // A zero budget turns it off.
         let mut off = PrefixCache::new(0);
         off.keep((1..=10).collect(), vec![cache(10)]);
         assert!(off.take(&(1..=20).collect::<Vec<_>>()).is_none());
+    }
+
+    /// The coordinator's index over two stages with different budgets, as
+    /// `Cluster::start` and the workers drive them: stages evict on their
+    /// own, misses are forgotten, forgets reach the stores with the next
+    /// first step. No lookup may name what a stage lacks twice, nothing the
+    /// index forgot stays in a store past the next start, and the stores
+    /// stay within their budgets.
+    #[test]
+    fn the_index_and_the_stores_stay_in_step() {
+        let entry = cache(8).compacted().unwrap().nbytes() as u64;
+        let budgets = [entry * 8, entry * 4];
+        let mut stores = [PrefixStore::default(), PrefixStore::default()];
+        let mut ix = PrefixIndex::default();
+        let mut rng = 7u64;
+        let (mut hits, mut misses) = (0, 0);
+        for seq in 0..400 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            // Eight prompts, asked at random.
+            let p = ((rng >> 33) % 8) as u32;
+            let prompt: Vec<u32> = vec![p, p, p, p, p, p, p, p, 1];
+            let id = format!("s{seq}");
+            let forget = ix.take_forgotten();
+            for st in &mut stores {
+                for f in &forget {
+                    st.remove(f);
+                }
+            }
+            let mut cached = 0;
+            if let Some((pid, n)) = ix.lookup(&prompt, 2) {
+                if stores.iter_mut().all(|st| st.take(&pid, n).is_some()) {
+                    hits += 1;
+                    cached = n;
+                } else {
+                    misses += 1;
+                    ix.remove(&pid);
+                    // Not named again until kept again.
+                    assert!(ix.lookup(&prompt, 2).is_none());
+                }
+            }
+            assert!(cached <= prompt.len() - 2);
+            for (st, b) in stores.iter_mut().zip(budgets) {
+                st.insert(id.clone(), vec![cache(8).compacted().unwrap()], b);
+                assert!(st.bytes() <= b);
+            }
+            ix.insert(id, prompt[..8].to_vec());
+            // Equal prompts share one entry: never more named than prompts.
+            assert!(ix.len() <= 8);
+        }
+        // The last forgets delivered: the stores hold only named entries.
+        let forget = ix.take_forgotten();
+        for st in &mut stores {
+            for f in &forget {
+                st.remove(f);
+            }
+            assert!(st.entries.iter().all(|(i, _, _)| ix.contains(i)));
+        }
+        assert!(hits > 100 && misses > 10, "{hits} hits, {misses} misses");
     }
 }

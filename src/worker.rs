@@ -43,6 +43,12 @@ use ahead::{launch_ahead, Guess, Post, Prepared};
 /// The metadata key that carries the cluster token.
 pub const TOKEN_KEY: &str = "x-mlx-dist-token";
 
+/// The metadata key of a refusal that names its kind, and the kind of a
+/// step refused because the prefix it starts from is not kept here
+/// (`Error::PrefixMissing`): the kind travels as data, not as words.
+pub const ERROR_KIND_KEY: &str = "x-mlx-dist-error";
+pub const PREFIX_MISSING: &str = "prefix-missing";
+
 /// The cluster token this process sends and (as a worker) requires:
 /// `MLX_DIST_TOKEN`, unless set with `set_cluster_token`.
 static TOKEN: std::sync::RwLock<Option<Option<String>>> = std::sync::RwLock::new(None);
@@ -295,6 +301,9 @@ pub struct WorkerConfig {
     pub max_message_bytes: usize,
     /// Sequences held at once; one more is refused (RESOURCE_EXHAUSTED).
     pub max_sequences: usize,
+    /// Bytes of KV cache kept from ended sequences at most (and at most a
+    /// quarter of the KV budget): `MLX_DIST_PREFIX_CACHE_MB` by default.
+    pub prefix_cache_bytes: u64,
 }
 
 impl WorkerConfig {
@@ -315,6 +324,7 @@ impl WorkerConfig {
             tls: None,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_sequences: DEFAULT_MAX_SEQUENCES,
+            prefix_cache_bytes: crate::prefix::budget_from_env(),
         }
     }
 }
@@ -327,6 +337,14 @@ fn status(e: Error) -> Status {
         | Error::UnsupportedArchitecture { .. } => Status::invalid_argument(e.to_string()),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
         Error::NotReady(m) => Status::failed_precondition(m),
+        Error::PrefixMissing(m) => {
+            let mut s = Status::failed_precondition(m);
+            s.metadata_mut().insert(
+                ERROR_KIND_KEY,
+                tonic::metadata::MetadataValue::from_static(PREFIX_MISSING),
+            );
+            s
+        }
         other => Status::internal(other.to_string()),
     }
 }
@@ -421,6 +439,7 @@ struct EngineInfo {
     batched_steps: u64,
     prefix_entries: u32,
     prefix_bytes: u64,
+    prefix_budget: u64,
     launched_ahead: u64,
     launched_ahead_undone: u64,
 }
@@ -449,8 +468,10 @@ struct Engine {
     /// Batched decode steps run, and the sequence steps in them.
     batches: u64,
     batched_steps: u64,
-    /// KV caches of ended sequences kept for later ones with the same start.
+    /// KV caches of ended sequences kept for later ones with the same start,
+    /// and the bytes they may hold (`WorkerConfig::prefix_cache_bytes`).
     prefixes: PrefixStore,
+    prefix_cache_bytes: u64,
     /// How long the last decode step (batched or not) took.
     last_decode: Duration,
     /// How long a step's result is polled for before its wait sleeps.
@@ -573,11 +594,7 @@ impl Engine {
                 Job::Release(seq, reply) => {
                     let kept = self.keep(&seq);
                     let freed = self.end(&seq).map_or(0, |s| s.reserved);
-                    if let (Some((id, caches)), Some(stage)) = (kept, self.stage.as_ref()) {
-                        // A quarter of the budget at most, and only what live
-                        // sequences leave free.
-                        let room = (stage.cache_budget / 4)
-                            .min(stage.cache_budget.saturating_sub(self.reserved()));
+                    if let (Some((id, caches)), Some(room)) = (kept, self.prefix_room()) {
                         self.prefixes.insert(id, caches, room);
                     }
                     if freed > 0 {
@@ -645,6 +662,7 @@ impl Engine {
             batched_steps: self.batched_steps,
             prefix_entries: self.prefixes.len() as u32,
             prefix_bytes: self.prefixes.bytes(),
+            prefix_budget: self.prefix_budget(),
             launched_ahead: self.launched_ahead,
             launched_ahead_undone: self.launched_ahead_undone,
         }
@@ -776,6 +794,36 @@ impl Engine {
 
     fn reserved(&self) -> u64 {
         self.seqs.values().map(|s| s.reserved).sum()
+    }
+
+    /// The bytes kept prefixes may hold on this stage (0 with no stage).
+    fn prefix_budget(&self) -> u64 {
+        self.stage.as_ref().map_or(0, |st| {
+            crate::prefix::stage_budget(self.prefix_cache_bytes, st.cache_budget)
+        })
+    }
+
+    /// Room for kept prefixes now: their budget, and only what live
+    /// sequences leave free.
+    fn prefix_room(&self) -> Option<u64> {
+        let st = self.stage.as_ref()?;
+        Some(
+            self.prefix_budget()
+                .min(st.cache_budget.saturating_sub(self.reserved())),
+        )
+    }
+
+    /// Drops the kept prefixes the coordinator no longer names; a live
+    /// sequence to be kept under such an id will not be.
+    fn forget_prefixes(&mut self, ids: &[String]) {
+        for id in ids {
+            self.prefixes.remove(id);
+            for s in self.seqs.values_mut() {
+                if s.keep_as.as_ref() == Some(id) {
+                    s.keep_as = None;
+                }
+            }
+        }
     }
 
     /// Notes that a step of `seq` arrived at `at`: how long it took to come
@@ -915,6 +963,7 @@ impl Engine {
     /// sequence (a slot, its KV budget, a kept prefix) on its first step.
     /// Its input is checked where it is read (`activations`, `row_input`).
     fn admit(&mut self, req: &ForwardRequest) -> Result<()> {
+        self.forget_prefixes(&req.forget_prefixes);
         let stage = self.stage.as_ref().ok_or_else(|| {
             Error::NotReady(format!(
                 "worker {} holds no model: load a shard first",
@@ -941,9 +990,9 @@ impl Engine {
                     self.prefixes
                         .take(&req.prefix_id, req.offset as usize)
                         .ok_or_else(|| {
-                            Error::NotReady(format!(
-                                "prefix {} ({} positions) is not kept here",
-                                req.prefix_id, req.offset
+                            Error::PrefixMissing(format!(
+                                "worker {}: prefix {} ({} positions) is not kept here",
+                                self.name, req.prefix_id, req.offset
                             ))
                         })?,
                 )
@@ -1482,6 +1531,10 @@ fn sampler_from(p: &SamplingParams, vocab: usize) -> Result<Sampler> {
     Sampler::new(cfg, procs)
 }
 
+/// Prefix ids one step may ask a stage to forget at most (the coordinator
+/// queues 1024 at most).
+const MAX_FORGET: usize = 4096;
+
 /// The checks of a step that need no state, made before the step reaches
 /// the engine thread (and MLX): ids and sizes within bounds.
 fn check_forward(req: &ForwardRequest) -> Result<()> {
@@ -1490,10 +1543,19 @@ fn check_forward(req: &ForwardRequest) -> Result<()> {
             "a sequence id of 1 to 256 characters is required".into(),
         ));
     }
-    if req.prefix_id.len() > 256 || req.keep_as.len() > 256 {
+    if req.prefix_id.len() > 256
+        || req.keep_as.len() > 256
+        || req.forget_prefixes.iter().any(|p| p.len() > 256)
+    {
         return Err(Error::InvalidArgument(
             "prefix ids are at most 256 characters".into(),
         ));
+    }
+    if req.forget_prefixes.len() > MAX_FORGET {
+        return Err(Error::InvalidArgument(format!(
+            "{} prefixes to forget in one step: at most {MAX_FORGET} are taken",
+            req.forget_prefixes.len()
+        )));
     }
     if req.tokens.len() > MAX_POSITIONS {
         return Err(Error::InvalidArgument(format!(
@@ -1602,6 +1664,7 @@ impl WorkerService {
             batches: 0,
             batched_steps: 0,
             prefixes: PrefixStore::default(),
+            prefix_cache_bytes: cfg.prefix_cache_bytes,
             last_decode: Duration::ZERO,
             spin: step_spin(),
             launch_ahead: launch_ahead(),
@@ -2060,6 +2123,7 @@ impl Worker for WorkerService {
             steps_launched_ahead_undone: engine.launched_ahead_undone,
             prefix_entries: engine.prefix_entries,
             prefix_bytes: engine.prefix_bytes,
+            prefix_budget_bytes: engine.prefix_budget,
             uptime_micros: self.started.elapsed().as_micros() as u64,
             mlx_active_memory: mlx::active_memory() as u64,
             mlx_peak_memory: mlx::peak_memory() as u64,
@@ -2669,6 +2733,92 @@ mod tests {
             let _peer = tokio::net::TcpStream::connect(addr).await.unwrap();
             let conn = tokio_stream::StreamExt::next(&mut accepted).await.unwrap();
             assert!(conn.unwrap().nodelay().unwrap());
+        });
+    }
+
+    /// One step of a new sequence of `positions` positions (this stage
+    /// holds layers 1..3 and the head), kept as `keep_as` when it ends.
+    fn first_step(seq: &str, positions: i32, keep_as: &str) -> ForwardRequest {
+        let hidden = codec::encode(
+            &Array::full(&[1, positions, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
+            Compression::None,
+        )
+        .unwrap();
+        ForwardRequest {
+            tokens: vec![3; positions as usize],
+            keep_as: keep_as.into(),
+            max_length: 16,
+            ..step(seq, hidden)
+        }
+    }
+
+    async fn prefix_entries(client: &mut Client, want: u32) -> DeviceInfo {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = client
+                .get_device_info(DeviceInfoRequest::default())
+                .await
+                .unwrap()
+                .into_inner();
+            if info.prefix_entries == want || Instant::now() > deadline {
+                return info;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    #[test]
+    fn prefixes_are_kept_found_refused_by_kind_and_forgotten() {
+        let tmp = tempfile::tempdir().unwrap();
+        crate::models::tests::write_llama(tmp.path(), 3);
+        crate::pipeline::runtime().block_on(async {
+            let mut cfg = WorkerConfig::new("pfx");
+            cfg.cache_dir = tmp.path().join("cache");
+            cfg.prefix_cache_bytes = 100 << 20;
+            let (_addr, mut client) = start_with(tmp.path(), cfg).await;
+            one_step(&mut client, first_step("a", 5, "pa"))
+                .await
+                .unwrap();
+            let info = prefix_entries(&mut client, 1).await;
+            assert_eq!(info.prefix_entries, 1);
+            // The budget reported: the setting, within a quarter of the KV budget.
+            assert_eq!(info.prefix_budget_bytes, 100 << 20);
+            // Only the 5 positions are kept: 2 layers, K and V, 4 heads of 64 (f32).
+            assert_eq!(info.prefix_bytes, 5 * 2 * 2 * 4 * 64 * 4);
+            let mut from = first_step("b", 1, "");
+            from.prefix_id = "pa".into();
+            from.offset = 5;
+            assert!(one_step(&mut client, from.clone())
+                .await
+                .unwrap()
+                .token
+                .is_some());
+            // One not kept here is refused as a miss, by kind.
+            from.sequence_id = "c".into();
+            from.prefix_id = "gone".into();
+            let err = one_step(&mut client, from).await.unwrap_err();
+            assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+            let kind = err
+                .metadata()
+                .get(ERROR_KIND_KEY)
+                .map(|v| v.to_str().unwrap());
+            assert_eq!(kind, Some(PREFIX_MISSING), "{err:?}");
+            // Forgotten: the kept one, and a live one not to be kept.
+            let (tx, rx) = mpsc::channel(2);
+            tx.send(first_step("d", 2, "pd")).await.unwrap();
+            let mut replies = client
+                .forward(ReceiverStream::new(rx))
+                .await
+                .unwrap()
+                .into_inner();
+            assert!(replies.message().await.unwrap().is_some());
+            let mut e = first_step("e", 2, "");
+            e.forget_prefixes = vec!["pa".into(), "pd".into(), "never".into()];
+            one_step(&mut client, e).await.unwrap();
+            drop((tx, replies));
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let info = prefix_entries(&mut client, 0).await;
+            assert_eq!((info.prefix_entries, info.prefix_bytes), (0, 0));
         });
     }
 

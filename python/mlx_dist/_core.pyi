@@ -42,6 +42,7 @@ def run_worker(
     tls_key_pem: str | None = None,
     max_sequences: int | None = None,
     max_message_bytes: int | None = None,
+    prefix_cache_mb: int | None = None,
 ) -> None: ...
 def worker_info(address: str, timeout: float = 5.0) -> str:
     """The worker's DeviceInfo as JSON."""
@@ -65,6 +66,9 @@ class Model:
     path: str
     nbytes: int
     context_length: int | None
+    prefix_cache_bytes: int
+    prefix_cache_entries: int
+    prefix_cache_budget: int
     def logits(self, ids: list[int]) -> tuple[bytes, list[int]]: ...
 
 class Cluster:
@@ -81,6 +85,7 @@ class Cluster:
     all_workers: list[str]
     excluded: list[str]
     recoveries_json: str
+    prefix_index_entries: int
     def add_worker(self, address: str) -> bool: ...
     def excluded_back(self) -> bool: ...
     def replan(self, reason: str) -> int: ...

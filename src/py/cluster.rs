@@ -185,6 +185,14 @@ impl PyCluster {
             .unwrap_or_default()
     }
 
+    /// Kept prefixes the coordinator names (each stage holds its own share
+    /// of them: `worker_info`'s `prefix_entries`, `prefix_bytes` and
+    /// `prefix_budget_bytes`).
+    #[getter]
+    fn prefix_index_entries(&self) -> usize {
+        crate::pipeline::lock(&self.inner.current().prefixes).len()
+    }
+
     /// Re-plans so far (0: the cluster runs as first loaded).
     #[getter]
     fn epoch(&self) -> u64 {
@@ -242,8 +250,11 @@ impl PyCluster {
 /// `listening on HOST:PORT` once ready. With `tls_cert_pem` and
 /// `tls_key_pem` (PEM texts) it serves TLS. `max_sequences` and
 /// `max_message_bytes` bound what it takes (defaults: 256, 160 MiB).
+/// `prefix_cache_mb` bounds the KV cache it keeps from ended sequences
+/// (default `MLX_DIST_PREFIX_CACHE_MB`, else 1024; at most a quarter of its
+/// KV budget; 0: none).
 #[pyfunction]
-#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None))]
+#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None, prefix_cache_mb = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -255,6 +266,7 @@ pub fn run_worker(
     tls_key_pem: Option<String>,
     max_sequences: Option<usize>,
     max_message_bytes: Option<usize>,
+    prefix_cache_mb: Option<u64>,
 ) -> PyResult<()> {
     let tls = match (tls_cert_pem, tls_key_pem) {
         (Some(cert), Some(key)) => Some(TlsIdentity::new(cert, key)?),
@@ -287,6 +299,9 @@ pub fn run_worker(
     }
     if let Some(b) = max_message_bytes {
         cfg.max_message_bytes = b;
+    }
+    if let Some(mb) = prefix_cache_mb {
+        cfg.prefix_cache_bytes = mb.saturating_mul(1 << 20);
     }
     py.detach(|| runtime().block_on(serve(&host, port, cfg)))?;
     Ok(())
@@ -349,6 +364,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
         "steps": info.steps, "uptime_micros": info.uptime_micros,
         "batches": info.batches, "batched_steps": info.batched_steps,
         "prefix_entries": info.prefix_entries, "prefix_bytes": info.prefix_bytes,
+        "prefix_budget_bytes": info.prefix_budget_bytes,
         "ring_tokens": info.ring_tokens, "busy_for_micros": info.busy_for_micros,
         "steps_launched_ahead": info.steps_launched_ahead,
         "steps_launched_ahead_undone": info.steps_launched_ahead_undone,

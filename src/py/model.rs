@@ -76,6 +76,19 @@ impl PyModel {
         crate::pipeline::lock(&self.prefixes).bytes()
     }
 
+    /// Prefixes kept from ended sequences.
+    #[getter]
+    fn prefix_cache_entries(&self) -> usize {
+        crate::pipeline::lock(&self.prefixes).len()
+    }
+
+    /// The most bytes kept prefixes may hold (`MLX_DIST_PREFIX_CACHE_MB` at
+    /// load; 0: off).
+    #[getter]
+    fn prefix_cache_budget(&self) -> u64 {
+        crate::pipeline::lock(&self.prefixes).budget()
+    }
+
     #[getter]
     fn model_type(&self) -> String {
         self.inner.args.model_type.clone()
