@@ -869,7 +869,8 @@ impl Drop for RemoteTokens {
         if let Some(id) = self.keep.take() {
             let mut index = lock(&self.prefixes);
             if self.failed {
-                // A stage before the one that failed may keep it.
+                // A stage before the one that failed may keep it, and the
+                // forgets its first step carried may not have gone past it.
                 index.requeue(std::mem::take(&mut self.forgets));
                 index.remove(&id);
             } else {
