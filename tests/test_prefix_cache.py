@@ -6,7 +6,6 @@ MLX_DIST_PREFIX_CACHE_MB."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -172,12 +171,6 @@ SOAK = 500
 SOAK_MB = 2
 
 
-def drain(server: ServerProcess) -> None:
-    """Reads the server's stdout (its access log) as it comes: a full pipe
-    would stop it after about a thousand requests."""
-    threading.Thread(target=lambda: [None for _ in server.proc.stdout], daemon=True).start()
-
-
 @pytest.mark.parametrize("where", ["one device", "over a worker"])
 def test_memory_plateaus_within_the_bound_over_a_soak(where, model_path, tmp_path):
     """500 one-token requests, a third of them the same greeting and the
@@ -187,7 +180,6 @@ def test_memory_plateaus_within_the_bound_over_a_soak(where, model_path, tmp_pat
     workers = [worker("soak", tmp_path, SOAK_MB)] if where == "over a worker" else []
     args = ["--workers", workers[0].address] if workers else []
     server = ServerProcess(tmp_path, "--model", str(model_path), *args, env=env)
-    drain(server)
     procs = {"server": server.proc.pid} | {w.name: w.proc.pid for w in workers}
     curve: dict[str, list[float]] = {name: [] for name in procs}
     # What MLX holds in the worker: weights and kept prefixes, which may not
