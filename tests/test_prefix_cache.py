@@ -16,12 +16,15 @@ from cluster_utils import WorkerProcess
 from mlx_dist import _core
 from server_utils import ServerProcess
 
-WORDS = (
+TEXT = (
     "the old lighthouse stood at the end of the harbour and every night its keeper climbed "
     "the narrow stairs to light the lamp ships passing in the dark would see the beam sweep "
     "across the water a good recipe for bread needs only flour water salt and yeast"
-).split()
-FIRSTS = "Paris bread ships winter garden radio letter storm whale island bees apple".split()
+)
+WORDS = TEXT.split()
+# Each prompt's own first word.
+FIRSTS = ["Paris", "bread", "ships", "winter", "garden", "radio"]
+FIRSTS += ["letter", "storm", "whale", "island", "bees", "apple"]
 
 # 8 layers of 2 KV heads of 16, float32: 2 KiB a position, so a prompt of
 # about 150 tokens keeps about 300 KiB and 1 MiB holds three.
