@@ -173,7 +173,7 @@ def test_a_burst_is_counted_whole_against_the_queue_bound(fake):
 
 
 def test_failures_map_to_statuses_with_their_numbers():
-    from mlx_dist.server import _engine_error
+    from mlx_dist.server.errors import engine_error as _engine_error
 
     never = _engine_error(CapacityExceeded("needs 210 tokens, but the budget is 100"))
     assert never.status == 413 and "budget is 100" in never.message

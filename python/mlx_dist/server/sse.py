@@ -1,0 +1,190 @@
+"""Answers' pieces: server-sent event framing, the chunks of a streamed
+chat or text completion, and what streamed and whole answers share
+(usage, logprobs, echo)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+
+from fastapi.responses import StreamingResponse
+
+from mlx_dist.engine import Done, Step
+from mlx_dist.server.errors import APIError
+from mlx_dist.server.run import Run
+from mlx_dist.server.state import ServerState
+
+
+def usage(done: Done) -> dict:
+    return {
+        "prompt_tokens": done.prompt_tokens,
+        "completion_tokens": done.completion_tokens,
+        "total_tokens": done.prompt_tokens + done.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": done.cached_tokens},
+    }
+
+
+def chat_logprob(state: ServerState, step: Step) -> dict:
+    def entry(token: int, logprob: float) -> dict:
+        text = state.token_text(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    out = entry(step.token, step.logprob)
+    out["top_logprobs"] = [entry(t, lp) for t, lp in step.top_logprobs or []]
+    return out
+
+
+def sse(data: dict | str) -> str:
+    """One event: ``data: <JSON or text>`` and a blank line."""
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def stream(chunks: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(
+        chunks,
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
+
+
+async def events(
+    run: Run,
+    opening: list[dict],
+    on_step: Callable[[Step], dict | None],
+    closing: Callable[[str | None], dict],
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """One run as server-sent events: the `opening` chunks, the chunk
+    `on_step` makes of each step (None: nothing to send), the chunk
+    `closing` makes with the finish reason, the usage chunk when asked; an
+    error event if the run fails; then ``[DONE]``."""
+    try:
+        for c in opening:
+            yield sse(c)
+        async for event in run.events():
+            if isinstance(event, Step):
+                c = on_step(event)
+                if c is not None:
+                    yield sse(c)
+            else:
+                yield sse(closing(event.finish_reason))
+                if include_usage:
+                    last = closing(None)
+                    last["choices"] = []
+                    last["usage"] = usage(event)
+                    yield sse(last)
+    except APIError as e:
+        yield sse(e.body())
+    yield sse("[DONE]")
+
+
+def chat_chunks(
+    st: ServerState, run: Run, ident: str, created: int, include_usage: bool
+) -> AsyncIterator[str]:
+    def chunk(delta: dict, finish=None, logprobs=None) -> dict:
+        return {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": st.name,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            ],
+            "usage": None,
+        }
+
+    def on_step(event: Step) -> dict | None:
+        logprobs = None
+        if run.job.logprobs:
+            logprobs = {"content": [chat_logprob(st, event)]}
+        if event.text or logprobs:
+            return chunk({"content": event.text}, logprobs=logprobs)
+        return None
+
+    opening = [chunk({"role": "assistant", "content": ""})]
+    return events(run, opening, on_step, lambda f: chunk({}, finish=f), include_usage)
+
+
+class LegacyLogprobs:
+    """``logprobs`` of the completions API: parallel lists."""
+
+    def __init__(self, st: ServerState):
+        self.st = st
+        self.tokens, self.token_logprobs, self.top, self.offsets = [], [], [], []
+
+    def add(self, step: Step, offset: int) -> None:
+        self.tokens.append(self.st.token_text(step.token))
+        self.token_logprobs.append(step.logprob)
+        self.top.append({self.st.token_text(t): lp for t, lp in step.top_logprobs or []})
+        self.offsets.append(offset)
+
+    def body(self) -> dict:
+        return {
+            "tokens": self.tokens,
+            "token_logprobs": self.token_logprobs,
+            "top_logprobs": self.top,
+            "text_offset": self.offsets,
+        }
+
+
+class Echo:
+    """``echo``: the prompt's text, then the completion's steps. The
+    detokenizer drops one leading space from the start of a completion
+    (mlx-lm's: "The capital is" gives "Paris"); after the prompt that space
+    is text ("The capital is Paris"), given back here. Decoding the prompt
+    takes a while for a long one: make this in a thread."""
+
+    def __init__(self, st: ServerState, prompt: list[int]):
+        self.tokenizer = st.tokenizer
+        self.prompt = prompt
+        self.text = st.tokenizer.decode(prompt)
+        self.tokens: list[int] = []
+        self.started = False
+
+    def step(self, event: Step) -> str:
+        """The text ``event`` adds after the prompt and the steps before it."""
+        self.tokens.append(event.token)
+        if self.started or not event.text:
+            return event.text
+        self.started = True
+        joined = self.tokenizer.decode(self.prompt + self.tokens)
+        tail = joined[len(self.text) :] if joined.startswith(self.text) else ""
+        lost = not tail.startswith(event.text) and tail[1:].startswith(event.text)
+        return " " + event.text if tail.startswith(" ") and lost else event.text
+
+
+def completion_chunks(
+    st: ServerState,
+    run: Run,
+    ident: str,
+    created: int,
+    echo: Echo | None,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    def chunk(text: str, finish=None, logprobs=None) -> dict:
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": st.name,
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}],
+            "usage": None,
+        }
+
+    offset = len(echo.text) if echo is not None else 0
+
+    def on_step(event: Step) -> dict | None:
+        nonlocal offset
+        text = echo.step(event) if echo is not None else event.text
+        lp = None
+        if run.job.logprobs:
+            one = LegacyLogprobs(st)
+            one.add(event, offset)
+            lp = one.body()
+        offset += len(text)
+        if text or lp:
+            return chunk(text, logprobs=lp)
+        return None
+
+    opening = [chunk(echo.text)] if echo is not None and echo.text else []
+    return events(run, opening, on_step, lambda f: chunk("", finish=f), include_usage)
