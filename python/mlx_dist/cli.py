@@ -15,6 +15,10 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed for repeatable sampling")
 
 
+# What _add_cluster adds, by their ServerSettings names.
+_CLUSTER_OPTIONS = ("workers", "cluster_config", "strategy", "proportions", "compression", "tls_ca")
+
+
 def _add_cluster(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--workers", default=None, help="split the model over these workers: h1:p1,h2:p2"
@@ -40,32 +44,18 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
 
 def _load(args: argparse.Namespace):
     import mlx_dist
-    from mlx_dist.cluster import _progress_printer, load_config
+    from mlx_dist.cluster import _progress_printer
+    from mlx_dist.server.settings import resolve_settings
 
-    cfg = load_config(args.cluster_config) if args.cluster_config else {}
-    workers = args.workers or cfg.get("workers")
-    model = args.model or cfg.get("model")
-    if not workers:
-        return mlx_dist.load(model)
-    proportions = args.proportions or cfg.get("proportions")
-    if isinstance(proportions, str):
-        proportions = [float(p) for p in proportions.split(",")]
-    strategy = args.strategy or cfg.get("strategy") or ("custom" if proportions else "balanced")
-    print(
-        f"loading over {len(str(workers).split(',')) if isinstance(workers, str) else len(workers)} workers ...",
-        file=sys.stderr,
-    )
-    tls_ca = args.tls_ca or cfg.get("tls_ca")
-    model, tokenizer = mlx_dist.load(
-        model,
-        workers=workers,
-        tls_ca=tls_ca,
-        strategy=strategy,
-        proportions=proportions,
-        compression=args.compression or cfg.get("compression") or "none",
-        kv_tokens=int(cfg.get("kv_tokens", 4096)),
-        progress=_progress_printer(),
-    )
+    # The server's precedence, flags over the cluster config file; generate
+    # reads no MLX_DIST_* variables (the core still reads MLX_DIST_TLS_CA).
+    given = {k: getattr(args, k) for k in _CLUSTER_OPTIONS}
+    s = resolve_settings(dict(given, model=args.model), env={})
+    if not s.workers:
+        return mlx_dist.load(s.model)
+    n = len(str(s.workers).split(",")) if isinstance(s.workers, str) else len(s.workers)
+    print(f"loading over {n} workers ...", file=sys.stderr)
+    model, tokenizer = mlx_dist.load(s.model, **s.cluster_args(), progress=_progress_printer())
     print(model.plan, file=sys.stderr)
     return model, tokenizer
 
@@ -112,7 +102,6 @@ def _serve(args: argparse.Namespace) -> int:
 
     if args.token is not None:
         _core.set_cluster_token(args.token)
-    proportions = [float(p) for p in args.proportions.split(",")] if args.proportions else None
     print(f"loading {args.model or 'the demo model'} ...", file=sys.stderr, flush=True)
     serve(
         args.model,
@@ -126,13 +115,15 @@ def _serve(args: argparse.Namespace) -> int:
         announce=lambda line: print(line, flush=True),
         cluster_config=args.cluster_config,
         strategy=args.strategy,
-        proportions=proportions,
+        proportions=args.proportions,
         compression=args.compression,
+        kv_tokens=args.kv_tokens,
         model_name=args.model_name,
         max_concurrency=args.max_concurrency,
         max_queue=args.max_queue,
         max_tokens=args.max_tokens,
         temperature=args.temp,
+        top_p=args.top_p,
         recovery_wait=args.recovery_wait,
         token=args.token,
         tls_ca=args.tls_ca,
@@ -327,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
         "--max-tokens", type=int, help="completion length when a request gives none (default 512)"
     )
     s.add_argument("--temp", type=float, help="temperature when a request gives none (default 0)")
+    s.add_argument("--top-p", type=float, help="top_p when a request gives none (default 1)")
+    s.add_argument(
+        "--kv-tokens",
+        type=int,
+        help="tokens of KV cache the layer plan leaves room for on each stage (default: the "
+        "cluster config's, else 4096)",
+    )
     s.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
     s.add_argument(
         "--recovery-wait",
