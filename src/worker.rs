@@ -39,6 +39,7 @@ use crate::weights::{resolve, Weights};
 
 mod ahead;
 use ahead::{launch_ahead, Guess, Post, Prepared};
+mod warmup;
 
 /// The metadata key that carries the cluster token.
 pub const TOKEN_KEY: &str = "x-mlx-dist-token";
@@ -304,6 +305,10 @@ pub struct WorkerConfig {
     /// Bytes of KV cache kept from ended sequences at most (and at most a
     /// quarter of the KV budget): `MLX_DIST_PREFIX_CACHE_MB` by default.
     pub prefix_cache_bytes: u64,
+    /// Compile the stage's GPU kernels as it loads (`warmup`):
+    /// `MLX_DIST_WARM_UP=0/1`, by default where MLX compiles them on first
+    /// use (CUDA).
+    pub warm_up: bool,
 }
 
 impl WorkerConfig {
@@ -325,6 +330,7 @@ impl WorkerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_sequences: DEFAULT_MAX_SEQUENCES,
             prefix_cache_bytes: crate::prefix::budget_from_env(),
+            warm_up: warmup::enabled(std::env::var("MLX_DIST_WARM_UP").ok().as_deref()),
         }
     }
 }
@@ -674,6 +680,7 @@ impl Engine {
         cfg: &WorkerConfig,
         progress: &mpsc::Sender<std::result::Result<LoadProgress, Status>>,
     ) -> Result<()> {
+        warmup::keep_compiled_kernels();
         // A new stage replaces the old one and every sequence on it; kept
         // prefixes go too (the coordinator's index starts afresh).
         self.seqs.clear();
@@ -783,6 +790,15 @@ impl Engine {
             cache_budget,
             kv_bytes_per_token,
         });
+        if cfg.warm_up {
+            tracing::info!(
+                "compiling this stage's GPU kernels (on a machine's first run, minutes)"
+            );
+            if let Err(e) = self.warm_up() {
+                // Requests will compile them instead, or fail on their own.
+                tracing::warn!("warming up failed: {e}");
+            }
+        }
         let _ = progress.blocking_send(Ok(LoadProgress {
             bytes_loaded: total,
             bytes_total: total,

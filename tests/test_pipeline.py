@@ -207,6 +207,34 @@ def test_workers_that_poll_for_results_give_the_same_tokens(
             p.stop()
 
 
+def test_workers_that_warm_up_give_the_same_tokens(six_layer, tmp_path_factory, monkeypatch):
+    """Workers that compile their kernels as they load (as CUDA workers do)
+    run warm-up steps on sequences of their own: none of them is left held
+    or counted, and the tokens, single and batched, are unchanged."""
+    monkeypatch.setenv("MLX_DIST_WARM_UP", "1")
+    log_dir = tmp_path_factory.mktemp("warm")
+    procs = start_workers(2, log_dir)
+    try:
+        path = six_layer["qwen3"]
+        local, tok = mlx_dist.load(str(path))
+        model, dtok = mlx_dist.load(
+            str(path), workers=[w.address for w in procs], strategy="uniform"
+        )
+        for w in procs:
+            info = json.loads(_core.worker_info(w.address))
+            assert info["shard"], info
+            assert info["sequences"] == 0 and info["steps"] == 0, info
+            assert info["cache_bytes"] == 0 and info["prefix_entries"] == 0, info
+            assert "compiled this stage's kernels" in w.log.read_text()
+        prompts = [PROMPT, "a completely different prompt about cats", "hello world " * 5]
+        want = [greedy(local, tok, tok.encode(p), 24) for p in prompts]
+        assert greedy(model, dtok, dtok.encode(prompts[0]), 24) == want[0]
+        assert greedy_together(model, dtok, prompts, 24) == want
+    finally:
+        for p in procs:
+            p.stop()
+
+
 def test_steps_launched_ahead_give_the_same_output(
     six_layer, workers, tmp_path_factory, monkeypatch
 ):
