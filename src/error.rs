@@ -38,6 +38,11 @@ pub enum Error {
     /// prompt again, never an error a caller should see.
     #[error("{0}")]
     PrefixMissing(String),
+    /// A step got no reply past its deadline while every stage answered and
+    /// none was busy: the step was lost on the way. Starting the sequence
+    /// again on the same stages mends it; no re-plan is needed.
+    #[error("{0}")]
+    Stalled(String),
     /// A worker failed, could not be reached, or refused a call; the
     /// message names it.
     #[error("{0}")]

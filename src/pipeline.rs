@@ -664,6 +664,43 @@ fn step_deadline(tokens: usize) -> Duration {
 /// sequence ahead in its queue) is slow, not failed.
 const LATE_DEADLINES: u32 = 10;
 
+/// What the stages say while a step's reply is late.
+#[derive(Debug)]
+enum Late<S = StageHandle> {
+    /// This stage does not answer.
+    Silent(S, Error),
+    /// Every stage answers, and this one has run one job this long: slow
+    /// (a GPU compiling kernels for a shape it has not run, a long prompt
+    /// chunk), not failed.
+    Busy(S, Duration),
+    /// Every stage answers at once: nothing computes the step.
+    Idle,
+}
+
+impl<S> Late<S> {
+    /// The verdict from each stage's answer: how long its engine has run
+    /// its current job (0: it answered at once), or why it did not answer.
+    fn from_answers(answers: impl IntoIterator<Item = (S, Result<u64>)>) -> Late<S> {
+        let mut busiest: Option<(S, Duration)> = None;
+        for (s, a) in answers {
+            match a {
+                Err(e) => return Late::Silent(s, e),
+                Ok(0) => {}
+                Ok(micros) => {
+                    let busy = Duration::from_micros(micros);
+                    if busiest.as_ref().is_none_or(|(_, b)| busy > *b) {
+                        busiest = Some((s, busy));
+                    }
+                }
+            }
+        }
+        match busiest {
+            Some((s, busy)) => Late::Busy(s, busy),
+            None => Late::Idle,
+        }
+    }
+}
+
 /// How long a stage has to answer a health check when a reply is late.
 const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -733,27 +770,34 @@ impl RemoteTokens {
                 break r;
             }
             late += 1;
-            let waited = deadline * late;
-            let silent = self.silent_stage().await;
-            if late >= LATE_DEADLINES || silent.is_some() {
-                let why = silent.map_or(String::new(), |(s, e)| {
-                    format!(
-                        ", and worker {} ({}) does not answer: {e}",
-                        s.name, s.address
-                    )
-                });
-                return Err(Error::Worker(format!(
-                    "the pipeline from worker {} ({}) gave no reply within {:.0} s{why}",
-                    self.first.name,
-                    self.first.address,
-                    waited.as_secs_f64()
-                )));
+            let waited = (deadline * late).as_secs_f64();
+            let first = format!("worker {}", self.first);
+            match self.late_stages().await {
+                Late::Silent(s, e) => {
+                    return Err(Error::Worker(format!(
+                        "the pipeline from {first} gave no reply within {waited:.0} s, and worker {s} does not answer: {e}"
+                    )))
+                }
+                Late::Idle => {
+                    // Nothing computes anywhere and yet no reply came: the
+                    // step is lost, and waiting longer would wait forever.
+                    return Err(Error::Stalled(format!(
+                        "sequence {}: the pipeline from {first} gave no reply within {waited:.0} s while every stage answered and none was busy",
+                        self.seq
+                    )));
+                }
+                Late::Busy(s, busy) if late < LATE_DEADLINES => tracing::warn!(
+                    sequence = %self.seq,
+                    "no reply from the pipeline for {waited:.0} s: worker {s} has run one job for {:.0} s (compiling GPU kernels for a new shape, or a long prompt chunk); waiting",
+                    busy.as_secs_f64()
+                ),
+                Late::Busy(s, busy) => {
+                    return Err(Error::Worker(format!(
+                        "the pipeline from {first} gave no reply within {waited:.0} s; worker {s} has run one job for {:.0} s",
+                        busy.as_secs_f64()
+                    )))
+                }
             }
-            tracing::warn!(
-                sequence = %self.seq,
-                "no reply from the pipeline for {:.0} s, but every stage answers: waiting on",
-                waited.as_secs_f64()
-            );
         };
         match reply {
             Ok(Some(r)) => {
@@ -778,17 +822,26 @@ impl RemoteTokens {
         }
     }
 
-    /// The first stage that does not answer a health check, and why.
-    async fn silent_stage(&self) -> Option<(StageHandle, Error)> {
-        let checks = self
-            .stages
-            .iter()
-            .map(|s| crate::worker::connect(&s.address, LIVENESS_TIMEOUT));
-        let answers = futures::future::join_all(checks).await;
-        self.stages
-            .iter()
-            .zip(answers)
-            .find_map(|(s, a)| a.err().map(|e| (s.clone(), e)))
+    /// What the stages say while a reply is late: each is asked for its
+    /// figures, which a worker gives within half a second even when its
+    /// engine is busy (with how long it has run its current job).
+    async fn late_stages(&self) -> Late {
+        let ask = |s: &StageHandle| {
+            let address = s.address.clone();
+            async move {
+                let mut client = crate::worker::connect(&address, LIVENESS_TIMEOUT).await?;
+                let info = tokio::time::timeout(
+                    LIVENESS_TIMEOUT,
+                    client.get_device_info(crate::proto::DeviceInfoRequest::default()),
+                )
+                .await
+                .map_err(|_| Error::Worker("no answer to a question about its state".into()))?
+                .map_err(|s| Error::Worker(s.message().to_string()))?;
+                Ok::<u64, Error>(info.into_inner().busy_for_micros)
+            }
+        };
+        let answers = futures::future::join_all(self.stages.iter().map(ask)).await;
+        Late::from_answers(self.stages.iter().cloned().zip(answers))
     }
 
     async fn next_async(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
@@ -902,4 +955,33 @@ fn process_nonce() -> u64 {
         );
         h.finish()
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verdict(answers: &[std::result::Result<u64, &str>]) -> Late<usize> {
+        Late::from_answers(
+            answers
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (i, a.map_err(|e| Error::Worker(e.into())))),
+        )
+    }
+
+    #[test]
+    fn a_late_reply_is_a_lost_step_only_when_every_stage_is_idle() {
+        assert!(matches!(verdict(&[Ok(0), Ok(0)]), Late::Idle));
+        // The busiest stage is named, however many are busy.
+        match verdict(&[Ok(0), Ok(3_000_000), Ok(40_000_000)]) {
+            Late::Busy(2, d) => assert_eq!(d, Duration::from_secs(40)),
+            other => panic!("{other:?}"),
+        }
+        // One stage that does not answer outweighs busy ones.
+        assert!(matches!(
+            verdict(&[Ok(5), Err("refused"), Ok(0)]),
+            Late::Silent(1, _)
+        ));
+    }
 }

@@ -250,7 +250,8 @@ impl ClusterHandle {
     }
 
     fn recoverable(&self, e: &Error, epoch: u64) -> bool {
-        self.recovery.enabled && (matches!(e, Error::Worker(_)) || self.epoch() != epoch)
+        self.recovery.enabled
+            && (matches!(e, Error::Worker(_) | Error::Stalled(_)) || self.epoch() != epoch)
     }
 }
 
@@ -308,7 +309,12 @@ impl RecoveringTokens {
                 "stopped after {} tokens: {last}; resuming",
                 self.produced.len()
             );
-            let cluster = runtime().block_on(handle.replan(self.epoch, &last.to_string()))?;
+            let cluster = if matches!(last, Error::Stalled(_)) {
+                // Every stage answers: the same chain serves the replay.
+                handle.current()
+            } else {
+                runtime().block_on(handle.replan(self.epoch, &last.to_string()))?
+            };
             let epoch = handle.epoch();
             let mut history = self.run.prompt.clone();
             history.extend_from_slice(&self.produced);

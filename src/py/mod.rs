@@ -14,7 +14,7 @@ impl From<Error> for PyErr {
                 PyFileNotFoundError::new_err(msg)
             }
             Error::Mlx(_) | Error::Io(_) => PyRuntimeError::new_err(msg),
-            Error::Worker(_) | Error::NotReady(_) | Error::PrefixMissing(_) => {
+            Error::Worker(_) | Error::NotReady(_) | Error::PrefixMissing(_) | Error::Stalled(_) => {
                 pyo3::exceptions::PyConnectionError::new_err(msg)
             }
             Error::ResourceExhausted(_) => pyo3::exceptions::PyMemoryError::new_err(msg),
