@@ -100,7 +100,8 @@ def test_a_server_that_does_not_start_is_reported_with_what_it_said():
     import tempfile
 
     import pytest
-    from mlx_dist.bench.throughput import _free_port, _start_server
+    from mlx_dist.bench.processes import free_port as _free_port
+    from mlx_dist.bench.throughput import _start_server
 
     said = "import sys; print('No module named fastapi', file=sys.stderr); sys.exit(1)"
     with tempfile.TemporaryFile() as log, pytest.raises(RuntimeError) as e:

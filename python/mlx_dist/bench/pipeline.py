@@ -7,52 +7,11 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import select
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-
-def _start_worker(name: str, env: dict, logs: Path | None = None) -> tuple[subprocess.Popen, str]:
-    """A worker process on a free loopback port; its log goes to
-    `logs/<name>.log` when `logs` is given, else nowhere."""
-    if logs is None:
-        err = subprocess.DEVNULL
-    else:
-        logs.mkdir(parents=True, exist_ok=True)
-        err = (logs / f"{name}.log").open("ab")
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "mlx_dist.cli", "worker", "--port", "0", "--name", name],
-            stdout=subprocess.PIPE,
-            stderr=err,
-            env=env,
-            text=True,
-        )
-    finally:
-        if logs is not None:
-            err.close()
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if select.select([proc.stdout], [], [], 0.5)[0]:
-            line = proc.stdout.readline()
-            if line.startswith("listening on "):
-                return proc, line.split()[-1]
-            if not line:
-                break
-    proc.kill()
-    raise RuntimeError(f"worker {name} did not start")
-
-
-def stop_workers(procs) -> None:
-    """Ends the workers `_start_worker` started."""
-    for p, _ in procs:
-        p.terminate()
-    for p, _ in procs:
-        p.wait(10)
+from mlx_dist.bench import processes
 
 
 def model_path(args, tmp: Path) -> str:
@@ -151,9 +110,13 @@ def main(args) -> int:
         procs, by_set = [], []
         try:
             for j, (label, env) in enumerate(sets):
-                started = [_start_worker(f"bench{j}.{i}", env, logs) for i in range(max(stages))]
+                names = [f"bench{j}.{i}" for i in range(max(stages))]
+                started = [
+                    processes.worker(n, env=env, log=logs / f"{n}.log" if logs else None)
+                    for n in names
+                ]
                 procs += started
-                by_set.append((label, [a for _, a in started]))
+                by_set.append((label, [p.address for p in started]))
             local, tok = mlx_dist.load(path)
             hidden = local.config.get("hidden_size") or local.config.get("n_embd")
             vocab = local.config["vocab_size"]
@@ -209,5 +172,5 @@ def main(args) -> int:
                     f"{_agreement(base_tokens, got)}, {100 * agree:.0f}% position-wise"
                 )
         finally:
-            stop_workers(procs)
+            processes.stop_all(procs)
     return 0

@@ -13,7 +13,7 @@ import statistics
 import tempfile
 import time
 
-from mlx_dist.bench.pipeline import _start_worker
+from mlx_dist.bench import processes
 
 
 def _memory(addresses: list[str]) -> dict[str, int]:
@@ -31,9 +31,9 @@ def main(args) -> int:
     env = dict(os.environ, MLX_DIST_LOG="warn")
     with tempfile.TemporaryDirectory() as tmp:
         env["MLX_DIST_CACHE"] = tmp
-        procs = [_start_worker(f"w{i}", env) for i in range(n)]
+        procs = [processes.worker(f"w{i}", env=env) for i in range(n)]
         try:
-            addrs = [a for _, a in procs]
+            addrs = [p.address for p in procs]
             model, tok = mlx_dist.load(args.model, workers=addrs, strategy="uniform")
             prompt = tok.apply_chat_template(
                 [{"role": "user", "content": args.prompt}], add_generation_prompt=True
@@ -50,14 +50,12 @@ def main(args) -> int:
                 times.append(time.perf_counter())
                 tokens.append(r.token)
                 if len(tokens) == args.kill_after:
-                    procs[victim][0].kill()
-                    procs[victim][0].wait()
+                    procs[victim].kill()
                     killed_at = time.perf_counter()
             after = _memory(survivors)
         finally:
-            for p, _ in procs:
+            for p in procs:
                 p.kill()
-                p.wait()
     if killed_at is None:
         raise ValueError("the generation ended before the kill: raise --tokens")
     k = args.kill_after

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from mlx_dist.bench.pipeline import _start_worker, model_path, stop_workers
+from mlx_dist.bench import processes
+from mlx_dist.bench.pipeline import model_path
 
 
 def _together(run, items) -> tuple[float, int]:
@@ -89,37 +89,16 @@ def _mlx_lm_batched(path: str, prompts, gen) -> float | None:
     return rates[-1]
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(cmd: list[str], port: int, what: str, log) -> subprocess.Popen:
+def _start_server(cmd: list[str], port: int, what: str, log) -> processes.Process:
     """Starts an OpenAI-compatible server, its errors going to the binary
     file `log`, and waits until ``/health`` answers 200 (the model loaded).
     One that exits or never answers raises an error ending with the last
     lines it wrote."""
-    import http.client
-
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                return proc
-        except OSError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    proc.wait(10)
-    log.seek(0)
-    tail = log.read().decode(errors="replace").strip().splitlines()[-10:]
-    said = "\n".join(tail) if tail else "(it wrote nothing)"
+    proc = processes.Process(cmd, name=what, log=log, wait_listening=False)
+    if proc.wait_healthy(f"127.0.0.1:{port}", timeout=600):
+        return proc
+    proc.stop()
+    said = proc.tail(10) or "(it wrote nothing)"
     raise RuntimeError(f"{what} did not start: {' '.join(cmd)}\n{said}")
 
 
@@ -188,7 +167,7 @@ def _servers(args, path, addrs, text, stream_counts, base) -> None:
         )
     setups.append(("mlx_lm.server, 1 device", None))
     for what, extra in setups:
-        port = _free_port()
+        port = processes.free_port()
         if extra is None:
             cmd = [sys.executable, "-m", "mlx_lm.server", "--model", path, "--port", str(port)]
             cmd += ["--decode-concurrency", str(max(most, 32)), "--log-level", "WARNING"]
@@ -208,8 +187,7 @@ def _servers(args, path, addrs, text, stream_counts, base) -> None:
                     figures.append(f"{n}: {tps:.1f} ({tps / base:.2f}x)")
                 print(f"{what:<28} " + "  ".join(figures), flush=True)
             finally:
-                proc.terminate()
-                proc.wait(30)
+                proc.stop(30)
 
 
 def _stage_batches(addrs) -> str:
@@ -289,8 +267,8 @@ def main(args) -> int:
                 env = dict(os.environ, MLX_DIST_LOG="warn", MLX_DIST_CACHE=tmp)
                 if args.gpus:
                     env["CUDA_VISIBLE_DEVICES"] = str(i % args.gpus)
-                procs.append(_start_worker(f"w{i}", env))
-            addrs = [a for _, a in procs]
+                procs.append(processes.worker(f"w{i}", env=env))
+            addrs = [p.address for p in procs]
             local, tok = mlx_dist.load(path)
             vocab = local.config["vocab_size"]
 
@@ -365,5 +343,5 @@ def main(args) -> int:
             else:
                 print("time to first token: not measured (--ttft-tokens 0)")
         finally:
-            stop_workers(procs)
+            processes.stop_all(procs)
     return 0
