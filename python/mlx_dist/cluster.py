@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from mlx_dist import _core
+from mlx_dist.tokenizer_utils import TokenizerWrapper
 
 STRATEGIES = ("uniform", "memory_proportional", "compute_proportional", "balanced", "custom")
 _CAPABILITY_KEYS = {
@@ -239,8 +240,6 @@ def load_distributed(
     tls_ca=None,
     ring: bool = True,
 ):
-    from mlx_dist.utils import TokenizerWrapper
-
     if token is not None:
         _core.set_cluster_token(token)
     if tls_ca is not None:
