@@ -22,7 +22,7 @@ import time
 
 import mlx.core as mx
 
-from mlx_dist.bench.generate import SHAPES
+from mlx_dist.bench.models import SHAPES
 
 
 def _per_op(chain, layers: int, repeats: int) -> float:

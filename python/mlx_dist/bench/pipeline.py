@@ -12,21 +12,7 @@ import tempfile
 from pathlib import Path
 
 from mlx_dist.bench import processes
-
-
-def model_path(args, tmp: Path) -> str:
-    """The model a bench runs: a random one of `--random-shape` made in
-    `tmp`, else `--model`, else the demo model."""
-    from mlx_dist.bench.generate import make_random_model
-
-    if args.random_shape:
-        print(f"making a random {args.random_shape} model ...", flush=True)
-        return str(make_random_model(args.random_shape, args.bits, tmp / "m", args.dtype))
-    if args.model:
-        return args.model
-    from mlx_dist.demo import demo_model_path
-
-    return str(demo_model_path())
+from mlx_dist.bench.models import model_path
 
 
 def _decode(model, tok, ids, gen, repeats):

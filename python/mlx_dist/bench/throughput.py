@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from mlx_dist.bench import processes
-from mlx_dist.bench.pipeline import model_path
+from mlx_dist.bench.models import model_path
 
 
 def _together(run, items) -> tuple[float, int]:
