@@ -33,6 +33,14 @@ pub enum Error {
     /// the cluster again resolves it.
     #[error("{0}")]
     NotReady(String),
+    /// A sequence whose KV cache needs more than a stage's whole budget:
+    /// unlike `ResourceExhausted` (full for now), waiting cannot help.
+    #[error("{detail}")]
+    KvBudgetExceeded {
+        need: u64,
+        budget: u64,
+        detail: String,
+    },
     /// A stage no longer keeps the prefix a sequence asked to start from
     /// (evicted, or never kept): a cache miss, mended by computing the
     /// prompt again, never an error a caller should see.

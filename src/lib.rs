@@ -56,7 +56,7 @@ mod _core {
     #[pymodule_export]
     use crate::py::tokenizer::PyTokenizer;
     #[pymodule_export]
-    use crate::py::{device_info, memory};
+    use crate::py::{device_info, memory, KvBudgetExceeded};
 
     /// The version of the MLX library mlx-dist runs on.
     #[pyfunction]

@@ -193,7 +193,21 @@ fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
         .metadata()
         .get(crate::worker::ERROR_KIND_KEY)
         .and_then(|v| v.to_str().ok());
+    let bytes = |key| {
+        s.metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
     match s.code() {
+        tonic::Code::ResourceExhausted if kind == Some(crate::worker::KV_BUDGET_EXCEEDED) => {
+            Error::KvBudgetExceeded {
+                need: bytes(crate::worker::NEED_KEY),
+                budget: bytes(crate::worker::BUDGET_KEY),
+                detail: msg.to_string(),
+            }
+        }
         tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
         // An evicted prefix: a cache miss (`Cluster::start`).
         tonic::Code::FailedPrecondition if kind == Some(crate::worker::PREFIX_MISSING) => {

@@ -49,6 +49,11 @@ pub const TOKEN_KEY: &str = "x-mlx-dist-token";
 /// (`Error::PrefixMissing`): the kind travels as data, not as words.
 pub const ERROR_KIND_KEY: &str = "x-mlx-dist-error";
 pub const PREFIX_MISSING: &str = "prefix-missing";
+/// The kind of a sequence that needs more KV cache than a stage's whole
+/// budget (`Error::KvBudgetExceeded`), with the bytes in these keys.
+pub const KV_BUDGET_EXCEEDED: &str = "kv-budget-exceeded";
+pub const NEED_KEY: &str = "x-mlx-dist-need-bytes";
+pub const BUDGET_KEY: &str = "x-mlx-dist-budget-bytes";
 
 /// The cluster token this process sends and (as a worker) requires:
 /// `MLX_DIST_TOKEN`, unless set with `set_cluster_token`.
@@ -305,6 +310,9 @@ pub struct WorkerConfig {
     /// Bytes of KV cache kept from ended sequences at most (and at most a
     /// quarter of the KV budget): `MLX_DIST_PREFIX_CACHE_MB` by default.
     pub prefix_cache_bytes: u64,
+    /// The KV cache budget of a stage loaded here, unless its load request
+    /// names one; `None`: 80% of the device memory free after loading.
+    pub kv_budget_bytes: Option<u64>,
     /// Compile the stage's GPU kernels as it loads (`warmup`):
     /// `MLX_DIST_WARM_UP=0/1`, by default where MLX compiles them on first
     /// use (CUDA).
@@ -330,6 +338,7 @@ impl WorkerConfig {
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_sequences: DEFAULT_MAX_SEQUENCES,
             prefix_cache_bytes: crate::prefix::budget_from_env(),
+            kv_budget_bytes: None,
             warm_up: warmup::enabled(std::env::var("MLX_DIST_WARM_UP").ok().as_deref()),
         }
     }
@@ -342,6 +351,21 @@ fn status(e: Error) -> Status {
         | Error::InvalidModel { .. }
         | Error::UnsupportedArchitecture { .. } => Status::invalid_argument(e.to_string()),
         Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::KvBudgetExceeded {
+            need,
+            budget,
+            detail,
+        } => {
+            let mut s = Status::resource_exhausted(detail);
+            let m = s.metadata_mut();
+            m.insert(
+                ERROR_KIND_KEY,
+                tonic::metadata::MetadataValue::from_static(KV_BUDGET_EXCEEDED),
+            );
+            m.insert(NEED_KEY, need.into());
+            m.insert(BUDGET_KEY, budget.into());
+            s
+        }
         Error::NotReady(m) => Status::failed_precondition(m),
         Error::PrefixMissing(m) => {
             let mut s = Status::failed_precondition(m);
@@ -750,6 +774,8 @@ impl Engine {
         let kv_bytes_per_token: u64 = fp.kv_bytes_per_token[layers.clone()].iter().sum();
         let cache_budget = if req.cache_budget > 0 {
             req.cache_budget
+        } else if let Some(b) = cfg.kv_budget_bytes {
+            b
         } else {
             // What is free now, less a margin for activations.
             let free = device::probe(&self.name)
@@ -1034,6 +1060,19 @@ impl Engine {
                 .map_or(0, |c| c.capacity() as u64)
                 .max(crate::cache::room_for(length));
             let held = (used + need).max(rows as u64 * room * stage.kv_bytes_per_token);
+            if need > stage.cache_budget {
+                return Err(Error::KvBudgetExceeded {
+                    need,
+                    budget: stage.cache_budget,
+                    detail: format!(
+                        "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens, more than this stage's whole budget of {:.1} MB",
+                        self.name,
+                        req.sequence_id,
+                        need as f64 / 1e6,
+                        stage.cache_budget as f64 / 1e6
+                    ),
+                });
+            }
             if held > stage.cache_budget {
                 return Err(Error::ResourceExhausted(format!(
                     "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens ({:.1} MB held in all with it, each of {rows} sequences with room for {room} tokens), but the budget is {:.1} MB",

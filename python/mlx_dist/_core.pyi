@@ -43,6 +43,7 @@ def run_worker(
     max_sequences: int | None = None,
     max_message_bytes: int | None = None,
     prefix_cache_mb: int | None = None,
+    kv_budget_mb: int | None = None,
 ) -> None: ...
 def worker_info(address: str, timeout: float = 5.0) -> str:
     """The worker's DeviceInfo as JSON."""
@@ -57,6 +58,12 @@ def make_certificate(hosts: list[str]) -> tuple[str, str]:
     private key: (cert PEM, key PEM)."""
 
 def convert(path_or_repo: str, out_dir: str) -> None: ...
+
+class KvBudgetExceeded(MemoryError):
+    """A sequence needs more KV cache than a stage's whole budget."""
+
+    need_bytes: int
+    budget_bytes: int
 
 class Model:
     config_json: str

@@ -175,6 +175,10 @@ def _worker(args: argparse.Namespace) -> int:
         raise ValueError("--max-sequences must be at least 1")
     if args.max_message_mb < 1:
         raise ValueError("--max-message-mb must be at least 1")
+    if args.kv_budget_mb is not None and args.kv_budget_mb < 1:
+        raise ValueError("--kv-budget-mb must be at least 1")
+    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
+        raise ValueError("--prefix-cache-mb must be 0 (off) or more")
     port = args.port
     if args.coordinator:
         from mlx_dist.announce import advertised_address, announce, free_port
@@ -197,6 +201,8 @@ def _worker(args: argparse.Namespace) -> int:
         key_pem,
         args.max_sequences,
         args.max_message_mb << 20,
+        args.prefix_cache_mb,
+        args.kv_budget_mb,
     )
     return 0
 
@@ -438,6 +444,20 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=160,
         help="largest gRPC message taken, in MiB (activations of one prompt chunk)",
+    )
+    w.add_argument(
+        "--kv-budget-mb",
+        type=int,
+        default=None,
+        help="KV cache of all sequences held here, in MiB (default: 80%% of the device "
+        "memory free once the stage is loaded)",
+    )
+    w.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=None,
+        help="KV cache kept from ended sequences for later prompts, in MiB, at most a "
+        "quarter of the KV budget (default: $MLX_DIST_PREFIX_CACHE_MB, else 1024; 0: off)",
     )
     w.set_defaults(func=_worker)
 

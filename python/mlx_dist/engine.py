@@ -219,6 +219,10 @@ class Engine:
             gen = _core.Generation(
                 self._model, self._tokenizer, job.prompt, logprobs=job.logprobs, **job.options
             )
+        except _core.KvBudgetExceeded as e:
+            # More than a stage's whole budget: waiting cannot help.
+            self._fail(job, CapacityExceeded(str(e)))
+            return True
         except MemoryError as e:
             if self._active:
                 # A worker's KV budget is full: wait for a running sequence to end.

@@ -254,7 +254,7 @@ impl PyCluster {
 /// (default `MLX_DIST_PREFIX_CACHE_MB`, else 1024; at most a quarter of its
 /// KV budget; 0: none).
 #[pyfunction]
-#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None, prefix_cache_mb = None))]
+#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None, prefix_cache_mb = None, kv_budget_mb = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -267,6 +267,7 @@ pub fn run_worker(
     max_sequences: Option<usize>,
     max_message_bytes: Option<usize>,
     prefix_cache_mb: Option<u64>,
+    kv_budget_mb: Option<u64>,
 ) -> PyResult<()> {
     let tls = match (tls_cert_pem, tls_key_pem) {
         (Some(cert), Some(key)) => Some(TlsIdentity::new(cert, key)?),
@@ -302,6 +303,13 @@ pub fn run_worker(
     }
     if let Some(mb) = prefix_cache_mb {
         cfg.prefix_cache_bytes = mb.saturating_mul(1 << 20);
+    }
+    match kv_budget_mb {
+        Some(0) => {
+            return Err(Error::InvalidArgument("kv_budget_mb must be at least 1".into()).into())
+        }
+        Some(mb) => cfg.kv_budget_bytes = Some(mb.saturating_mul(1 << 20)),
+        None => {}
     }
     py.detach(|| runtime().block_on(serve(&host, port, cfg)))?;
     Ok(())

@@ -1,9 +1,17 @@
 //! The Python bindings (`mlx_dist._core`), one file per Python-facing
 //! concept. Errors map to Python exceptions here, in one place.
 use pyo3::exceptions::{PyFileNotFoundError, PyRuntimeError, PyValueError};
+use pyo3::types::PyAnyMethods;
 use pyo3::PyErr;
 
 use crate::error::Error;
+
+pyo3::create_exception!(
+    mlx_dist._core,
+    KvBudgetExceeded,
+    pyo3::exceptions::PyMemoryError,
+    "A sequence needs more KV cache than a stage's whole budget (`need_bytes`, `budget_bytes`): waiting for memory cannot help."
+);
 
 impl From<Error> for PyErr {
     fn from(e: Error) -> PyErr {
@@ -18,6 +26,14 @@ impl From<Error> for PyErr {
                 pyo3::exceptions::PyConnectionError::new_err(msg)
             }
             Error::ResourceExhausted(_) => pyo3::exceptions::PyMemoryError::new_err(msg),
+            Error::KvBudgetExceeded { need, budget, .. } => pyo3::Python::attach(|py| {
+                let err = KvBudgetExceeded::new_err(msg);
+                let value = err.value(py);
+                // Named figures, so that callers never read them from the text.
+                let _ = value.setattr("need_bytes", need);
+                let _ = value.setattr("budget_bytes", budget);
+                err
+            }),
             _ => PyValueError::new_err(msg),
         }
     }
