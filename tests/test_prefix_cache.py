@@ -159,6 +159,13 @@ def test_a_served_model_answers_evicted_prefixes(model_path, tmp_path):
             assert sum(cached == 0 for *_, cached in again) >= len(prompts) // 2
             assert complete(c, prompts[-1])[2] > 0
             assert c.get("/health").status_code == 200
+            # /cluster/status shows what is kept, within the bound.
+            kept = c.get("/cluster/status").json()["prefix_cache"]
+            (stage,) = kept["stages"]
+            assert stage["budget_bytes"] == BUDGET_MB << 20, kept
+            assert 0 < stage["bytes"] <= stage["budget_bytes"], kept
+            assert 0 < stage["entries"] < len(prompts), kept
+            assert kept["index_entries"] >= stage["entries"], kept
     finally:
         server.stop()
 

@@ -339,7 +339,34 @@ class ServerState:
             body["plan"] = self.model.plan_dict
             body["plan_text"] = self.model.plan
         body["devices"] = await self.devices()
+        body["prefix_cache"] = self.prefix_cache(body["devices"])
         return body
+
+    def prefix_cache(self, devices: list[dict]) -> dict:
+        """What the prefix cache holds and may hold: on one device (not
+        batched) the model's own; over workers, or the worker inside this
+        process, what the coordinator names and what each stage keeps,
+        each within its bound (``MLX_DIST_PREFIX_CACHE_MB``, at most a
+        quarter of the stage's KV budget)."""
+        core = self.model._core
+        if not self.distributed:
+            return {
+                "entries": core.prefix_cache_entries,
+                "bytes": core.prefix_cache_bytes,
+                "budget_bytes": core.prefix_cache_budget,
+            }
+        stages = []
+        for d in devices:
+            info = d.get("info") or {}
+            stages.append(
+                {
+                    "stage": d["stage"],
+                    "entries": info.get("prefix_entries"),
+                    "bytes": info.get("prefix_bytes"),
+                    "budget_bytes": info.get("prefix_budget_bytes"),
+                }
+            )
+        return {"index_entries": core.prefix_index_entries, "stages": stages}
 
 
 def _model_name(source: str) -> str:
