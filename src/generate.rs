@@ -81,7 +81,7 @@ impl TokenGenerator {
         let prefixes = prefixes.filter(|_| !sampler.needs_history());
         let kept = prefixes
             .as_ref()
-            .and_then(|p| crate::pipeline::lock(p).take(prompt));
+            .and_then(|p| crate::util::lock(p).take(prompt));
         let (cache, cached) = match kept {
             Some((c, n)) => (c, n),
             None => (model.make_cache(), 0),
@@ -192,7 +192,7 @@ impl Drop for TokenGenerator {
         let held = self.cache.first().map_or(0, |c| c.offset()) as usize;
         if !self.failed && held == self.fed.len() {
             let cache = std::mem::take(&mut self.cache);
-            crate::pipeline::lock(&prefixes).keep(std::mem::take(&mut self.fed), cache);
+            crate::util::lock(&prefixes).keep(std::mem::take(&mut self.fed), cache);
         }
     }
 }

@@ -28,6 +28,8 @@ pub mod sample;
 pub mod sharding;
 /// Tokenization, chat templates and streaming detokenization.
 pub mod tokenizer;
+/// Helpers many modules share: the poisoned-lock guard, the network runtime.
+pub mod util;
 /// Finding models and reading their weights.
 pub mod weights;
 /// The worker: a gRPC server holding one pipeline stage.

@@ -23,23 +23,11 @@ use crate::proto::{
     Compression, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadShardRequest,
     ModelSource as ProtoSource, ReleaseRequest, SamplingParams,
 };
-use crate::recovery::SequenceSpec;
+use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::sharding::{plan, Footprint, Plan, Strategy};
+use crate::util::{lock, runtime};
 use crate::weights::{resolve, ModelSource, Weights};
 use crate::worker::{connect, Client};
-
-/// The tokio runtime that carries all coordinator-side network work.
-pub fn runtime() -> &'static tokio::runtime::Runtime {
-    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    RT.get_or_init(|| {
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .thread_name("mlx-dist-net")
-            .build()
-            .expect("cannot start the network runtime")
-    })
-}
 
 /// How to reach a worker and, optionally, what it is declared to be able
 /// to do (overriding what it measures).
@@ -619,6 +607,17 @@ async fn load_stage(
     Err(tonic::Status::internal("loading ended without finishing"))
 }
 
+/// What a sequence needs to start, or to start again from its history.
+#[derive(Clone, Debug)]
+pub struct SequenceSpec {
+    pub prompt: Vec<u32>,
+    pub sampler: SamplerConfig,
+    pub processors: ProcessorConfig,
+    pub max_tokens: usize,
+    pub prefill_step: usize,
+    pub logprobs: bool,
+}
+
 /// A sequence running through the pipeline.
 pub struct RemoteTokens {
     seq: String,
@@ -946,12 +945,6 @@ impl Drop for RemoteTokens {
             }
         }
     }
-}
-
-/// Locks `m`, taking the data of a poisoned mutex as it is (a panic elsewhere
-/// must not stop the coordinator).
-pub(crate) fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// A random number fixed for this process, so that sequence ids of

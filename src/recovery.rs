@@ -14,10 +14,10 @@ use std::time::{Duration, Instant};
 use crate::error::{Error, Result};
 use crate::generate::TokenSource;
 use crate::mlx::Array;
-use crate::pipeline::{lock, runtime, Cluster, ClusterOptions, Progress, RemoteTokens, WorkerSpec};
+use crate::pipeline::{Cluster, ClusterOptions, Progress, RemoteTokens, SequenceSpec, WorkerSpec};
 use crate::proto::DeviceInfoRequest;
-use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::sharding::Strategy;
+use crate::util::{lock, runtime};
 use crate::worker::connect;
 
 /// How recovery behaves.
@@ -268,17 +268,6 @@ fn surviving_strategy(s: &Strategy, all: &[WorkerSpec], up: &[WorkerSpec]) -> St
         Strategy::Custom(p) if p.len() != up.len() => Strategy::Uniform,
         other => other.clone(),
     }
-}
-
-/// What a sequence needs to start, or to start again from its history.
-#[derive(Clone, Debug)]
-pub struct SequenceSpec {
-    pub prompt: Vec<u32>,
-    pub sampler: SamplerConfig,
-    pub processors: ProcessorConfig,
-    pub max_tokens: usize,
-    pub prefill_step: usize,
-    pub logprobs: bool,
 }
 
 /// A sequence on a `ClusterHandle` that outlives failed stages: errors of

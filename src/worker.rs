@@ -24,7 +24,6 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
 use crate::models::{Model, Shard};
-use crate::pipeline::lock;
 use crate::prefix::PrefixStore;
 use crate::proto::worker_client::WorkerClient;
 use crate::proto::worker_server::{Worker, WorkerServer};
@@ -35,6 +34,7 @@ use crate::proto::{
 };
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 use crate::sharding::Footprint;
+use crate::util::lock;
 use crate::weights::{resolve, Weights};
 
 mod ahead;
@@ -2589,7 +2589,7 @@ pub fn start_local() -> Result<String> {
         std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
         set_cluster_token(Some(hex::encode(bytes)));
     }
-    let rt = crate::pipeline::runtime();
+    let rt = crate::util::runtime();
     let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
     let addr = format!("127.0.0.1:{}", listener.local_addr()?.port());
     let cfg = WorkerConfig::new("local");
@@ -2781,7 +2781,7 @@ mod tests {
 
     #[test]
     fn served_connections_set_tcp_nodelay() {
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             let addr = listener.local_addr().unwrap();
             let mut accepted = incoming(listener);
@@ -2826,7 +2826,7 @@ mod tests {
     fn prefixes_are_kept_found_refused_by_kind_and_forgotten() {
         let tmp = tempfile::tempdir().unwrap();
         crate::models::tests::write_llama(tmp.path(), 3);
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let mut cfg = WorkerConfig::new("pfx");
             cfg.cache_dir = tmp.path().join("cache");
             cfg.prefix_cache_bytes = 100 << 20;
@@ -2881,7 +2881,7 @@ mod tests {
     fn device_info_answers_while_the_engine_is_busy() {
         let svc = WorkerService::new(WorkerConfig::new("busy"));
         let ask = |svc: &WorkerService| {
-            crate::pipeline::runtime().block_on(async {
+            crate::util::runtime().block_on(async {
                 let asked = svc.get_device_info(Request::new(DeviceInfoRequest::default()));
                 tokio::time::timeout(Duration::from_secs(30), asked)
                     .await
@@ -2906,7 +2906,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         crate::models::tests::write_llama(tmp.path(), 3);
         set_cluster_token(Some("s3cret".into()));
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let (addr, mut client) = start(tmp.path()).await;
             assert!(client
                 .get_device_info(DeviceInfoRequest::default())
@@ -2939,7 +2939,7 @@ mod tests {
         let m = Model::load(&weights, None).unwrap();
         let fp = Footprint::from_weights(&weights, &m.args, m.tied());
         let per_token: u64 = fp.kv_bytes_per_token[1..3].iter().sum();
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let (_addr, mut client) = start(tmp.path()).await;
             // Room for 1500 tokens: a sequence of 1000 and one of 8 fit by
             // their sum, but each row of the shared cache gets 1024.
@@ -3003,7 +3003,7 @@ mod tests {
     fn bad_messages_are_refused_and_the_worker_keeps_serving() {
         let tmp = tempfile::tempdir().unwrap();
         crate::models::tests::write_llama(tmp.path(), 3);
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let (addr, mut client) = start(tmp.path()).await;
             let good = codec::encode(
                 &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
@@ -3065,7 +3065,7 @@ mod tests {
     fn a_bad_row_fails_alone_in_a_batched_step() {
         let tmp = tempfile::tempdir().unwrap();
         crate::models::tests::write_llama(tmp.path(), 3);
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let mut cfg = WorkerConfig::new("batch");
             cfg.cache_dir = tmp.path().join("cache");
             let (addr, mut client, jobs) = start_with_jobs(tmp.path(), cfg).await;
@@ -3362,7 +3362,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         crate::models::tests::write_llama(tmp.path(), 3);
         let limit = 2 << 20;
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let mut cfg = WorkerConfig::new("fuzz");
             cfg.cache_dir = tmp.path().join("cache");
             cfg.max_message_bytes = limit;
@@ -3547,7 +3547,7 @@ mod tests {
         let (cert, key) = make_certificate(&["127.0.0.1".into(), "localhost".into()]).unwrap();
         let (other, _) = make_certificate(&["127.0.0.1".into(), "localhost".into()]).unwrap();
         set_tls_ca(Some(cert.clone())).unwrap();
-        crate::pipeline::runtime().block_on(async {
+        crate::util::runtime().block_on(async {
             let mut cfg = WorkerConfig::new("tls");
             cfg.cache_dir = tmp.path().join("cache");
             cfg.tls = Some(TlsIdentity::new(cert.clone(), key).unwrap());

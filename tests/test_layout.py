@@ -238,12 +238,6 @@ def test_rust_import_paths_resolve_to_modules():
     assert any(graph.values()), "no edges found: the parser reads no paths"
 
 
-# Strict: once the cycles are gone this fails, to have the mark taken off.
-@pytest.mark.xfail(
-    strict=True,
-    reason="the cycles through pipeline.rs (lock, runtime) and worker/recovery "
-    "are removed by the layout change",
-)
 def test_no_import_cycle_between_rust_modules():
     found = cycles(rust_imports())
     assert not found, "cycles between src/ modules:\n" + _describe(found)

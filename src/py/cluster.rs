@@ -8,11 +8,12 @@ use pyo3::prelude::*;
 use super::tokenizer::PyTokenizer;
 use crate::device::Capabilities;
 use crate::error::Error;
-use crate::pipeline::{runtime, ClusterOptions, WorkerSpec};
+use crate::pipeline::{ClusterOptions, WorkerSpec};
 use crate::proto::Compression;
 use crate::recovery::{ClusterHandle, RecoveryOptions};
 use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
+use crate::util::runtime;
 use crate::weights::{resolve, Weights};
 use crate::worker::{serve, TlsIdentity, WorkerConfig};
 
@@ -190,7 +191,7 @@ impl PyCluster {
     /// `prefix_budget_bytes`).
     #[getter]
     fn prefix_index_entries(&self) -> usize {
-        crate::pipeline::lock(&self.inner.current().prefixes).len()
+        crate::util::lock(&self.inner.current().prefixes).len()
     }
 
     /// Re-plans so far (0: the cluster runs as first loaded).

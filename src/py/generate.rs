@@ -10,7 +10,7 @@ use super::model::PyModel;
 use super::tokenizer::PyTokenizer;
 use crate::generate::{GenerateOptions, Generation, Response};
 use crate::mlx::Array;
-use crate::recovery::SequenceSpec;
+use crate::pipeline::SequenceSpec;
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 
 #[pyclass(name = "Generation", module = "mlx_dist._core")]

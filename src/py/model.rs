@@ -73,20 +73,20 @@ impl PyModel {
     /// (`MLX_DIST_PREFIX_CACHE_MB` at load bounds it).
     #[getter]
     fn prefix_cache_bytes(&self) -> u64 {
-        crate::pipeline::lock(&self.prefixes).bytes()
+        crate::util::lock(&self.prefixes).bytes()
     }
 
     /// Prefixes kept from ended sequences.
     #[getter]
     fn prefix_cache_entries(&self) -> usize {
-        crate::pipeline::lock(&self.prefixes).len()
+        crate::util::lock(&self.prefixes).len()
     }
 
     /// The most bytes kept prefixes may hold (`MLX_DIST_PREFIX_CACHE_MB` at
     /// load; 0: off).
     #[getter]
     fn prefix_cache_budget(&self) -> u64 {
-        crate::pipeline::lock(&self.prefixes).budget()
+        crate::util::lock(&self.prefixes).budget()
     }
 
     #[getter]

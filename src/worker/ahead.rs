@@ -16,9 +16,9 @@ use crate::cache::Caches;
 use crate::codec;
 use crate::error::Result;
 use crate::mlx;
-use crate::pipeline::lock;
 use crate::proto::{Compression, ForwardRequest};
 use crate::sample::Sampler;
+use crate::util::lock;
 
 /// A decode step launched before its input arrived, whose input goes to
 /// its mailboxes in the `Post`. Any other job undoes it
