@@ -28,6 +28,8 @@ pub mod sample;
 pub mod sharding;
 /// Tokenization, chat templates and streaming detokenization.
 pub mod tokenizer;
+/// Reaching workers: the connector, TLS, the cluster token, HTTP/2 settings.
+pub mod transport;
 /// Helpers many modules share: the poisoned-lock guard, the network runtime.
 pub mod util;
 /// Finding models and reading their weights.

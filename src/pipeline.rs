@@ -25,9 +25,9 @@ use crate::proto::{
 };
 use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::sharding::{plan, Footprint, Plan, Strategy};
+use crate::transport::{connect, Client};
 use crate::util::{lock, runtime};
 use crate::weights::{resolve, ModelSource, Weights};
-use crate::worker::{connect, Client};
 
 /// How to reach a worker and, optionally, what it is declared to be able
 /// to do (overriding what it measures).
@@ -160,7 +160,7 @@ async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
         {
             Ok(c) => return Ok(c),
             // A certificate problem does not go away by retrying.
-            Err(e) if crate::worker::is_tls_mismatch(&e) => return Err(e),
+            Err(e) if crate::transport::is_tls_mismatch(&e) => return Err(e),
             Err(e) if start.elapsed() + wait >= within => {
                 return Err(Error::Worker(format!(
                     "worker {addr} is unreachable after {attempts} attempts in {:.1} s: {e}",
@@ -179,7 +179,7 @@ fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
     let msg = s.message();
     let kind = s
         .metadata()
-        .get(crate::worker::ERROR_KIND_KEY)
+        .get(crate::transport::ERROR_KIND_KEY)
         .and_then(|v| v.to_str().ok());
     let bytes = |key| {
         s.metadata()
@@ -189,16 +189,16 @@ fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
             .unwrap_or(0)
     };
     match s.code() {
-        tonic::Code::ResourceExhausted if kind == Some(crate::worker::KV_BUDGET_EXCEEDED) => {
+        tonic::Code::ResourceExhausted if kind == Some(crate::transport::KV_BUDGET_EXCEEDED) => {
             Error::KvBudgetExceeded {
-                need: bytes(crate::worker::NEED_KEY),
-                budget: bytes(crate::worker::BUDGET_KEY),
+                need: bytes(crate::transport::NEED_KEY),
+                budget: bytes(crate::transport::BUDGET_KEY),
                 detail: msg.to_string(),
             }
         }
         tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
         // An evicted prefix: a cache miss (`Cluster::start`).
-        tonic::Code::FailedPrecondition if kind == Some(crate::worker::PREFIX_MISSING) => {
+        tonic::Code::FailedPrecondition if kind == Some(crate::transport::PREFIX_MISSING) => {
             Error::PrefixMissing(format!("worker {stage}: {msg}"))
         }
         // A restarted worker or a dropped sequence: a re-plan mends it.
@@ -842,7 +842,7 @@ impl RemoteTokens {
         let ask = |s: &StageHandle| {
             let address = s.address.clone();
             async move {
-                let mut client = crate::worker::connect(&address, LIVENESS_TIMEOUT).await?;
+                let mut client = crate::transport::connect(&address, LIVENESS_TIMEOUT).await?;
                 let info = tokio::time::timeout(
                     LIVENESS_TIMEOUT,
                     client.get_device_info(crate::proto::DeviceInfoRequest::default()),

@@ -17,8 +17,8 @@ use crate::mlx::Array;
 use crate::pipeline::{Cluster, ClusterOptions, Progress, RemoteTokens, SequenceSpec, WorkerSpec};
 use crate::proto::DeviceInfoRequest;
 use crate::sharding::Strategy;
+use crate::transport::connect;
 use crate::util::{lock, runtime};
-use crate::worker::connect;
 
 /// How recovery behaves.
 #[derive(Clone, Debug)]

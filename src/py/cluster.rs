@@ -13,9 +13,10 @@ use crate::proto::Compression;
 use crate::recovery::{ClusterHandle, RecoveryOptions};
 use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
+use crate::transport::TlsIdentity;
 use crate::util::runtime;
 use crate::weights::{resolve, Weights};
-use crate::worker::{serve, TlsIdentity, WorkerConfig};
+use crate::worker::{serve, WorkerConfig};
 
 #[pyclass(name = "Cluster", module = "mlx_dist._core", frozen)]
 pub struct PyCluster {
@@ -347,7 +348,8 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
     let info = py.detach(|| {
         runtime().block_on(async {
             let mut c =
-                crate::worker::connect(&address, Duration::from_secs_f64(timeout.max(0.1))).await?;
+                crate::transport::connect(&address, Duration::from_secs_f64(timeout.max(0.1)))
+                    .await?;
             let r = c
                 .get_device_info(crate::proto::DeviceInfoRequest::default())
                 .await
@@ -386,7 +388,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
 #[pyfunction]
 #[pyo3(signature = (token = None))]
 pub fn set_cluster_token(token: Option<String>) {
-    crate::worker::set_cluster_token(token);
+    crate::transport::set_cluster_token(token);
 }
 
 /// Sets the CA certificate (PEM text) this process trusts when it connects
@@ -395,7 +397,7 @@ pub fn set_cluster_token(token: Option<String>) {
 #[pyfunction]
 #[pyo3(signature = (pem = None))]
 pub fn set_tls_ca(pem: Option<String>) -> PyResult<()> {
-    crate::worker::set_tls_ca(pem)?;
+    crate::transport::set_tls_ca(pem)?;
     Ok(())
 }
 
@@ -403,7 +405,7 @@ pub fn set_tls_ca(pem: Option<String>) -> PyResult<()> {
 /// its private key, as PEM texts `(cert, key)`.
 #[pyfunction]
 pub fn make_certificate(hosts: Vec<String>) -> PyResult<(String, String)> {
-    Ok(crate::worker::make_certificate(&hosts)?)
+    Ok(crate::transport::make_certificate(&hosts)?)
 }
 
 /// A worker address must be `host:port`.
