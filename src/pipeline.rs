@@ -27,7 +27,10 @@ use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::sharding::{plan, Footprint, Plan, Strategy};
 use crate::transport::{connect, Client};
 use crate::util::{lock, runtime};
+
+mod ledger;
 use crate::weights::{resolve, ModelSource, Weights};
+use ledger::{Ledger, Next};
 
 /// How to reach a worker and, optionally, what it is declared to be able
 /// to do (overriding what it measures).
@@ -544,17 +547,11 @@ impl Cluster {
             stages: self.stages.clone(),
             tx,
             replies,
-            offset: cached as u32,
             logprobs,
-            pending: false,
-            outstanding: Default::default(),
+            ledger: Ledger::new(&prompt[..cached]),
             micros: self.last_stage_micros.clone(),
-            fed: prompt[..cached].to_vec(),
-            acked: cached,
             failed: false,
             cached,
-            ring_left: 0,
-            ring_last: None,
         };
         let max_length = (prompt.len() + max_tokens) as u32;
         let (head, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
@@ -565,7 +562,7 @@ impl Cluster {
         let step = prefill_step.clamp(1, self.prefill_chunk.max(1));
         for chunk in head.chunks(step) {
             r.send(chunk, false, sampling.take(), max_length, 0).await?;
-            if r.outstanding.len() >= PREFILL_IN_FLIGHT {
+            if r.ledger.in_flight() >= PREFILL_IN_FLIGHT {
                 r.receive().await?;
             }
         }
@@ -577,11 +574,10 @@ impl Cluster {
         };
         r.send(last, true, sampling.take(), max_length, ahead)
             .await?;
-        r.ring_left = ahead;
-        while r.outstanding.len() > 1 {
+        r.ledger.started(ahead);
+        while r.ledger.in_flight() > 1 {
             r.receive().await?;
         }
-        r.pending = true;
         Ok(r)
     }
 }
@@ -626,16 +622,9 @@ pub struct RemoteTokens {
     stages: Vec<StageHandle>,
     tx: mpsc::Sender<ForwardRequest>,
     replies: Streaming<ForwardReply>,
-    offset: u32,
     logprobs: bool,
-    /// A step was sent and its reply not yet read.
-    pending: bool,
-    /// Tokens of each step sent and not yet answered, oldest first (the
-    /// deadline of a reply grows with them).
-    outstanding: std::collections::VecDeque<usize>,
-    /// Every token sent, and how many of them the stages confirmed.
-    fed: Vec<u32>,
-    acked: usize,
+    /// Steps sent, replies read, ring tokens, and what the stages hold.
+    ledger: Ledger,
     failed: bool,
     /// Prompt positions taken from a kept prefix.
     pub cached: usize,
@@ -649,10 +638,6 @@ pub struct RemoteTokens {
     /// if the sequence fails (they may not have reached every stage).
     forgets: Vec<String>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
-    /// Tokens still to come round the ring after the next reply, and the
-    /// last token that came (the stages feed it in themselves).
-    ring_left: u32,
-    ring_last: Option<u32>,
 }
 
 /// How long the coordinator waits for one step's reply before asking the
@@ -739,9 +724,10 @@ impl RemoteTokens {
             Vec::new()
         };
         let (prefix_id, keep_as) = first.unwrap_or_default();
+        let offset = self.ledger.sent(tokens);
         let req = ForwardRequest {
             sequence_id: self.seq.clone(),
-            offset: self.offset,
+            offset,
             tokens: tokens.to_vec(),
             hidden: None,
             sample,
@@ -755,9 +741,6 @@ impl RemoteTokens {
             ring_credit: if decode_ahead > 0 { RING_CREDIT } else { 0 },
             forget_prefixes,
         };
-        self.offset += tokens.len() as u32;
-        self.outstanding.push_back(tokens.len());
-        self.fed.extend_from_slice(tokens);
         if self.tx.send(req).await.is_err() {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
@@ -774,7 +757,7 @@ impl RemoteTokens {
     }
 
     async fn receive_one(&mut self) -> Result<ForwardReply> {
-        let deadline = step_deadline(self.outstanding.iter().sum());
+        let deadline = step_deadline(self.ledger.in_flight_tokens());
         let mut late = 0;
         let reply = loop {
             // Reading a stream's next message is cancel-safe: a timeout
@@ -814,7 +797,7 @@ impl RemoteTokens {
         };
         match reply {
             Ok(Some(r)) => {
-                self.acked += self.outstanding.pop_front().unwrap_or(0);
+                self.ledger.replied();
                 if let Ok(mut m) = self.micros.lock() {
                     *m = r.stage_micros.clone();
                 }
@@ -858,11 +841,10 @@ impl RemoteTokens {
     }
 
     async fn next_async(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
-        if !self.pending {
+        if !self.ledger.pending() {
             return Err(Error::InvalidArgument("generation has ended".into()));
         }
         let reply = self.receive().await?;
-        self.pending = false;
         let token = reply.token.ok_or_else(|| {
             Error::Worker(format!(
                 "the last stage returned no token for sequence {}",
@@ -870,19 +852,8 @@ impl RemoteTokens {
             ))
         })?;
         let logprobs = reply.logprobs.as_ref().map(codec::decode).transpose()?;
-        if let Some(fed) = self.ring_last.take() {
-            // This token's step ran on every stage: the one before it is in
-            // their caches.
-            self.fed.push(fed);
-            self.acked += 1;
-        }
-        if self.ring_left > 0 {
-            // The first stage already runs the next step; this token was
-            // read, so it may start one more.
-            self.ring_left -= 1;
-            self.ring_last = Some(token);
-            self.pending = true;
-            if self.ring_left > 0 && schedule_next {
+        match self.ledger.token_read(token, schedule_next) {
+            Next::Credit => {
                 let credit = ForwardRequest {
                     sequence_id: self.seq.clone(),
                     ring_credit: 1,
@@ -891,10 +862,9 @@ impl RemoteTokens {
                 // A broken stream shows in the next reply.
                 let _ = self.tx.send(credit).await;
             }
-        } else if schedule_next {
             // The next step is on its way while the caller handles this token.
-            self.send(&[token], true, None, 0, 0).await?;
-            self.pending = true;
+            Next::Step(t) => self.send(&[t], true, None, 0, 0).await?,
+            Next::Nothing => {}
         }
         Ok((token, logprobs))
     }
@@ -914,7 +884,7 @@ impl Drop for RemoteTokens {
     /// The stages keep the cache of a sequence that ended well (closing the
     /// stream releases it there): note what it holds for later prompts.
     fn drop(&mut self) {
-        if !self.failed && self.ring_left > 0 {
+        if !self.failed && self.ledger.ring_running() {
             // Steps still go round the ring: end the stream, then release
             // the sequence at the first stage, behind its step in flight
             // there, so that a sequence started next finds it gone.
@@ -940,8 +910,7 @@ impl Drop for RemoteTokens {
                 index.requeue(std::mem::take(&mut self.forgets));
                 index.remove(&id);
             } else {
-                self.fed.truncate(self.acked);
-                index.insert(id, std::mem::take(&mut self.fed));
+                index.insert(id, self.ledger.confirmed());
             }
         }
     }
