@@ -28,8 +28,11 @@ use crate::sharding::{plan, Footprint, Plan, Strategy};
 use crate::transport::{connect, Client};
 use crate::util::{lock, runtime};
 
-mod ledger;
 use crate::weights::{resolve, ModelSource, Weights};
+
+mod late;
+mod ledger;
+use late::{step_deadline, Late, LATE_DEADLINES};
 use ledger::{Ledger, Next};
 
 /// How to reach a worker and, optionally, what it is declared to be able
@@ -640,68 +643,6 @@ pub struct RemoteTokens {
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
 }
 
-/// How long the coordinator waits for one step's reply before asking the
-/// stages whether they still answer: `MLX_DIST_STEP_TIMEOUT` seconds
-/// (default 30) plus 0.1 s per token in the step, for long prefill chunks on
-/// slow devices.
-fn step_deadline(tokens: usize) -> Duration {
-    static BASE: OnceLock<Duration> = OnceLock::new();
-    let base = *BASE.get_or_init(|| {
-        std::env::var("MLX_DIST_STEP_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| *v > 0.0)
-            .map_or(Duration::from_secs(30), Duration::from_secs_f64)
-    });
-    base + Duration::from_millis(100) * tokens as u32
-}
-
-/// Deadlines a late reply may run past while every stage answers health
-/// checks: a worker busy for minutes (a GPU compiling kernels for shapes it
-/// has not run yet, which can take a minute; a long prompt of another
-/// sequence ahead in its queue) is slow, not failed.
-const LATE_DEADLINES: u32 = 10;
-
-/// What the stages say while a step's reply is late.
-#[derive(Debug)]
-enum Late<S = StageHandle> {
-    /// This stage does not answer.
-    Silent(S, Error),
-    /// Every stage answers, and this one has run one job this long: slow
-    /// (a GPU compiling kernels for a shape it has not run, a long prompt
-    /// chunk), not failed.
-    Busy(S, Duration),
-    /// Every stage answers at once: nothing computes the step.
-    Idle,
-}
-
-impl<S> Late<S> {
-    /// The verdict from each stage's answer: how long its engine has run
-    /// its current job (0: it answered at once), or why it did not answer.
-    fn from_answers(answers: impl IntoIterator<Item = (S, Result<u64>)>) -> Late<S> {
-        let mut busiest: Option<(S, Duration)> = None;
-        for (s, a) in answers {
-            match a {
-                Err(e) => return Late::Silent(s, e),
-                Ok(0) => {}
-                Ok(micros) => {
-                    let busy = Duration::from_micros(micros);
-                    if busiest.as_ref().is_none_or(|(_, b)| busy > *b) {
-                        busiest = Some((s, busy));
-                    }
-                }
-            }
-        }
-        match busiest {
-            Some((s, busy)) => Late::Busy(s, busy),
-            None => Late::Idle,
-        }
-    }
-}
-
-/// How long a stage has to answer a health check when a reply is late.
-const LIVENESS_TIMEOUT: Duration = Duration::from_secs(2);
-
 impl RemoteTokens {
     /// The id the workers know this sequence by.
     pub fn sequence_id(&self) -> &str {
@@ -818,28 +759,6 @@ impl RemoteTokens {
         }
     }
 
-    /// What the stages say while a reply is late: each is asked for its
-    /// figures, which a worker gives within half a second even when its
-    /// engine is busy (with how long it has run its current job).
-    async fn late_stages(&self) -> Late {
-        let ask = |s: &StageHandle| {
-            let address = s.address.clone();
-            async move {
-                let mut client = crate::transport::connect(&address, LIVENESS_TIMEOUT).await?;
-                let info = tokio::time::timeout(
-                    LIVENESS_TIMEOUT,
-                    client.get_device_info(crate::proto::DeviceInfoRequest::default()),
-                )
-                .await
-                .map_err(|_| Error::Worker("no answer to a question about its state".into()))?
-                .map_err(|s| Error::Worker(s.message().to_string()))?;
-                Ok::<u64, Error>(info.into_inner().busy_for_micros)
-            }
-        };
-        let answers = futures::future::join_all(self.stages.iter().map(ask)).await;
-        Late::from_answers(self.stages.iter().cloned().zip(answers))
-    }
-
     async fn next_async(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
         if !self.ledger.pending() {
             return Err(Error::InvalidArgument("generation has ended".into()));
@@ -931,33 +850,4 @@ fn process_nonce() -> u64 {
         );
         h.finish()
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn verdict(answers: &[std::result::Result<u64, &str>]) -> Late<usize> {
-        Late::from_answers(
-            answers
-                .iter()
-                .enumerate()
-                .map(|(i, a)| (i, a.map_err(|e| Error::Worker(e.into())))),
-        )
-    }
-
-    #[test]
-    fn a_late_reply_is_a_lost_step_only_when_every_stage_is_idle() {
-        assert!(matches!(verdict(&[Ok(0), Ok(0)]), Late::Idle));
-        // The busiest stage is named, however many are busy.
-        match verdict(&[Ok(0), Ok(3_000_000), Ok(40_000_000)]) {
-            Late::Busy(2, d) => assert_eq!(d, Duration::from_secs(40)),
-            other => panic!("{other:?}"),
-        }
-        // One stage that does not answer outweighs busy ones.
-        assert!(matches!(
-            verdict(&[Ok(5), Err("refused"), Ok(0)]),
-            Late::Silent(1, _)
-        ));
-    }
 }

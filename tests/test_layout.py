@@ -9,8 +9,6 @@ import ast
 import re
 from pathlib import Path
 
-import pytest
-
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = ROOT / "python" / "mlx_dist"
 SRC = ROOT / "src"
@@ -277,10 +275,6 @@ def long_files() -> list[str]:
     ]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.rs, sharding.rs and the others are split by the layout change",
-)
 def test_no_source_file_is_over_the_line_limit():
     found = long_files()
     assert not found, f"files over {MAX_LINES} lines:\n" + "\n".join(found)
