@@ -5,6 +5,9 @@
 pub mod cache;
 /// Tensors on the wire: activations between pipeline stages.
 pub mod codec;
+/// The coordinator: planning over workers, running sequences through the
+/// chain, re-planning around dead workers.
+pub mod coordinator;
 /// What a device can do: memory, chip, measured throughput.
 pub mod device;
 pub mod error;
@@ -14,14 +17,10 @@ pub mod generate;
 pub mod mlx;
 /// Architectures and the `model_type` registry.
 pub mod models;
-/// The coordinator's side of a pipeline of workers.
-pub mod pipeline;
 /// KV caches of ended sequences kept for later ones with the same start.
 pub mod prefix;
 /// The gRPC API (generated from `proto/`).
 pub mod proto;
-/// Re-planning around dead workers and replaying sequences on the new plan.
-pub mod recovery;
 /// Logits processors and samplers.
 pub mod sample;
 /// Placing a model's layers on devices: footprints, strategies, plans.

@@ -6,11 +6,11 @@ use std::time::Duration;
 use pyo3::prelude::*;
 
 use super::tokenizer::PyTokenizer;
+use crate::coordinator::{ClusterHandle, RecoveryOptions};
+use crate::coordinator::{ClusterOptions, WorkerSpec};
 use crate::device::Capabilities;
 use crate::error::Error;
-use crate::pipeline::{ClusterOptions, WorkerSpec};
 use crate::proto::Compression;
-use crate::recovery::{ClusterHandle, RecoveryOptions};
 use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::transport::TlsIdentity;

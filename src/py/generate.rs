@@ -8,9 +8,9 @@ use std::time::Instant;
 use super::cluster::PyCluster;
 use super::model::PyModel;
 use super::tokenizer::PyTokenizer;
+use crate::coordinator::SequenceSpec;
 use crate::generate::{GenerateOptions, Generation, Response};
 use crate::mlx::Array;
-use crate::pipeline::SequenceSpec;
 use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 
 #[pyclass(name = "Generation", module = "mlx_dist._core")]

@@ -11,10 +11,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::{Cluster, ClusterOptions, Progress, RemoteTokens, SequenceSpec, WorkerSpec};
 use crate::error::{Error, Result};
 use crate::generate::TokenSource;
 use crate::mlx::Array;
-use crate::pipeline::{Cluster, ClusterOptions, Progress, RemoteTokens, SequenceSpec, WorkerSpec};
 use crate::proto::DeviceInfoRequest;
 use crate::sharding::Strategy;
 use crate::transport::connect;
@@ -240,7 +240,7 @@ impl ClusterHandle {
                         recoveries: 0,
                     })
                 }
-                Err(e) if attempts < 3 && self.recoverable(&e, epoch) => {
+                Err(e) if attempts < 3 && self.mend(&e, epoch).is_some() => {
                     attempts += 1;
                     runtime().block_on(self.replan(epoch, &e.to_string()))?;
                 }
@@ -249,9 +249,47 @@ impl ClusterHandle {
         }
     }
 
-    fn recoverable(&self, e: &Error, epoch: u64) -> bool {
-        self.recovery.enabled
-            && (matches!(e, Error::Worker(_) | Error::Stalled(_)) || self.epoch() != epoch)
+    /// How a sequence of `epoch` that failed with `e` goes on, if it does.
+    fn mend(&self, e: &Error, epoch: u64) -> Option<Mend> {
+        mend(e, self.recovery.enabled, self.epoch() != epoch)
+    }
+}
+
+/// How a failed sequence is mended.
+#[derive(Debug, PartialEq, Eq)]
+enum Mend {
+    /// Every stage still answers (a lost step): replay on the same chain.
+    SameChain,
+    /// A stage failed, or the plan changed under the sequence: re-plan
+    /// (or take the plan made since) and replay on it.
+    Replan,
+}
+
+/// Which failures recovery mends: a failed or stalled stage, or any error
+/// of a sequence whose plan was replaced meanwhile (its stages dropped it).
+/// Anything else (a bad request, a full KV budget) is the caller's.
+fn mend(e: &Error, enabled: bool, replanned: bool) -> Option<Mend> {
+    if !enabled {
+        return None;
+    }
+    match e {
+        Error::Stalled(_) if !replanned => Some(Mend::SameChain),
+        Error::Worker(_) | Error::Stalled(_) => Some(Mend::Replan),
+        _ if replanned => Some(Mend::Replan),
+        _ => None,
+    }
+}
+
+/// What a sequence restarts as after `produced` tokens: its prompt followed
+/// by them, for the tokens it still owes (at least one, so a sequence that
+/// failed on its last step still yields it).
+fn replay(run: &SequenceSpec, produced: &[u32]) -> SequenceSpec {
+    let mut prompt = run.prompt.clone();
+    prompt.extend_from_slice(produced);
+    SequenceSpec {
+        prompt,
+        max_tokens: run.max_tokens.saturating_sub(produced.len()).max(1),
+        ..run.clone()
     }
 }
 
@@ -290,33 +328,20 @@ impl RecoveringTokens {
         let handle = self.handle.clone();
         let mut last = why;
         for _ in 0..3 {
-            if !handle.recoverable(&last, self.epoch) {
+            let Some(how) = handle.mend(&last, self.epoch) else {
                 return Err(last);
-            }
+            };
             tracing::warn!(
                 sequence = %self.inner.sequence_id(),
                 "stopped after {} tokens: {last}; resuming",
                 self.produced.len()
             );
-            let cluster = if matches!(last, Error::Stalled(_)) {
-                // Every stage answers: the same chain serves the replay.
-                handle.current()
-            } else {
-                runtime().block_on(handle.replan(self.epoch, &last.to_string()))?
+            let cluster = match how {
+                Mend::SameChain => handle.current(),
+                Mend::Replan => runtime().block_on(handle.replan(self.epoch, &last.to_string()))?,
             };
             let epoch = handle.epoch();
-            let mut history = self.run.prompt.clone();
-            history.extend_from_slice(&self.produced);
-            let left = self
-                .run
-                .max_tokens
-                .saturating_sub(self.produced.len())
-                .max(1);
-            let again = SequenceSpec {
-                prompt: history,
-                max_tokens: left,
-                ..self.run.clone()
-            };
+            let again = replay(&self.run, &self.produced);
             match runtime().block_on(cluster.start(&again)) {
                 Ok(inner) => {
                     self.inner = inner;
@@ -350,5 +375,86 @@ impl TokenSource for RecoveringTokens {
                 Err(e) => self.resume(e)?,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sample::{ProcessorConfig, SamplerConfig};
+
+    fn spec(prompt: &[u32], max_tokens: usize) -> SequenceSpec {
+        SequenceSpec {
+            prompt: prompt.to_vec(),
+            sampler: SamplerConfig::default(),
+            processors: ProcessorConfig::default(),
+            max_tokens,
+            prefill_step: 16,
+            logprobs: false,
+        }
+    }
+
+    #[test]
+    fn a_replay_runs_the_prompt_and_the_tokens_produced_for_what_is_left() {
+        let run = spec(&[1, 2, 3], 10);
+        let again = replay(&run, &[7, 8]);
+        assert_eq!(again.prompt, vec![1, 2, 3, 7, 8]);
+        assert_eq!(again.max_tokens, 8);
+        assert_eq!(again.prefill_step, 16);
+        // Nothing produced yet: the same sequence again.
+        assert_eq!(replay(&run, &[]).prompt, run.prompt);
+        assert_eq!(replay(&run, &[]).max_tokens, 10);
+    }
+
+    #[test]
+    fn a_replay_after_the_last_token_still_asks_for_one() {
+        let run = spec(&[1], 2);
+        assert_eq!(replay(&run, &[5, 6]).max_tokens, 1);
+        assert_eq!(replay(&run, &[5, 6, 7]).max_tokens, 1);
+    }
+
+    #[test]
+    fn a_lost_step_replays_on_the_same_chain_and_a_failed_stage_replans() {
+        let stalled = Error::Stalled("no reply".into());
+        let dead = Error::Worker("worker a failed".into());
+        assert_eq!(mend(&stalled, true, false), Some(Mend::SameChain));
+        assert_eq!(mend(&dead, true, false), Some(Mend::Replan));
+        // The plan changed meanwhile: its chain is gone, whatever the error.
+        assert_eq!(mend(&stalled, true, true), Some(Mend::Replan));
+        let dropped = Error::InvalidArgument("unknown sequence".into());
+        assert_eq!(mend(&dropped, true, true), Some(Mend::Replan));
+    }
+
+    #[test]
+    fn the_callers_errors_and_disabled_recovery_are_not_mended() {
+        let bad = Error::InvalidArgument("bad".into());
+        assert_eq!(mend(&bad, true, false), None);
+        let full = Error::KvBudgetExceeded {
+            need: 2,
+            budget: 1,
+            detail: String::new(),
+        };
+        assert_eq!(mend(&full, true, false), None);
+        assert_eq!(mend(&Error::Worker("dead".into()), false, false), None);
+        assert_eq!(mend(&Error::Stalled("lost".into()), false, true), None);
+    }
+
+    #[test]
+    fn survivors_keep_their_custom_proportions() {
+        let w = |a: &str| WorkerSpec {
+            address: a.into(),
+            declared: None,
+        };
+        let all = [w("a"), w("b"), w("c")];
+        let up = [w("a"), w("c")];
+        let s = surviving_strategy(&Strategy::Custom(vec![1.0, 2.0, 3.0]), &all, &up);
+        assert!(matches!(s, Strategy::Custom(p) if p == vec![1.0, 3.0]));
+        // Proportions that fit neither the old workers nor the survivors.
+        let s = surviving_strategy(&Strategy::Custom(vec![1.0, 2.0, 3.0, 4.0]), &all, &up);
+        assert!(matches!(s, Strategy::Uniform));
+        assert!(matches!(
+            surviving_strategy(&Strategy::Balanced, &all, &up),
+            Strategy::Balanced
+        ));
     }
 }

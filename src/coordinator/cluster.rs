@@ -1,0 +1,342 @@
+//! A model loaded over a chain of workers: reaching the workers, planning,
+//! and loading each stage.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::device::Capabilities;
+use crate::error::{Error, Result};
+use crate::models::ModelArgs;
+use crate::prefix::PrefixIndex;
+use crate::proto::{Compression, DeviceInfoRequest, LoadShardRequest, ModelSource as ProtoSource};
+use crate::sharding::{plan, Footprint, Plan, Strategy};
+use crate::transport::{connect, Client};
+
+use crate::weights::{resolve, Weights};
+
+use super::files::{model_files, model_id, push_files};
+
+/// How to reach a worker and, optionally, what it is declared to be able
+/// to do (overriding what it measures).
+#[derive(Clone, Debug, Default)]
+pub struct WorkerSpec {
+    pub address: String,
+    pub declared: Option<Capabilities>,
+}
+
+/// Options of `Cluster::load`.
+#[derive(Clone, Debug)]
+pub struct ClusterOptions {
+    pub strategy: Strategy,
+    /// Tokens of KV cache to leave room for on each stage.
+    pub kv_tokens: u64,
+    pub compression: Compression,
+    /// How long to keep trying to reach each worker.
+    pub connect_timeout: Duration,
+    /// Longest prompt chunk sent through the pipeline at once: smaller
+    /// chunks keep every stage busy during a long prefill and let other
+    /// sequences' decode steps in between.
+    pub prefill_chunk: usize,
+    /// Decode steps go round a ring: the last stage sends each token
+    /// straight to the first, which runs the next step without waiting on
+    /// the coordinator (one network hop per stage instead of two).
+    pub ring: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            strategy: Strategy::Balanced,
+            kv_tokens: 4096,
+            compression: Compression::None,
+            connect_timeout: Duration::from_secs(10),
+            prefill_chunk: 1024,
+            ring: true,
+        }
+    }
+}
+
+/// Loading progress: (stage index, bytes done, bytes in all, message).
+pub type Progress<'a> = &'a (dyn Fn(usize, u64, u64, &str) + Sync);
+
+/// A worker in the cluster.
+#[derive(Clone)]
+pub struct StageHandle {
+    pub address: String,
+    pub name: String,
+    /// The worker runs inside this process (`worker::start_local`).
+    pub local: bool,
+    pub(super) client: Client,
+}
+
+impl std::fmt::Display for StageHandle {
+    /// How messages name the worker: `name (address)`, or only its name for
+    /// the worker inside this process (its loopback port is a detail).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.local {
+            write!(f, "{}", self.name)
+        } else {
+            write!(f, "{} ({})", self.name, self.address)
+        }
+    }
+}
+
+/// A model loaded over a chain of workers (one plan; `recovery` re-plans).
+pub struct Cluster {
+    pub args: ModelArgs,
+    pub plan: Plan,
+    pub stages: Vec<StageHandle>,
+    /// Step time of each stage in the last step, microseconds.
+    pub last_stage_micros: Arc<std::sync::Mutex<Vec<u32>>>,
+    /// Longest prompt chunk sent through the pipeline at once.
+    pub prefill_chunk: usize,
+    /// Decode steps go round the ring (`ClusterOptions::ring`).
+    pub ring: bool,
+    /// What the stages keep of ended sequences, for later prompts.
+    pub prefixes: Arc<std::sync::Mutex<PrefixIndex>>,
+}
+
+/// Capabilities declared in a cluster config take the place of measured ones.
+fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
+    if !d.name.is_empty() {
+        c.name = d.name.clone();
+    }
+    if !d.chip.is_empty() {
+        c.chip = d.chip.clone();
+    }
+    if d.gpu_cores > 0 {
+        c.gpu_cores = d.gpu_cores;
+    }
+    if d.memory_total > 0 {
+        c.memory_total = d.memory_total;
+    }
+    if d.memory_available > 0 {
+        c.memory_available = d.memory_available;
+    }
+    if d.matmul_gflops > 0.0 {
+        c.matmul_gflops = d.matmul_gflops;
+    }
+    if d.bandwidth_gbs > 0.0 {
+        c.bandwidth_gbs = d.bandwidth_gbs;
+    }
+    c
+}
+
+/// Connects to one worker, retrying with backoff until `deadline`.
+async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
+    let start = Instant::now();
+    let mut wait = Duration::from_millis(100);
+    let mut attempts = 0;
+    loop {
+        attempts += 1;
+        let left = within.saturating_sub(start.elapsed());
+        match connect(
+            addr,
+            left.min(Duration::from_secs(3))
+                .max(Duration::from_millis(200)),
+        )
+        .await
+        {
+            Ok(c) => return Ok(c),
+            // A certificate problem does not go away by retrying.
+            Err(e) if crate::transport::is_tls_mismatch(&e) => return Err(e),
+            Err(e) if start.elapsed() + wait >= within => {
+                return Err(Error::Worker(format!(
+                    "worker {addr} is unreachable after {attempts} attempts in {:.1} s: {e}",
+                    start.elapsed().as_secs_f64()
+                )))
+            }
+            Err(_) => {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+pub(super) fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
+    let msg = s.message();
+    let kind = s
+        .metadata()
+        .get(crate::transport::ERROR_KIND_KEY)
+        .and_then(|v| v.to_str().ok());
+    let bytes = |key| {
+        s.metadata()
+            .get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    match s.code() {
+        tonic::Code::ResourceExhausted if kind == Some(crate::transport::KV_BUDGET_EXCEEDED) => {
+            Error::KvBudgetExceeded {
+                need: bytes(crate::transport::NEED_KEY),
+                budget: bytes(crate::transport::BUDGET_KEY),
+                detail: msg.to_string(),
+            }
+        }
+        tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
+        // An evicted prefix: a cache miss (`Cluster::start`).
+        tonic::Code::FailedPrecondition if kind == Some(crate::transport::PREFIX_MISSING) => {
+            Error::PrefixMissing(format!("worker {stage}: {msg}"))
+        }
+        // A restarted worker or a dropped sequence: a re-plan mends it.
+        tonic::Code::FailedPrecondition => Error::Worker(format!("worker {stage}: {msg}")),
+        tonic::Code::InvalidArgument => Error::InvalidArgument(format!("worker {stage}: {msg}")),
+        _ => Error::Worker(format!("worker {stage}: {msg}")),
+    }
+}
+
+impl Cluster {
+    /// Plans `source` over `workers` and loads each stage; a worker that
+    /// cannot read the model itself gets its files from here.
+    pub async fn load(
+        source: &str,
+        workers: &[WorkerSpec],
+        opts: &ClusterOptions,
+        progress: Progress<'_>,
+    ) -> Result<Cluster> {
+        if workers.is_empty() {
+            return Err(Error::InvalidArgument("no workers given".into()));
+        }
+        let model_source = resolve(source)?;
+        let weights = Weights::open(&model_source)?;
+        let args: ModelArgs = serde_json::from_value(weights.config.clone())
+            .map_err(|e| weights.invalid(format!("config.json: {e}")))?;
+        let tied = crate::models::is_tied(&weights.config, &args)?;
+        let footprint = Footprint::from_weights(&weights, &args, tied);
+
+        // Reach every worker (concurrently) and learn what it can do.
+        let mut handles = Vec::new();
+        let mut caps = Vec::new();
+        let connects = workers
+            .iter()
+            .map(|w| connect_retrying(&w.address, opts.connect_timeout));
+        let clients = futures::future::join_all(connects).await;
+        for (spec, client) in workers.iter().zip(clients) {
+            let mut client = client?;
+            let info = tokio::time::timeout(
+                Duration::from_secs(60),
+                client.get_device_info(DeviceInfoRequest::default()),
+            )
+            .await
+            .map_err(|_| {
+                Error::Worker(format!(
+                    "worker {} did not describe itself within 60 s",
+                    spec.address
+                ))
+            })?
+            .map_err(|s| Error::Worker(format!("worker {}: {}", spec.address, s.message())))?
+            .into_inner();
+            let mut c = Capabilities {
+                name: info.name.clone(),
+                device_type: info.device_type,
+                chip: info.chip,
+                gpu_cores: info.gpu_cores,
+                memory_total: info.memory_total,
+                memory_available: info.memory_available,
+                matmul_gflops: info.matmul_gflops,
+                bandwidth_gbs: info.bandwidth_gbs,
+            };
+            if let Some(d) = &spec.declared {
+                c = declared_over(c, d);
+            }
+            handles.push(StageHandle {
+                local: crate::worker::is_local(&spec.address),
+                address: spec.address.clone(),
+                name: info.name,
+                client,
+            });
+            caps.push(c);
+        }
+        let plan = plan(&footprint, &caps, &opts.strategy, opts.kv_tokens)?;
+        let files = model_files(&model_source)?;
+        let id = model_id(&files)?;
+        let path = std::fs::canonicalize(model_source.path())?
+            .to_string_lossy()
+            .into_owned();
+        let mut stages = Vec::new();
+        for (i, st) in plan.stages.iter().enumerate() {
+            let handle = handles[st.device].clone();
+            let next = plan
+                .stages
+                .get(i + 1)
+                .map(|n| handles[n.device].address.clone())
+                .unwrap_or_default();
+            let first = if i + 1 == plan.stages.len() {
+                handles[plan.stages[0].device].address.clone()
+            } else {
+                String::new()
+            };
+            let mut req = LoadShardRequest {
+                source: Some(ProtoSource {
+                    path: path.clone(),
+                    model_id: String::new(),
+                }),
+                layer_start: st.layers.start as u32,
+                layer_end: st.layers.end as u32,
+                embed: st.embed,
+                head: st.head,
+                next,
+                cache_budget: 0,
+                compression: opts.compression as i32,
+                first,
+            };
+            let mut client = handle.client.clone();
+            match load_stage(&mut client, req.clone(), i, progress).await {
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    // The worker has no copy: try its cache of pushed models,
+                    // and push the files if it has none either.
+                    req.source = Some(ProtoSource {
+                        path: String::new(),
+                        model_id: id.clone(),
+                    });
+                    match load_stage(&mut client, req.clone(), i, progress).await {
+                        Err(s) if s.code() == tonic::Code::NotFound => {
+                            progress(i, 0, 0, &format!("sending the model to {}", handle.name));
+                            push_files(&mut client, &id, &files, |d, t| {
+                                progress(i, d, t, "sending")
+                            })
+                            .await?;
+                            load_stage(&mut client, req, i, progress)
+                                .await
+                                .map_err(|s| worker_error(&handle, s))?;
+                        }
+                        r => r.map_err(|s| worker_error(&handle, s))?,
+                    }
+                }
+                r => r.map_err(|s| worker_error(&handle, s))?,
+            }
+            stages.push(handle);
+        }
+        Ok(Cluster {
+            args,
+            plan,
+            stages,
+            last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
+            prefill_chunk: opts.prefill_chunk,
+            ring: opts.ring,
+            prefixes: Default::default(),
+        })
+    }
+}
+
+async fn load_stage(
+    client: &mut Client,
+    req: LoadShardRequest,
+    stage: usize,
+    progress: Progress<'_>,
+) -> std::result::Result<(), tonic::Status> {
+    let mut stream = client.load_shard(req).await?.into_inner();
+    while let Some(p) = stream.message().await? {
+        progress(
+            stage,
+            p.bytes_loaded,
+            p.bytes_total,
+            if p.done { "loaded" } else { "loading" },
+        );
+        if p.done {
+            return Ok(());
+        }
+    }
+    Err(tonic::Status::internal("loading ended without finishing"))
+}
