@@ -44,6 +44,12 @@ pub trait TokenSource: Send + Sync {
     fn cached_tokens(&self) -> usize {
         0
     }
+    /// Runs the next part of a prompt that was not all run when the source
+    /// was made; true once all of it has (the first token is then on its
+    /// way). Callers step other sequences in between.
+    fn prefill_step(&mut self) -> Result<bool> {
+        Ok(true)
+    }
 }
 
 /// Produces token ids (and their log-probabilities) one at a time.
@@ -62,19 +68,24 @@ pub struct TokenGenerator {
     failed: bool,
     /// Prompt positions taken from a kept prefix.
     cached: usize,
+    /// The prompt's chunks not yet run, then its last token.
+    chunks: std::collections::VecDeque<Vec<u32>>,
+    last: Option<Vec<u32>>,
 }
 
 impl TokenGenerator {
     /// Prefills `prompt` and schedules the first token. With `prefixes`,
     /// the prompt starts from the longest kept prefix there, and the cache
     /// is kept there when the sequence ends (not for samplers that look
-    /// back over the tokens: they need the whole prompt run).
+    /// back over the tokens: they need the whole prompt run). With
+    /// `deferred`, nothing runs yet: `prefill_step` runs a chunk at a time.
     pub fn new(
         model: Arc<Model>,
         prompt: &[u32],
         sampler: Sampler,
         prefill_step: usize,
         prefixes: Option<Arc<Mutex<PrefixCache>>>,
+        deferred: bool,
     ) -> Result<TokenGenerator> {
         check_prompt(prompt, model.args.vocab_size)?;
         let step = prefill_step.max(1);
@@ -86,6 +97,8 @@ impl TokenGenerator {
             Some((c, n)) => (c, n),
             None => (model.make_cache(), 0),
         };
+        // Everything but the last token goes through in chunks, cache only.
+        let (head, last) = prompt.split_at(prompt.len() - 1);
         let mut g = TokenGenerator {
             cache,
             model,
@@ -96,25 +109,37 @@ impl TokenGenerator {
             fed: prompt.to_vec(),
             failed: false,
             cached,
+            chunks: head[cached..].chunks(step).map(<[u32]>::to_vec).collect(),
+            last: Some(last.to_vec()),
         };
-        // Everything but the last token goes through in chunks, cache only.
-        let (head, last) = prompt.split_at(prompt.len() - 1);
-        for chunk in head[cached..].chunks(step) {
-            let ids = Array::from_slice(&to_i32(chunk), &[1, chunk.len() as i32])?;
-            let h = g.model.embed(&ids)?;
-            g.model.forward_layers(h, Some(&mut g.cache))?;
-            let state: Vec<&Array> = g.cache.iter().flat_map(|c| c.state()).collect();
+        if g.sampler.needs_history() {
+            g.history.extend_from_slice(head);
+        }
+        if !deferred {
+            while !g.prefill_chunk()? {}
+        }
+        Ok(g)
+    }
+
+    /// Runs the next chunk of the prompt, or its last token (scheduling the
+    /// first generated one); true once the prompt is done.
+    fn prefill_chunk(&mut self) -> Result<bool> {
+        if let Some(chunk) = self.chunks.pop_front() {
+            let ids = Array::from_slice(&to_i32(&chunk), &[1, chunk.len() as i32])?;
+            let h = self.model.embed(&ids)?;
+            self.model.forward_layers(h, Some(&mut self.cache))?;
+            let state: Vec<&Array> = self.cache.iter().flat_map(|c| c.state()).collect();
             mlx::eval(&state)?;
             mlx::clear_cache();
+            return Ok(false);
         }
-        if g.sampler.needs_history() {
-            g.history.extend_from_slice(prompt);
-            g.history.pop();
-        }
-        let first = g.step(last)?;
+        let Some(last) = self.last.take() else {
+            return Ok(true);
+        };
+        let first = self.step(&last)?;
         async_eval(&[&first.0, &first.1])?;
-        g.next = Some(first);
-        Ok(g)
+        self.next = Some(first);
+        Ok(true)
     }
 
     fn step(&mut self, input: &[u32]) -> Result<(Array, Array)> {
@@ -142,7 +167,15 @@ impl TokenSource for TokenGenerator {
     /// The step after the returned token is already scheduled when this
     /// returns, so the device never idles while the caller handles the token.
     fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
-        let r = self.advance(schedule_next);
+        let r = self
+            .finish_prefill()
+            .and_then(|()| self.advance(schedule_next));
+        self.failed |= r.is_err();
+        r
+    }
+
+    fn prefill_step(&mut self) -> Result<bool> {
+        let r = self.prefill_chunk();
         self.failed |= r.is_err();
         r
     }
@@ -157,6 +190,11 @@ impl TokenSource for TokenGenerator {
 }
 
 impl TokenGenerator {
+    fn finish_prefill(&mut self) -> Result<()> {
+        while !self.prefill_chunk()? {}
+        Ok(())
+    }
+
     fn advance(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
         let (y, logprobs) = self
             .next
@@ -285,6 +323,8 @@ pub struct Generation {
     /// Text produced but not yet emitted (it may begin a stop string).
     pending: String,
     done: bool,
+    /// The whole prompt has run (see `prefill_step`).
+    prefilled: bool,
 }
 
 impl Generation {
@@ -295,12 +335,13 @@ impl Generation {
         sampler: Sampler,
         opts: GenerateOptions,
         prefixes: Option<Arc<Mutex<PrefixCache>>>,
+        deferred: bool,
     ) -> Result<Generation> {
         opts.validate()?;
         mlx::reset_peak_memory();
         let started = Instant::now();
         let step = opts.prefill_step;
-        let tokens = TokenGenerator::new(model, prompt, sampler, step, prefixes)?;
+        let tokens = TokenGenerator::new(model, prompt, sampler, step, prefixes, deferred)?;
         Generation::from_source(Box::new(tokens), tokenizer, prompt.len(), opts, started)
     }
 
@@ -325,11 +366,27 @@ impl Generation {
             n: 0,
             pending: String::new(),
             done: false,
+            prefilled: false,
         })
     }
 
     pub fn is_done(&self) -> bool {
         self.done
+    }
+
+    /// Runs the next part of a prompt whose prefill was deferred; true once
+    /// the whole prompt has run (and at once when it was not deferred).
+    pub fn prefill_step(&mut self) -> Result<bool> {
+        if self.prefilled {
+            return Ok(true);
+        }
+        self.prefilled = self.tokens.prefill_step()?;
+        Ok(self.prefilled)
+    }
+
+    /// Whether the prompt is still being run (`prefill_step`).
+    pub fn prefilling(&self) -> bool {
+        !self.prefilled
     }
 
     /// Splits `pending` into what can be emitted now and what must wait; a
@@ -402,6 +459,7 @@ impl Generation {
             return Ok(None);
         }
         let last_allowed = self.n + 1 >= self.opts.max_tokens;
+        self.prefilled = true;
         let (token, logprobs) = self.tokens.next_token(!last_allowed)?;
         if self.n == 0 {
             let t = self.started.elapsed().as_secs_f64();

@@ -53,7 +53,7 @@ mod _core {
         start_local_worker, stop_local_worker, worker_info, PyCluster,
     };
     #[pymodule_export]
-    use crate::py::generate::{PyGeneration, PyLogprobs};
+    use crate::py::generate::{PyGeneration, PyLogprobs, PyRecord};
     #[pymodule_export]
     use crate::py::model::{convert, load, PyModel};
     #[pymodule_export]

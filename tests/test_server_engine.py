@@ -6,11 +6,19 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import namedtuple
 from types import SimpleNamespace
 
 import pytest
 from mlx_dist import engine as engine_mod
 from mlx_dist.engine import CapacityExceeded, Done, Engine, Failed, Job, QueueFull, Step
+
+# What `_core.Generation` yields: named fields, also a tuple.
+Record = namedtuple(
+    "Record",
+    "text token logprobs prompt_tokens prompt_tps generation_tokens generation_tps "
+    "peak_memory finish_reason",
+)
 
 
 class FakeGeneration:
@@ -41,11 +49,14 @@ class FakeGeneration:
     def __iter__(self):
         return self
 
+    def prefill_step(self) -> bool:
+        return True
+
     def __next__(self):
         time.sleep(self.step_s)
         self.n += 1
         finish = "length" if self.n == self.max_tokens else None
-        return ("x", 7, None, len(self.prompt), 0.0, self.n, 0.0, 0.0, finish)
+        return Record("x", 7, None, len(self.prompt), 0.0, self.n, 0.0, 0.0, finish)
 
     def __del__(self):
         with FakeGeneration.lock:

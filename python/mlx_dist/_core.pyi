@@ -1,7 +1,7 @@
 """Type stubs for the native extension ``mlx_dist._core``."""
 
 from collections.abc import Callable, Iterator
-from typing import TypeAlias
+from typing import Any
 
 def mlx_version() -> str: ...
 def supported_model_types() -> list[str]: ...
@@ -27,8 +27,9 @@ def load_cluster(
     ring: bool = True,
 ) -> tuple[Cluster, Tokenizer]: ...
 def start_local_worker() -> str:
-    """Starts a worker inside this process on a free loopback port; returns
-    its address."""
+    """Starts a worker inside this process, which the coordinator of this
+    process reaches without gRPC; returns the address that names it
+    (``in-process:N``)."""
 
 def stop_local_worker(address: str) -> None:
     """Stops a worker ``start_local_worker`` started."""
@@ -119,12 +120,28 @@ class Tokenizer:
 class Logprobs:
     def raw(self) -> tuple[bytes, list[int], str]: ...
 
-Record: TypeAlias = tuple[str, int, Logprobs, int, float, int, float, float, str | None]
+class Record:
+    """One step of a generation (mlx-lm's ``GenerationResponse`` fields);
+    it also reads as the tuple of its fields, in this order."""
+
+    text: str
+    token: int
+    logprobs: Logprobs | None
+    prompt_tokens: int
+    prompt_tps: float
+    generation_tokens: int
+    generation_tps: float
+    peak_memory: float
+    finish_reason: str | None
+    def __len__(self) -> int: ...
+    def __getitem__(self, i: int) -> Any: ...
+    def __iter__(self) -> Iterator[Any]: ...
 
 class Generation(Iterator[Record]):
     tokens: list[int]
     cache_nbytes: int
     cached_tokens: int
+    prefilling: bool
     def __init__(
         self,
         model: Model | Cluster,
@@ -148,5 +165,9 @@ class Generation(Iterator[Record]):
         stop: list[str] = ...,
         prefill_step_size: int = 2048,
         logprobs: bool = True,
+        defer_prefill: bool = False,
     ) -> None: ...
     def __next__(self) -> Record: ...
+    def prefill_step(self) -> bool:
+        """With ``defer_prefill``: runs the prompt's next chunk; True once
+        all of it has run."""

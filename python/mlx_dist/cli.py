@@ -128,6 +128,7 @@ def _serve(args: argparse.Namespace) -> int:
         token=args.token,
         tls_ca=args.tls_ca,
         batch=args.batch,
+        prefill_chunk=args.prefill_chunk,
         max_context=args.max_context,
         allow_join=args.allow_join,
         join_interval=args.join_interval,
@@ -266,6 +267,12 @@ def _top(args: argparse.Namespace) -> int:
     return top_main(args)
 
 
+def _bench_admission(args: argparse.Namespace) -> int:
+    from mlx_dist.bench.admission import main
+
+    return main(args)
+
+
 def _bench_throughput(args: argparse.Namespace) -> int:
     from mlx_dist.bench.throughput import main as bench_main
 
@@ -330,6 +337,11 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="tokens of KV cache the layer plan leaves room for on each stage (default: the "
         "cluster config's, else 4096)",
+    )
+    s.add_argument(
+        "--prefill-chunk",
+        type=int,
+        help="prompt tokens run in one step, between other streams' decode steps (default 256)",
     )
     s.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
     s.add_argument(
@@ -576,6 +588,24 @@ def main(argv: list[str] | None = None) -> int:
         help="also run mlx-lm's batched generation on one device",
     )
     bt.set_defaults(func=_bench_throughput)
+
+    ba = sub.add_parser(
+        "bench-admission",
+        help="gaps in a decoding stream while a long prompt is admitted, per prefill chunk",
+    )
+    ba.add_argument("--model", default=None)
+    ba.add_argument("--random-shape", default=None)
+    ba.add_argument("--bits", type=int, default=None)
+    ba.add_argument("--dtype", default="bfloat16")
+    ba.add_argument("--prompt-tokens", type=int, default=4096)
+    ba.add_argument("--decode-tokens", type=int, default=4000, help="the decoding stream's length")
+    ba.add_argument(
+        "--chunks",
+        default="4096,512,256",
+        help="prefill chunk sizes (one as long as the prompt: "
+        "the whole prompt at once, as before chunks were interleaved)",
+    )
+    ba.set_defaults(func=_bench_admission)
 
     br = sub.add_parser(
         "bench-recovery", help="kill a worker mid-generation: recovery time and tokens lost"

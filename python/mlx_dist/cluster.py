@@ -92,7 +92,11 @@ def parse_workers(workers) -> list[dict]:
             raise TypeError(f"a worker must be 'host:port' or a mapping with an address, got {w!r}")
         address = w["address"].strip()
         host, sep, port = address.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        # `_core.start_local_worker` names the worker inside this process so.
+        in_process = host == "in-process" and port.isdigit()
+        if not in_process and (
+            not sep or not host or not port.isdigit() or not 0 < int(port) < 65536
+        ):
             raise ValueError(f"bad worker address {address!r}: expected host:port")
         declared: dict[str, Any] = {}
         for key, value in w.items():

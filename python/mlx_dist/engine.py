@@ -87,6 +87,8 @@ class _Running:
     last: float
     tokens: int = 0
     cached: int = 0
+    # Its prompt still runs, a chunk per turn.
+    prefilling: bool = False
 
 
 class Engine:
@@ -99,11 +101,28 @@ class Engine:
     worker answers ``MemoryError``) waits at the head of the queue, and
     nothing is admitted past it, until sequences end; when it does not fit
     with none running either, it fails with :class:`CapacityExceeded`, and
-    so does at once any later job at least as long."""
+    so does at once any later job at least as long.
 
-    def __init__(self, model, tokenizer, *, max_active: int = 8, max_queue: int = 64, metrics=None):
-        if max_active < 1 or max_queue < 0:
-            raise ValueError("max_active must be at least 1 and max_queue at least 0")
+    A prompt runs a chunk of at most ``prefill_chunk`` tokens per turn, so
+    that the running sequences wait one chunk per turn at most, not the
+    whole prompt; a job's first chunk runs when it is admitted (that is
+    where a stage takes it in or finds no room for it)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        max_active: int = 8,
+        max_queue: int = 64,
+        metrics=None,
+        prefill_chunk: int = 256,
+    ):
+        if max_active < 1 or max_queue < 0 or prefill_chunk < 1:
+            raise ValueError(
+                "max_active and prefill_chunk must be at least 1, and max_queue at least 0"
+            )
+        self.prefill_chunk = prefill_chunk
         self._model = model._core
         self._tokenizer = tokenizer._core
         self._stages = isinstance(model._core, _core.Cluster)
@@ -215,10 +234,21 @@ class Engine:
         if known is not None and known[0] == epoch and length >= known[1]:
             self._fail(job, CapacityExceeded(known[2]))
             return True
+        options = dict(job.options)
+        options["prefill_step_size"] = min(
+            int(options.get("prefill_step_size") or self.prefill_chunk), self.prefill_chunk
+        )
         try:
             gen = _core.Generation(
-                self._model, self._tokenizer, job.prompt, logprobs=job.logprobs, **job.options
+                self._model,
+                self._tokenizer,
+                job.prompt,
+                logprobs=job.logprobs,
+                defer_prefill=True,
+                **options,
             )
+            # The first chunk: the stages take the sequence in, or say why not.
+            done = gen.prefill_step()
         except _core.KvBudgetExceeded as e:
             # More than a stage's whole budget: waiting cannot help.
             self._fail(job, CapacityExceeded(str(e)))
@@ -237,16 +267,30 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - every failure goes back to its request
             self._fail(job, e)
             return True
-        cached = gen.cached_tokens
-        self.tokens_processed += len(job.prompt) - cached
+        run = _Running(job, gen, last=time.perf_counter(), prefilling=not done)
+        if done:
+            self._prefilled(run)
         with self._cond:
-            self._active.append(_Running(job, gen, last=time.perf_counter(), cached=cached))
+            self._active.append(run)
         return True
+
+    def _prefilled(self, run: _Running) -> None:
+        run.prefilling = False
+        run.cached = run.gen.cached_tokens
+        self.tokens_processed += len(run.job.prompt) - run.cached
 
     def _step(self, run: _Running) -> None:
         job = run.job
         if job.cancelled.is_set():
             self._end(run)
+            return
+        if run.prefilling:
+            try:
+                if run.gen.prefill_step():
+                    self._prefilled(run)
+            except Exception as e:  # noqa: BLE001 - every failure goes back to its request
+                self._end(run)
+                self._fail(job, e)
             return
         try:
             rec = next(run.gen)
@@ -260,7 +304,13 @@ class Engine:
             self._end(run)
             job.sink(Done("stop", len(job.prompt), run.tokens, run.cached))
             return
-        text, token, logprobs, prompt_tokens, _, generated, _, _, finish = rec
+        token, logprobs, generated, finish = (
+            rec.token,
+            rec.logprobs,
+            rec.generation_tokens,
+            rec.finish_reason,
+        )
+        text, prompt_tokens = rec.text, rec.prompt_tokens
         now = time.perf_counter()
         if self.metrics is not None:
             if run.tokens == 0:

@@ -7,13 +7,13 @@ use crate::device::Capabilities;
 use crate::error::{Error, Result};
 use crate::models::ModelArgs;
 use crate::prefix::PrefixIndex;
-use crate::proto::{Compression, DeviceInfoRequest, LoadShardRequest, ModelSource as ProtoSource};
+use crate::proto::{Compression, LoadShardRequest, ModelSource as ProtoSource};
 use crate::sharding::{plan, Footprint, Plan, Strategy};
-use crate::transport::{connect, Client};
 
 use crate::weights::{resolve, Weights};
 
 use super::files::{model_files, model_id, push_files};
+use super::link::{finish_loading, Link};
 
 /// How to reach a worker and, optionally, what it is declared to be able
 /// to do (overriding what it measures).
@@ -63,9 +63,10 @@ pub type Progress<'a> = &'a (dyn Fn(usize, u64, u64, &str) + Sync);
 pub struct StageHandle {
     pub address: String,
     pub name: String,
-    /// The worker runs inside this process (`worker::start_local`).
+    /// The worker runs inside this process (`worker::start_local`), reached
+    /// without gRPC.
     pub local: bool,
-    pub(super) client: Client,
+    pub(super) link: Link,
 }
 
 impl std::fmt::Display for StageHandle {
@@ -122,14 +123,14 @@ fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
 }
 
 /// Connects to one worker, retrying with backoff until `deadline`.
-async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
+async fn connect_retrying(addr: &str, within: Duration) -> Result<Link> {
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
     let mut attempts = 0;
     loop {
         attempts += 1;
         let left = within.saturating_sub(start.elapsed());
-        match connect(
+        match Link::open(
             addr,
             left.min(Duration::from_secs(3))
                 .max(Duration::from_millis(200)),
@@ -212,21 +213,17 @@ impl Cluster {
             .iter()
             .map(|w| connect_retrying(&w.address, opts.connect_timeout));
         let clients = futures::future::join_all(connects).await;
-        for (spec, client) in workers.iter().zip(clients) {
-            let mut client = client?;
-            let info = tokio::time::timeout(
-                Duration::from_secs(60),
-                client.get_device_info(DeviceInfoRequest::default()),
-            )
-            .await
-            .map_err(|_| {
-                Error::Worker(format!(
-                    "worker {} did not describe itself within 60 s",
-                    spec.address
-                ))
-            })?
-            .map_err(|s| Error::Worker(format!("worker {}: {}", spec.address, s.message())))?
-            .into_inner();
+        for (spec, link) in workers.iter().zip(clients) {
+            let mut link = link?;
+            let info = tokio::time::timeout(Duration::from_secs(60), link.device_info())
+                .await
+                .map_err(|_| {
+                    Error::Worker(format!(
+                        "worker {} did not describe itself within 60 s",
+                        spec.address
+                    ))
+                })?
+                .map_err(|s| Error::Worker(format!("worker {}: {}", spec.address, s.message())))?;
             let mut c = Capabilities {
                 name: info.name.clone(),
                 device_type: info.device_type,
@@ -244,7 +241,7 @@ impl Cluster {
                 local: crate::worker::is_local(&spec.address),
                 address: spec.address.clone(),
                 name: info.name,
-                client,
+                link,
             });
             caps.push(c);
         }
@@ -281,8 +278,8 @@ impl Cluster {
                 compression: opts.compression as i32,
                 first,
             };
-            let mut client = handle.client.clone();
-            match load_stage(&mut client, req.clone(), i, progress).await {
+            let mut link = handle.link.clone();
+            match load_stage(&mut link, req.clone(), i, progress).await {
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     // The worker has no copy: try its cache of pushed models,
                     // and push the files if it has none either.
@@ -290,14 +287,15 @@ impl Cluster {
                         path: String::new(),
                         model_id: id.clone(),
                     });
-                    match load_stage(&mut client, req.clone(), i, progress).await {
+                    match load_stage(&mut link, req.clone(), i, progress).await {
                         Err(s) if s.code() == tonic::Code::NotFound => {
+                            let Some(client) = link.client() else {
+                                return Err(worker_error(&handle, s));
+                            };
                             progress(i, 0, 0, &format!("sending the model to {}", handle.name));
-                            push_files(&mut client, &id, &files, |d, t| {
-                                progress(i, d, t, "sending")
-                            })
-                            .await?;
-                            load_stage(&mut client, req, i, progress)
+                            push_files(client, &id, &files, |d, t| progress(i, d, t, "sending"))
+                                .await?;
+                            load_stage(&mut link, req, i, progress)
                                 .await
                                 .map_err(|s| worker_error(&handle, s))?;
                         }
@@ -308,35 +306,34 @@ impl Cluster {
             }
             stages.push(handle);
         }
+        let in_process = stages.iter().all(|s| s.link.in_process());
         Ok(Cluster {
             args,
             plan,
             stages,
             last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
             prefill_chunk: opts.prefill_chunk,
-            ring: opts.ring,
+            // A stage in this process gets each step from here at no cost.
+            ring: opts.ring && !in_process,
             prefixes: Default::default(),
         })
     }
 }
 
 async fn load_stage(
-    client: &mut Client,
+    link: &mut Link,
     req: LoadShardRequest,
     stage: usize,
     progress: Progress<'_>,
 ) -> std::result::Result<(), tonic::Status> {
-    let mut stream = client.load_shard(req).await?.into_inner();
-    while let Some(p) = stream.message().await? {
+    let stream = link.load_shard(req).await?;
+    finish_loading(stream, |p| {
         progress(
             stage,
             p.bytes_loaded,
             p.bytes_total,
             if p.done { "loaded" } else { "loading" },
-        );
-        if p.done {
-            return Ok(());
-        }
-    }
-    Err(tonic::Status::internal("loading ended without finishing"))
+        )
+    })
+    .await
 }

@@ -3,6 +3,7 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use super::link::Link;
 use super::{RemoteTokens, StageHandle};
 use crate::error::{Error, Result};
 
@@ -76,15 +77,12 @@ impl RemoteTokens {
         let ask = |s: &StageHandle| {
             let address = s.address.clone();
             async move {
-                let mut client = crate::transport::connect(&address, LIVENESS_TIMEOUT).await?;
-                let info = tokio::time::timeout(
-                    LIVENESS_TIMEOUT,
-                    client.get_device_info(crate::proto::DeviceInfoRequest::default()),
-                )
-                .await
-                .map_err(|_| Error::Worker("no answer to a question about its state".into()))?
-                .map_err(|s| Error::Worker(s.message().to_string()))?;
-                Ok::<u64, Error>(info.into_inner().busy_for_micros)
+                let mut link = Link::open(&address, LIVENESS_TIMEOUT).await?;
+                let info = tokio::time::timeout(LIVENESS_TIMEOUT, link.device_info())
+                    .await
+                    .map_err(|_| Error::Worker("no answer to a question about its state".into()))?
+                    .map_err(|s| Error::Worker(s.message().to_string()))?;
+                Ok::<u64, Error>(info.busy_for_micros)
             }
         };
         let answers = futures::future::join_all(self.stages.iter().map(ask)).await;

@@ -4,6 +4,7 @@
 //! re-plans and replays.
 //!
 //! - `cluster`: one plan over a chain of workers, and loading it;
+//! - `link`: reaching one worker, over gRPC or inside this process;
 //! - `files`: model files pushed to a worker without a copy;
 //! - `sequence`: a sequence running through the chain (`RemoteTokens`);
 //! - `ledger`: a sequence's bookkeeping (steps sent, replies, ring tokens);
@@ -13,9 +14,11 @@ mod cluster;
 mod files;
 mod late;
 mod ledger;
+mod link;
 mod recovery;
 mod sequence;
 
 pub use cluster::{Cluster, ClusterOptions, Progress, StageHandle, WorkerSpec};
+pub use link::Link;
 pub use recovery::{ClusterHandle, RecoveringTokens, RecoveryEvent, RecoveryOptions};
 pub use sequence::{RemoteTokens, SequenceSpec};

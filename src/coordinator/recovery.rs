@@ -11,13 +11,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::link::Link;
 use super::{Cluster, ClusterOptions, Progress, RemoteTokens, SequenceSpec, WorkerSpec};
 use crate::error::{Error, Result};
 use crate::generate::TokenSource;
 use crate::mlx::Array;
-use crate::proto::DeviceInfoRequest;
 use crate::sharding::Strategy;
-use crate::transport::connect;
 use crate::util::{lock, runtime};
 
 /// How recovery behaves.
@@ -148,8 +147,8 @@ impl ClusterHandle {
     async fn probe(&self, address: &str) -> bool {
         let t = self.recovery.probe_timeout;
         let ask = async {
-            let mut c = connect(address, t).await.ok()?;
-            c.get_device_info(DeviceInfoRequest::default()).await.ok()
+            let mut link = Link::open(address, t).await.ok()?;
+            link.device_info().await.ok()
         };
         matches!(tokio::time::timeout(t, ask).await, Ok(Some(_)))
     }
@@ -221,13 +220,23 @@ impl ClusterHandle {
         }
     }
 
-    /// Starts a sequence, re-planning first when the chain is broken.
-    pub fn start(self: &Arc<Self>, run: SequenceSpec) -> Result<RecoveringTokens> {
+    /// Starts a sequence, re-planning first when the chain is broken. With
+    /// `deferred`, only its prompt's first chunk runs here (the stages
+    /// admit the sequence then); `TokenSource::prefill_step` runs the rest.
+    pub fn start(self: &Arc<Self>, run: SequenceSpec, deferred: bool) -> Result<RecoveringTokens> {
         let mut attempts = 0;
         loop {
             let cluster = self.current();
             let epoch = self.epoch();
-            let r = runtime().block_on(cluster.start(&run));
+            let r = runtime().block_on(async {
+                if !deferred {
+                    return cluster.start(&run).await;
+                }
+                cluster.check(&run)?;
+                let mut inner = cluster.open(&run, cluster.prefix_for(&run)).await?;
+                inner.prefill(1).await?;
+                Ok(inner)
+            });
             match r {
                 Ok(inner) => {
                     return Ok(RecoveringTokens {
@@ -363,6 +372,14 @@ impl RecoveringTokens {
 impl TokenSource for RecoveringTokens {
     fn cached_tokens(&self) -> usize {
         self.cached
+    }
+
+    fn prefill_step(&mut self) -> Result<bool> {
+        match runtime().block_on(self.inner.prefill(1)) {
+            Ok(done) => Ok(done),
+            // The replay runs the whole prompt again at once.
+            Err(e) => self.resume(e).map(|()| true),
+        }
     }
 
     fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {

@@ -5,22 +5,19 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::generate::{check_prompt, TokenSource};
 use crate::mlx::Array;
 use crate::prefix::PrefixIndex;
-use crate::proto::{ForwardReply, ForwardRequest, ReleaseRequest, SamplingParams};
+use crate::proto::{ForwardReply, ForwardRequest, SamplingParams};
 use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::util::{lock, runtime};
 
 use super::cluster::{worker_error, Cluster, StageHandle};
 use super::late::{step_deadline, Late, LATE_DEADLINES};
 use super::ledger::{Ledger, Next};
+use super::link::Steps;
 
 /// Prompt chunks of one sequence in flight through the pipeline at once.
 const PREFILL_IN_FLIGHT: usize = 4;
@@ -34,125 +31,80 @@ impl Cluster {
     /// Starts a sequence: opens its stream to the first stage and prefills
     /// the prompt through the chain.
     pub async fn start(&self, spec: &SequenceSpec) -> Result<RemoteTokens> {
-        let (prompt, sampler, procs) = (&spec.prompt, &spec.sampler, &spec.processors);
-        check_prompt(prompt, self.args.vocab_size)?;
-        let vocab = self.args.vocab_size as u32;
-        sampler.validate()?;
-        procs.validate(vocab as usize)?;
+        self.check(spec)?;
+        let prefix = self.prefix_for(spec);
+        let mut r = self.open(spec, prefix).await?;
+        while !r.prefill(PREFILL_IN_FLIGHT - 1).await? {}
+        Ok(r)
+    }
+
+    /// Opens a sequence without running its prompt: `RemoteTokens::prefill`
+    /// runs it a chunk at a time, so that the caller can step other
+    /// sequences between chunks.
+    pub async fn open(
+        &self,
+        spec: &SequenceSpec,
+        prefix: Option<(String, usize)>,
+    ) -> Result<RemoteTokens> {
+        let chain = Chain {
+            stages: self.stages.clone(),
+            prefixes: self.prefixes.clone(),
+            micros: self.last_stage_micros.clone(),
+            prefill_chunk: self.prefill_chunk,
+            ring: self.ring,
+        };
+        RemoteTokens::open(chain, spec.clone(), prefix).await
+    }
+
+    /// The longest kept prefix `spec` may start from.
+    pub fn prefix_for(&self, spec: &SequenceSpec) -> Option<(String, usize)> {
+        let procs = &spec.processors;
         // Penalties look back over the prompt, which a stage starting from a
         // kept prefix has not seen: such sequences compute it all.
         let penalties = procs.repetition_penalty.is_some()
             || procs.presence_penalty.is_some()
             || procs.frequency_penalty.is_some();
-        // The last two prompt tokens run at least: the step before the last
-        // is answered before this returns, so a stage that lacks the prefix
-        // says so here (the last step's answer is the first token, read
-        // later), and `cached_tokens` is known when it returns.
-        let prefix = if penalties {
+        // The last two prompt tokens run at least: the first chunk is
+        // answered before the prompt's last step goes out, so a stage that
+        // lacks the prefix says so then.
+        if penalties {
             None
         } else {
-            lock(&self.prefixes).lookup(prompt, 2)
-        };
-        let run = |prefix| self.start_from(spec, prefix);
-        match (run(prefix.clone()).await, prefix) {
-            (Err(Error::PrefixMissing(why)), Some((id, _))) => {
-                // A stage evicted it: a miss, computed again from scratch.
-                tracing::debug!("{why}: the prompt runs without it");
-                lock(&self.prefixes).remove(&id);
-                run(None).await
-            }
-            (r, _) => r,
+            lock(&self.prefixes).lookup(&spec.prompt, 2)
         }
     }
 
-    async fn start_from(
-        &self,
-        spec: &SequenceSpec,
-        prefix: Option<(String, usize)>,
-    ) -> Result<RemoteTokens> {
-        let SequenceSpec {
-            prompt,
-            sampler,
-            processors: procs,
-            max_tokens,
-            prefill_step,
-            logprobs,
-        } = spec;
-        let (max_tokens, prefill_step, logprobs) = (*max_tokens, *prefill_step, *logprobs);
-        static NEXT: AtomicU64 = AtomicU64::new(0);
-        // Unique across coordinators too: ids also name kept prefixes.
-        let seq = format!(
-            "{:x}-{}",
-            process_nonce(),
-            NEXT.fetch_add(1, Ordering::Relaxed)
-        );
-        let first = self.stages[0].clone();
-        let mut client = first.client.clone();
-        let (tx, rx) = mpsc::channel(4);
-        let replies = client
-            .forward(ReceiverStream::new(rx))
-            .await
-            .map_err(|s| worker_error(&first, s))?
-            .into_inner();
-        let sampling = SamplingParams {
-            temp: sampler.temp,
-            top_p: sampler.top_p,
-            min_p: sampler.min_p,
-            min_tokens_to_keep: sampler.min_tokens_to_keep,
-            top_k: sampler.top_k,
-            seed: sampler.seed,
-            repetition_penalty: procs.repetition_penalty,
-            repetition_context_size: procs.repetition_context_size as u32,
-            presence_penalty: procs.presence_penalty,
-            presence_context_size: procs.presence_context_size as u32,
-            frequency_penalty: procs.frequency_penalty,
-            frequency_context_size: procs.frequency_context_size as u32,
-            logit_bias: procs.logit_bias.iter().copied().collect(),
-        };
-        let cached = prefix.as_ref().map_or(0, |p| p.1);
-        let mut r = RemoteTokens {
-            keep: Some(seq.clone()),
-            prefixes: self.prefixes.clone(),
-            forgets: Vec::new(),
-            first_step: Some((prefix.map(|p| p.0).unwrap_or_default(), seq.clone())),
-            seq,
-            first,
-            stages: self.stages.clone(),
-            tx,
-            replies,
-            logprobs,
-            ledger: Ledger::new(&prompt[..cached]),
-            micros: self.last_stage_micros.clone(),
-            failed: false,
-            cached,
-        };
-        let max_length = (prompt.len() + max_tokens) as u32;
-        let (head, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
-        let mut sampling = Some(sampling);
-        // The chunks go out back to back: stage 1 prefills chunk k+1 while
-        // stage 2 prefills chunk k. A few at a time, so that neither side's
-        // buffers fill while the other waits.
-        let step = prefill_step.clamp(1, self.prefill_chunk.max(1));
-        for chunk in head.chunks(step) {
-            r.send(chunk, false, sampling.take(), max_length, 0).await?;
-            if r.ledger.in_flight() >= PREFILL_IN_FLIGHT {
-                r.receive().await?;
-            }
-        }
-        // The tokens after the first go round the ring by themselves.
-        let ahead = if self.ring {
-            max_tokens.saturating_sub(1).min(u32::MAX as usize) as u32
-        } else {
-            0
-        };
-        r.send(last, true, sampling.take(), max_length, ahead)
-            .await?;
-        r.ledger.started(ahead);
-        while r.ledger.in_flight() > 1 {
-            r.receive().await?;
-        }
-        Ok(r)
+    /// Checks a sequence's prompt and sampling against the model.
+    pub fn check(&self, spec: &SequenceSpec) -> Result<()> {
+        check_prompt(&spec.prompt, self.args.vocab_size)?;
+        spec.sampler.validate()?;
+        spec.processors.validate(self.args.vocab_size as usize)
     }
+}
+
+/// What a sequence's stream needs of the cluster: the stages and what
+/// they keep.
+#[derive(Clone)]
+struct Chain {
+    stages: Vec<StageHandle>,
+    prefixes: Arc<std::sync::Mutex<PrefixIndex>>,
+    micros: Arc<std::sync::Mutex<Vec<u32>>>,
+    prefill_chunk: usize,
+    ring: bool,
+}
+
+/// The part of a prompt not yet sent.
+struct Prefill {
+    /// Chunks (cache only), then the last token, whose step samples.
+    chunks: std::collections::VecDeque<Vec<u32>>,
+    last: Vec<u32>,
+    /// Sent with the first step.
+    sampling: Option<SamplingParams>,
+    max_length: u32,
+    /// Tokens the ring makes after the first.
+    ahead: u32,
+    /// The kept prefix it starts from, if any (dropped on a miss).
+    prefix: Option<String>,
 }
 
 /// What a sequence needs to start, or to start again from its history.
@@ -172,8 +124,7 @@ pub struct RemoteTokens {
     first: StageHandle,
     /// Every stage, asked whether it still answers when a reply is late.
     pub(super) stages: Vec<StageHandle>,
-    tx: mpsc::Sender<ForwardRequest>,
-    replies: Streaming<ForwardReply>,
+    steps: Steps,
     logprobs: bool,
     /// Steps sent, replies read, ring tokens, and what the stages hold.
     ledger: Ledger,
@@ -190,12 +141,142 @@ pub struct RemoteTokens {
     /// if the sequence fails (they may not have reached every stage).
     forgets: Vec<String>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
+    /// The prompt still to send, while it runs a chunk at a time.
+    prefill: Option<Prefill>,
+    /// What it was opened on and with, to open it again without a prefix
+    /// a stage turned out not to keep.
+    chain: Chain,
+    spec: SequenceSpec,
 }
 
 impl RemoteTokens {
     /// The id the workers know this sequence by.
     pub fn sequence_id(&self) -> &str {
         &self.seq
+    }
+
+    /// Opens the sequence's stream to the first stage; nothing runs yet.
+    async fn open(
+        chain: Chain,
+        spec: SequenceSpec,
+        prefix: Option<(String, usize)>,
+    ) -> Result<RemoteTokens> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        // Unique across coordinators too: ids also name kept prefixes.
+        let seq = format!(
+            "{:x}-{}",
+            process_nonce(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let first = chain.stages[0].clone();
+        let steps = first
+            .link
+            .forward()
+            .await
+            .map_err(|s| worker_error(&first, s))?;
+        let (sampler, procs) = (&spec.sampler, &spec.processors);
+        let sampling = SamplingParams {
+            temp: sampler.temp,
+            top_p: sampler.top_p,
+            min_p: sampler.min_p,
+            min_tokens_to_keep: sampler.min_tokens_to_keep,
+            top_k: sampler.top_k,
+            seed: sampler.seed,
+            repetition_penalty: procs.repetition_penalty,
+            repetition_context_size: procs.repetition_context_size as u32,
+            presence_penalty: procs.presence_penalty,
+            presence_context_size: procs.presence_context_size as u32,
+            frequency_penalty: procs.frequency_penalty,
+            frequency_context_size: procs.frequency_context_size as u32,
+            logit_bias: procs.logit_bias.iter().copied().collect(),
+        };
+        let prompt = &spec.prompt;
+        let cached = prefix.as_ref().map_or(0, |p| p.1);
+        let (head, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
+        // The chunks go out back to back: stage 1 prefills chunk k+1 while
+        // stage 2 prefills chunk k.
+        let step = spec.prefill_step.clamp(1, chain.prefill_chunk.max(1));
+        let max_tokens = spec.max_tokens;
+        let prefill = Prefill {
+            chunks: head.chunks(step).map(<[u32]>::to_vec).collect(),
+            last: last.to_vec(),
+            sampling: Some(sampling),
+            max_length: (prompt.len() + max_tokens) as u32,
+            // The tokens after the first go round the ring by themselves.
+            ahead: if chain.ring {
+                max_tokens.saturating_sub(1).min(u32::MAX as usize) as u32
+            } else {
+                0
+            },
+            prefix: prefix.as_ref().map(|p| p.0.clone()),
+        };
+        Ok(RemoteTokens {
+            keep: Some(seq.clone()),
+            prefixes: chain.prefixes.clone(),
+            forgets: Vec::new(),
+            first_step: Some((prefix.map(|p| p.0).unwrap_or_default(), seq.clone())),
+            seq,
+            first,
+            stages: chain.stages.clone(),
+            steps,
+            logprobs: spec.logprobs,
+            ledger: Ledger::new(&prompt[..cached]),
+            micros: chain.micros.clone(),
+            failed: false,
+            cached,
+            prefill: Some(prefill),
+            chain,
+            spec,
+        })
+    }
+
+    /// Sends the next part of the prompt; true once its last step (which
+    /// samples the first token) is out. At most `in_flight` steps stay
+    /// unanswered when it returns, except that the first chunk is always
+    /// answered first: that is where a stage refuses the sequence (no room
+    /// for its cache) or lacks the prefix it starts from.
+    pub async fn prefill(&mut self, in_flight: usize) -> Result<bool> {
+        match self.prefill_one(in_flight).await {
+            Err(Error::PrefixMissing(why)) => {
+                // A stage evicted it: a miss, computed again from scratch.
+                tracing::debug!("{why}: the prompt runs without it");
+                let id = self.prefill.as_ref().and_then(|p| p.prefix.clone());
+                if let Some(id) = id {
+                    lock(&self.prefixes).remove(&id);
+                }
+                self.failed = true;
+                let again = RemoteTokens::open(self.chain.clone(), self.spec.clone(), None).await?;
+                // The failed one's drop queues its forgets again.
+                drop(std::mem::replace(self, again));
+                Ok(false)
+            }
+            r => r,
+        }
+    }
+
+    async fn prefill_one(&mut self, in_flight: usize) -> Result<bool> {
+        let Some(p) = self.prefill.as_mut() else {
+            return Ok(true);
+        };
+        let first = p.sampling.is_some();
+        let (max_length, ahead) = (p.max_length, p.ahead);
+        if let Some(chunk) = p.chunks.pop_front() {
+            let sampling = p.sampling.take();
+            self.send(&chunk, false, sampling, max_length, 0).await?;
+            let bound = if first { 0 } else { in_flight.max(1) };
+            while self.ledger.in_flight() > bound {
+                self.receive().await?;
+            }
+            return Ok(false);
+        }
+        let p = self.prefill.take().unwrap();
+        self.send(&p.last, true, p.sampling, max_length, ahead)
+            .await?;
+        self.ledger.started(ahead);
+        while self.ledger.in_flight() > 1 {
+            self.receive().await?;
+        }
+        Ok(true)
     }
 
     async fn send(
@@ -231,7 +312,7 @@ impl RemoteTokens {
             ring_credit: if decode_ahead > 0 { RING_CREDIT } else { 0 },
             forget_prefixes,
         };
-        if self.tx.send(req).await.is_err() {
+        if !self.steps.send(req).await {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
                 Error::Worker(format!("worker {} closed the stream", self.first))
@@ -252,7 +333,7 @@ impl RemoteTokens {
         let reply = loop {
             // Reading a stream's next message is cancel-safe: a timeout
             // loses nothing, and the wait can go on.
-            if let Ok(r) = tokio::time::timeout(deadline, self.replies.message()).await {
+            if let Ok(r) = tokio::time::timeout(deadline, self.steps.message()).await {
                 break r;
             }
             late += 1;
@@ -322,13 +403,8 @@ impl RemoteTokens {
         let logprobs = reply.logprobs.as_ref().map(codec::decode).transpose()?;
         match self.ledger.token_read(token, schedule_next) {
             Next::Credit => {
-                let credit = ForwardRequest {
-                    sequence_id: self.seq.clone(),
-                    ring_credit: 1,
-                    ..Default::default()
-                };
                 // A broken stream shows in the next reply.
-                let _ = self.tx.send(credit).await;
+                let _ = self.steps.send_credit(&self.seq, 1).await;
             }
             // The next step is on its way while the caller handles this token.
             Next::Step(t) => self.send(&[t], true, None, 0, 0).await?,
@@ -340,7 +416,14 @@ impl RemoteTokens {
 
 impl TokenSource for RemoteTokens {
     fn next_token(&mut self, schedule_next: bool) -> Result<(u32, Option<Array>)> {
-        runtime().block_on(self.next_async(schedule_next))
+        runtime().block_on(async {
+            while !self.prefill(PREFILL_IN_FLIGHT - 1).await? {}
+            self.next_async(schedule_next).await
+        })
+    }
+
+    fn prefill_step(&mut self) -> Result<bool> {
+        runtime().block_on(self.prefill(1))
     }
 
     fn cached_tokens(&self) -> usize {
@@ -356,19 +439,16 @@ impl Drop for RemoteTokens {
             // Steps still go round the ring: end the stream, then release
             // the sequence at the first stage, behind its step in flight
             // there, so that a sequence started next finds it gone.
-            drop(std::mem::replace(&mut self.tx, mpsc::channel(1).0));
-            let mut client = self.first.client.clone();
-            let req = ReleaseRequest {
-                sequence_id: self.seq.clone(),
-            };
-            let release = async move {
-                let _ = tokio::time::timeout(Duration::from_secs(2), client.release(req)).await;
-            };
+            self.steps.close();
+            let (link, seq) = (self.first.link.clone(), self.seq.clone());
+            let release = async move { link.release(seq, Duration::from_secs(2)).await };
             if tokio::runtime::Handle::try_current().is_ok() {
                 runtime().spawn(release);
             } else {
                 runtime().block_on(release);
             }
+        } else {
+            self.steps.close();
         }
         if let Some(id) = self.keep.take() {
             let mut index = lock(&self.prefixes);

@@ -327,8 +327,8 @@ pub fn init_logging() {
         .try_init();
 }
 
-/// Starts a worker inside this process on a free loopback port (see
-/// `worker::start_local`) and returns its address.
+/// Starts a worker inside this process, reached without gRPC (see
+/// `worker::start_local`), and returns the address that names it.
 #[pyfunction]
 pub fn start_local_worker(py: Python<'_>) -> PyResult<String> {
     init_logging();
@@ -347,40 +347,14 @@ pub fn stop_local_worker(address: &str) {
 pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<String> {
     let info = py.detach(|| {
         runtime().block_on(async {
-            let mut c =
-                crate::transport::connect(&address, Duration::from_secs_f64(timeout.max(0.1)))
-                    .await?;
-            let r = c
-                .get_device_info(crate::proto::DeviceInfoRequest::default())
+            let within = Duration::from_secs_f64(timeout.max(0.1));
+            let mut link = crate::coordinator::Link::open(&address, within).await?;
+            link.device_info()
                 .await
-                .map_err(|s| Error::Worker(format!("worker {address}: {}", s.message())))?;
-            Ok::<_, Error>(r.into_inner())
+                .map_err(|s| Error::Worker(format!("worker {address}: {}", s.message())))
         })
     })?;
-    let shard = info.shard.as_ref().map(|s| {
-        serde_json::json!({
-            "model_id": s.model_id, "layer_start": s.layer_start, "layer_end": s.layer_end,
-            "embed": s.embed, "head": s.head, "weight_bytes": s.weight_bytes,
-        })
-    });
-    Ok(serde_json::json!({
-        "name": info.name, "device_type": info.device_type, "chip": info.chip,
-        "gpu_cores": info.gpu_cores, "memory_total": info.memory_total,
-        "memory_available": info.memory_available, "matmul_gflops": info.matmul_gflops,
-        "bandwidth_gbs": info.bandwidth_gbs, "version": info.version, "mlx_version": info.mlx_version,
-        "shard": shard, "cache_bytes": info.cache_bytes, "sequences": info.sequences,
-        "mlx_active_memory": info.mlx_active_memory, "mlx_peak_memory": info.mlx_peak_memory,
-        "forward_bytes_sent": info.forward_bytes_sent, "forward_messages_sent": info.forward_messages_sent,
-        "busy_micros": info.busy_micros, "tokens_processed": info.tokens_processed,
-        "steps": info.steps, "uptime_micros": info.uptime_micros,
-        "batches": info.batches, "batched_steps": info.batched_steps,
-        "prefix_entries": info.prefix_entries, "prefix_bytes": info.prefix_bytes,
-        "prefix_budget_bytes": info.prefix_budget_bytes,
-        "ring_tokens": info.ring_tokens, "busy_for_micros": info.busy_for_micros,
-        "steps_launched_ahead": info.steps_launched_ahead,
-        "steps_launched_ahead_undone": info.steps_launched_ahead_undone,
-    })
-    .to_string())
+    Ok(serde_json::to_string(&info).map_err(Error::from)?)
 }
 
 /// Sets the cluster token this process sends to workers and, as a worker,

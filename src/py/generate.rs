@@ -38,32 +38,97 @@ impl PyLogprobs {
     }
 }
 
-/// One record: (text, token, logprobs, prompt_tokens, prompt_tps,
-/// generation_tokens, generation_tps, peak_memory, finish_reason).
-type Record = (
-    String,
-    u32,
-    Option<PyLogprobs>,
-    usize,
-    f64,
-    usize,
-    f64,
-    f64,
-    Option<&'static str>,
-);
+/// One step of a generation (the fields of mlx-lm's `GenerationResponse`).
+/// It also reads as the tuple of its fields, in this order.
+#[pyclass(name = "Record", module = "mlx_dist._core", frozen, get_all)]
+pub struct PyRecord {
+    text: String,
+    token: u32,
+    logprobs: Option<Py<PyLogprobs>>,
+    prompt_tokens: usize,
+    prompt_tps: f64,
+    generation_tokens: usize,
+    generation_tps: f64,
+    peak_memory: f64,
+    finish_reason: Option<&'static str>,
+}
 
-fn record(r: Response) -> Record {
-    (
-        r.text,
-        r.token,
-        r.logprobs.map(|inner| PyLogprobs { inner }),
-        r.prompt_tokens,
-        r.prompt_tps,
-        r.generation_tokens,
-        r.generation_tps,
-        r.peak_memory,
-        r.finish_reason.map(|f| f.as_str()),
-    )
+impl PyRecord {
+    fn new(py: Python<'_>, r: Response) -> PyResult<PyRecord> {
+        let logprobs = r
+            .logprobs
+            .map(|inner| Py::new(py, PyLogprobs { inner }))
+            .transpose()?;
+        Ok(PyRecord {
+            text: r.text,
+            token: r.token,
+            logprobs,
+            prompt_tokens: r.prompt_tokens,
+            prompt_tps: r.prompt_tps,
+            generation_tokens: r.generation_tokens,
+            generation_tps: r.generation_tps,
+            peak_memory: r.peak_memory,
+            finish_reason: r.finish_reason.map(|f| f.as_str()),
+        })
+    }
+
+    fn fields<'py>(&self, py: Python<'py>) -> PyResult<Vec<Bound<'py, PyAny>>> {
+        Ok(vec![
+            self.text.clone().into_pyobject(py)?.into_any(),
+            self.token.into_pyobject(py)?.into_any(),
+            self.logprobs.clone_ref_or_none(py),
+            self.prompt_tokens.into_pyobject(py)?.into_any(),
+            self.prompt_tps.into_pyobject(py)?.into_any(),
+            self.generation_tokens.into_pyobject(py)?.into_any(),
+            self.generation_tps.into_pyobject(py)?.into_any(),
+            self.peak_memory.into_pyobject(py)?.into_any(),
+            self.finish_reason.into_pyobject(py)?.into_any(),
+        ])
+    }
+}
+
+trait CloneRefOrNone {
+    fn clone_ref_or_none<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny>;
+}
+
+impl CloneRefOrNone for Option<Py<PyLogprobs>> {
+    fn clone_ref_or_none<'py>(&self, py: Python<'py>) -> Bound<'py, PyAny> {
+        match self {
+            Some(l) => l.bind(py).clone().into_any(),
+            None => py.None().into_bound(py),
+        }
+    }
+}
+
+#[pymethods]
+impl PyRecord {
+    fn __len__(&self) -> usize {
+        9
+    }
+
+    fn __getitem__<'py>(&self, py: Python<'py>, i: isize) -> PyResult<Bound<'py, PyAny>> {
+        let mut f = self.fields(py)?;
+        let n = f.len() as isize;
+        let at = if i < 0 { i + n } else { i };
+        if !(0..n).contains(&at) {
+            return Err(pyo3::exceptions::PyIndexError::new_err(
+                "record index out of range",
+            ));
+        }
+        Ok(f.swap_remove(at as usize))
+    }
+
+    fn __iter__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let t = pyo3::types::PyTuple::new(py, self.fields(py)?)?;
+        Ok(t.as_any().try_iter()?.into_any())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "Record(text={:?}, token={}, generation_tokens={}, finish_reason={:?})",
+            self.text, self.token, self.generation_tokens, self.finish_reason
+        )
+    }
 }
 
 #[pymethods]
@@ -74,7 +139,7 @@ impl PyGeneration {
         min_tokens_to_keep = 1, top_k = 0, seed = None, logit_bias = Vec::new(),
         repetition_penalty = None, repetition_context_size = 20, presence_penalty = None,
         presence_context_size = 20, frequency_penalty = None, frequency_context_size = 20,
-        stop = Vec::new(), prefill_step_size = 2048, logprobs = true
+        stop = Vec::new(), prefill_step_size = 2048, logprobs = true, defer_prefill = false
     ))]
     #[allow(clippy::too_many_arguments)]
     fn new(
@@ -99,6 +164,7 @@ impl PyGeneration {
         stop: Vec<String>,
         prefill_step_size: usize,
         logprobs: bool,
+        defer_prefill: bool,
     ) -> PyResult<PyGeneration> {
         let sampler = SamplerConfig {
             temp,
@@ -130,14 +196,15 @@ impl PyGeneration {
                 opts.validate()?;
                 let started = Instant::now();
                 let n = prompt.len();
-                let remote = cluster.start(SequenceSpec {
+                let spec = SequenceSpec {
                     prompt,
                     sampler,
                     processors,
                     max_tokens,
                     prefill_step: opts.prefill_step,
                     logprobs,
-                })?;
+                };
+                let remote = cluster.start(spec, defer_prefill)?;
                 Generation::from_source(Box::new(remote), tok, n, opts, started)
             })?;
             return Ok(PyGeneration { inner });
@@ -147,7 +214,15 @@ impl PyGeneration {
         processors.validate(m.args.vocab_size as usize)?;
         let inner = py.detach(move || -> crate::Result<Generation> {
             let sampler = Sampler::new(sampler, processors)?;
-            Generation::new(m, tok, &prompt, sampler, opts, Some(prefixes))
+            Generation::new(
+                m,
+                tok,
+                &prompt,
+                sampler,
+                opts,
+                Some(prefixes),
+                defer_prefill,
+            )
         })?;
         Ok(PyGeneration { inner })
     }
@@ -156,10 +231,23 @@ impl PyGeneration {
         slf
     }
 
-    fn __next__(mut slf: PyRefMut<'_, Self>, py: Python<'_>) -> PyResult<Option<Record>> {
+    fn __next__(mut slf: PyRefMut<'_, Self>, py: Python<'_>) -> PyResult<Option<PyRecord>> {
         let g = &mut slf.inner;
         let r = py.detach(|| g.next_response())?;
-        Ok(r.map(record))
+        r.map(|r| PyRecord::new(py, r)).transpose()
+    }
+
+    /// With `defer_prefill`: runs the next chunk of the prompt; True once
+    /// the whole prompt has run (the first token is then on its way).
+    fn prefill_step(mut slf: PyRefMut<'_, Self>, py: Python<'_>) -> PyResult<bool> {
+        let g = &mut slf.inner;
+        Ok(py.detach(|| g.prefill_step())?)
+    }
+
+    /// Whether the prompt is still to run (`prefill_step`).
+    #[getter]
+    fn prefilling(&self) -> bool {
+        self.inner.prefilling()
     }
 
     /// Token ids generated so far.

@@ -55,6 +55,8 @@ mod stage;
 mod warmup;
 
 use ahead::{Guess, Post, Prepared};
+pub(crate) use serve::in_process;
+
 pub use serve::{is_local, serve, start_local, stop_local};
 pub use service::WorkerService;
 use stage::Stage;
@@ -125,7 +127,7 @@ impl WorkerConfig {
     }
 }
 
-fn status(e: Error) -> Status {
+pub(crate) fn status(e: Error) -> Status {
     match e {
         Error::NotFound(m) => Status::not_found(m),
         Error::InvalidArgument(_)
@@ -178,15 +180,18 @@ struct Sequence {
 }
 
 /// The result of one step on this stage.
-struct StepOut {
+pub(crate) struct StepOut {
     /// Activations for the next stage (not on the last stage).
-    hidden: Option<Tensor>,
-    token: Option<u32>,
-    logprobs: Option<Tensor>,
-    micros: u32,
+    pub(crate) hidden: Option<Tensor>,
+    pub(crate) token: Option<u32>,
+    pub(crate) logprobs: Option<Tensor>,
+    pub(crate) micros: u32,
     next: Option<String>,
     first: Option<String>,
 }
+
+/// A step's result as the service gives it.
+pub(crate) type StepOutcome = std::result::Result<StepOut, Status>;
 
 // A step's request moves through the channel once; boxing it would only add
 // an allocation per step.

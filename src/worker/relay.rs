@@ -10,14 +10,15 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::service::WorkerService;
 use super::{BoxStream, ByAddress};
-use crate::proto::{ForwardReply, ForwardRequest, RingToken};
+use crate::proto::forward_message::Message;
+use crate::proto::{ForwardMessage, ForwardReply, ForwardRequest, RingToken};
 use crate::transport::{open_client, tls_ca, Client};
 use crate::util::lock;
 
 /// This worker's stream to the next stage.
 struct Downstream {
     addr: String,
-    tx: mpsc::Sender<ForwardRequest>,
+    tx: mpsc::Sender<ForwardMessage>,
     rx: Streaming<ForwardReply>,
 }
 
@@ -173,7 +174,7 @@ impl WorkerService {
     /// the ring, replies back up in request order.
     pub(super) async fn relay(
         &self,
-        request: Request<Streaming<ForwardRequest>>,
+        request: Request<Streaming<ForwardMessage>>,
     ) -> std::result::Result<Response<BoxStream<ForwardReply>>, Status> {
         let mut upstream = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
@@ -237,7 +238,7 @@ impl WorkerService {
             }
         });
         tokio::spawn(async move {
-            let mut downstream: Option<(String, mpsc::Sender<ForwardRequest>)> = None;
+            let mut downstream: Option<(String, mpsc::Sender<ForwardMessage>)> = None;
             let mut seen: HashSet<String> = HashSet::new();
             // On the first stage: tokens of this stream's ring steps, come
             // round from the last stage.
@@ -250,22 +251,31 @@ impl WorkerService {
                 let msg = tokio::select! {
                     // The client's end first: no ring step after it.
                     biased;
-                    m = upstream.message() => match m {
-                        Ok(Some(m)) if m.tokens.is_empty() && m.hidden.is_none() && m.ring_credit > 0 => {
+                    m = upstream.message() => match m.map(|m| m.map(|m| m.message)) {
+                        Ok(Some(Some(Message::Credit(m)))) => {
                             // The coordinator read a token: one more step.
                             let Some(c) = credit.get_mut(&m.sequence_id) else {
                                 continue;
                             };
-                            *c = c.saturating_add(m.ring_credit);
+                            *c = c.saturating_add(m.steps);
                             match held.remove(&m.sequence_id) {
-                                Some(t) => {
+                                Some(t) if *c > 0 => {
                                     *c -= 1;
                                     ring_step(t)
+                                }
+                                Some(t) => {
+                                    held.insert(m.sequence_id, t);
+                                    continue;
                                 }
                                 None => continue,
                             }
                         }
-                        Ok(Some(m)) => m,
+                        Ok(Some(Some(Message::Step(m)))) => m,
+                        Ok(Some(None)) => {
+                            let e = Status::invalid_argument("a Forward message with neither a step nor a ring credit");
+                            let _ = slots.send(Slot::Ready(Err(e))).await;
+                            break;
+                        }
                         // The client finished: its sequences end.
                         Ok(None) => break,
                         // A message that is too large or does not decode, or
@@ -386,6 +396,9 @@ impl WorkerService {
                             if ring {
                                 fwd.stage_micros.push(out.micros);
                             }
+                            let fwd = ForwardMessage {
+                                message: Some(Message::Step(fwd)),
+                            };
                             svc.sent.0.fetch_add(
                                 prost::Message::encoded_len(&fwd) as u64,
                                 Ordering::Relaxed,

@@ -1,15 +1,12 @@
 //! Serving a worker: on a port, or inside this process (`start_local`).
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-
-use tokio::sync::oneshot;
 
 use super::service::WorkerService;
 use super::{ByAddress, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::proto::worker_server::WorkerServer;
-use crate::transport::{
-    cluster_token, error_chain, h2_window, keepalive_interval, set_cluster_token, TlsIdentity,
-};
+use crate::transport::{error_chain, h2_window, keepalive_interval, TlsIdentity};
 use crate::util::lock;
 
 /// Serves a worker on `host:port` until Ctrl-C or SIGTERM; prints
@@ -25,49 +22,37 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
     serve_on(listener, cfg, shutdown_signal()).await
 }
 
-/// A worker inside this process, on a free loopback port, for as long as
-/// the process lives: a server on one device runs its model there, so that
-/// the decode steps of concurrent sequences run batched. It requires the
-/// cluster token; when none is set, one is made up (and set for this
-/// process), so that no other local user can drive it. Returns its address.
+/// A worker inside this process, for as long as the process lives: a
+/// server on one device runs its model there, so that the decode steps of
+/// concurrent sequences run batched. It listens on no port: the coordinator
+/// of this process hands it steps directly (`coordinator::Link`). Returns
+/// the name it is reached by.
 pub fn start_local() -> Result<String> {
-    if cluster_token().is_none() {
-        let mut bytes = [0u8; 16];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-        set_cluster_token(Some(hex::encode(bytes)));
-    }
-    let rt = crate::util::runtime();
-    let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
-    let addr = format!("127.0.0.1:{}", listener.local_addr()?.port());
-    let cfg = WorkerConfig::new("local");
-    let (stop, stopped) = oneshot::channel::<()>();
-    lock(&LOCAL).insert(addr.clone(), stop);
-    rt.spawn(async move {
-        let shutdown = async {
-            let _ = stopped.await;
-        };
-        if let Err(e) = serve_on(listener, cfg, shutdown).await {
-            tracing::error!("the local worker stopped: {e}");
-        }
-    });
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let addr = format!("in-process:{}", NEXT.fetch_add(1, Ordering::Relaxed));
+    let svc = WorkerService::new(WorkerConfig::new("local"));
+    lock(&LOCAL).insert(addr.clone(), svc);
     Ok(addr)
 }
 
-/// Stops the local worker at `addr` (see `start_local`), which frees its
-/// model once its streams have ended.
+/// Forgets the local worker `addr` (see `start_local`); its engine stops,
+/// freeing its model, once the last sequence and cluster using it end.
 pub fn stop_local(addr: &str) {
-    if let Some(stop) = lock(&LOCAL).remove(addr) {
-        let _ = stop.send(());
-    }
+    lock(&LOCAL).remove(addr);
 }
 
-/// Whether `addr` is a worker `start_local` started in this process.
+/// Whether `addr` names a worker `start_local` started in this process.
 pub fn is_local(addr: &str) -> bool {
     lock(&LOCAL).contains_key(addr)
 }
 
-/// Local workers of this process, by address: how to stop each.
-static LOCAL: ByAddress<oneshot::Sender<()>> = ByAddress::new(Default::default);
+/// The local worker `addr` names, if any.
+pub(crate) fn in_process(addr: &str) -> Option<WorkerService> {
+    lock(&LOCAL).get(addr).cloned()
+}
+
+/// Local workers of this process, by name.
+static LOCAL: ByAddress<WorkerService> = ByAddress::new(Default::default);
 
 /// Serves a worker on `listener` until `shutdown` completes.
 async fn serve_on(

@@ -11,14 +11,17 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ahead::{launch_ahead, Post};
 use super::engine::step_spin;
-use super::{status, BoxStream, Engine, EngineInfo, Job, StepOut, WorkerConfig, MAX_POSITIONS};
+use super::{
+    status, BoxStream, Engine, EngineInfo, Job, StepOut, StepOutcome, WorkerConfig, MAX_POSITIONS,
+};
 use crate::device;
 use crate::error::{Error, Result};
 use crate::mlx;
 use crate::prefix::PrefixStore;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
-    DeviceInfo, DeviceInfoRequest, FileChunk, ForwardReply, ForwardRequest, LoadProgress,
+    DeviceInfo, DeviceInfoRequest, FileChunk, ForwardMessage, ForwardReply, ForwardRequest,
+    LoadProgress,
     LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply, RingToken,
 };
 use crate::transport::{cluster_token, CheckToken};
@@ -112,16 +115,31 @@ impl WorkerService {
             .map_err(|_| Status::internal("the engine thread has stopped"))
     }
 
-    pub(super) async fn step(&self, req: ForwardRequest) -> std::result::Result<StepOut, Status> {
-        check_forward(&req).map_err(status)?;
-        let (tx, rx) = oneshot::channel();
-        self.send(Job::Step(req, tx, Instant::now()))?;
-        rx.await
+    pub(super) async fn step(&self, req: ForwardRequest) -> StepOutcome {
+        self.submit(req)?
+            .await
             .map_err(|_| Status::internal("the engine thread has stopped"))?
             .map_err(status)
     }
 
-    pub(super) async fn release(&self, seq: String) -> u64 {
+    /// Queues a step on the engine now; its result comes on the receiver.
+    pub(crate) fn submit(
+        &self,
+        req: ForwardRequest,
+    ) -> std::result::Result<oneshot::Receiver<Result<StepOut>>, Status> {
+        check_forward(&req).map_err(status)?;
+        let (tx, rx) = oneshot::channel();
+        self.send(Job::Step(req, tx, Instant::now()))?;
+        Ok(rx)
+    }
+
+    /// Queues the release of `seq` behind the jobs queued now, without
+    /// waiting for it.
+    pub(crate) fn release_soon(&self, seq: String) {
+        let _ = self.send(Job::Release(seq, oneshot::channel().0));
+    }
+
+    pub(crate) async fn release(&self, seq: String) -> u64 {
         let (tx, rx) = oneshot::channel();
         if self.send(Job::Release(seq, tx)).is_err() {
             return 0;
@@ -285,7 +303,7 @@ impl Worker for WorkerService {
 
     async fn forward(
         &self,
-        request: Request<Streaming<ForwardRequest>>,
+        request: Request<Streaming<ForwardMessage>>,
     ) -> std::result::Result<Response<Self::ForwardStream>, Status> {
         self.relay(request).await
     }

@@ -73,12 +73,19 @@ async fn start_with_jobs(dir: &Path, cfg: WorkerConfig) -> (String, Client, std_
     (addr, client, jobs)
 }
 
+/// A step as the one message of a Forward stream.
+fn msg(req: ForwardRequest) -> crate::proto::ForwardMessage {
+    crate::proto::ForwardMessage {
+        message: Some(crate::proto::forward_message::Message::Step(req)),
+    }
+}
+
 async fn one_step(
     client: &mut Client,
     req: ForwardRequest,
 ) -> std::result::Result<ForwardReply, Status> {
     let (tx, rx) = mpsc::channel(1);
-    tx.send(req).await.unwrap();
+    tx.send(msg(req)).await.unwrap();
     let mut replies = client.forward(ReceiverStream::new(rx)).await?.into_inner();
     let r = replies.message().await?;
     r.ok_or_else(|| Status::internal("no reply"))
@@ -164,7 +171,7 @@ fn prefixes_are_kept_found_refused_by_kind_and_forgotten() {
         assert_eq!(kind, Some(PREFIX_MISSING), "{err:?}");
         // Forgotten: the kept one, and a live one not to be kept.
         let (tx, rx) = mpsc::channel(2);
-        tx.send(first_step("d", 2, "pd")).await.unwrap();
+        tx.send(msg(first_step("d", 2, "pd"))).await.unwrap();
         let mut replies = client
             .forward(ReceiverStream::new(rx))
             .await
@@ -276,7 +283,7 @@ fn the_kv_budget_counts_the_longest_rows_room_for_every_row() {
             .into_inner();
         let mut long = step("long", good.clone());
         long.max_length = 1000;
-        tx.send(long).await.unwrap();
+        tx.send(msg(long)).await.unwrap();
         assert!(replies.message().await.unwrap().unwrap().token.is_some());
         let err = one_step(&mut client, step("short", good.clone()))
             .await
@@ -385,7 +392,7 @@ fn a_bad_row_fails_alone_in_a_batched_step() {
         let mut streams = Vec::new();
         for (i, name) in names.iter().enumerate() {
             let (tx, rx) = mpsc::channel(2);
-            tx.send(step(name, row(0.01 * i as f64))).await.unwrap();
+            tx.send(msg(step(name, row(0.01 * i as f64)))).await.unwrap();
             let mut replies = client
                 .forward(ReceiverStream::new(rx))
                 .await
@@ -416,7 +423,7 @@ fn a_bad_row_fails_alone_in_a_batched_step() {
             hidden.data = data.into();
             let mut req = step(name, hidden);
             req.offset = 1;
-            tx.send(req).await.unwrap();
+            tx.send(msg(req)).await.unwrap();
         }
         tokio::time::sleep(Duration::from_millis(300)).await;
         release.send(()).unwrap();
@@ -546,7 +553,7 @@ async fn raw_forward(addr: &str, body: Vec<u8>) -> std::result::Result<ForwardRe
     grpc.ready()
         .await
         .map_err(|e| Status::unavailable(e.to_string()))?;
-    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/mlx_dist.v1.Worker/Forward");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static("/mlx_dist.v2.Worker/Forward");
     let mut replies = grpc
         .streaming(Request::new(tokio_stream::once(body)), path, Codec)
         .await?
@@ -778,11 +785,11 @@ fn fuzzed_requests_get_errors_and_the_worker_keeps_serving() {
             .unwrap()
             .into_inner();
         for seq in ["m1", "m2"] {
-            tx.send(step(seq, good.clone())).await.unwrap();
+            tx.send(msg(step(seq, good.clone()))).await.unwrap();
             let r = within("a step", replies.message()).await.unwrap().unwrap();
             assert!(r.token.is_some());
         }
-        tx.send(step("m3", good.clone())).await.unwrap();
+        tx.send(msg(step("m3", good.clone()))).await.unwrap();
         let err = within("a third sequence", replies.message())
             .await
             .unwrap_err();

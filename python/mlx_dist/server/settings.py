@@ -45,6 +45,10 @@ class ServerSettings:
     # stage batches the decode steps of concurrent sequences (False: step
     # them in turn, each with its own cache).
     batch: bool = True
+    # Prompt tokens run in one step: a long prompt runs in such chunks, each
+    # between the decode steps of the other streams, so that they wait one
+    # chunk at most (a few decode steps' time) rather than the whole prompt.
+    prefill_chunk: int = 256
     # Tokens a sequence may hold, prompt and completion (None: the model's
     # context length when its config gives a sane one, else 32768).
     max_context: int | None = None
@@ -77,6 +81,7 @@ class ServerSettings:
             "compression": self.compression or "none",
             "kv_tokens": int(self.kv_tokens or 4096),
             "tls_ca": self.tls_ca,
+            "prefill_chunk": self.prefill_chunk,
         }
 
     def check(self) -> None:
@@ -90,6 +95,8 @@ class ServerSettings:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_context is not None and self.max_context < 2:
             raise ValueError("max_context must be at least 2")
+        if self.prefill_chunk < 1:
+            raise ValueError("prefill_chunk must be at least 1")
         if self.join_interval < 0:
             raise ValueError("join_interval must be 0 or more")
         if self.header_timeout <= 0 or self.keep_alive_timeout <= 0:

@@ -89,6 +89,7 @@ class ServerState:
                 workers=[self.local_worker],
                 strategy="uniform",
                 kv_tokens=s.cluster_args()["kv_tokens"],
+                prefill_chunk=s.prefill_chunk,
                 progress=progress,
                 recover=False,
                 max_context=s.max_context,
@@ -104,6 +105,7 @@ class ServerState:
             max_active=s.max_concurrency,
             max_queue=s.max_queue,
             metrics=self.metrics,
+            prefill_chunk=s.prefill_chunk,
         )
         self.metrics.watch_engine(lambda: self.engine.queued, lambda: self.engine.active)
 
