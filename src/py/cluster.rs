@@ -353,7 +353,9 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
             let r = c
                 .get_device_info(crate::proto::DeviceInfoRequest::default())
                 .await
-                .map_err(|s| Error::Worker(format!("worker {address}: {}", s.message())))?;
+                .map_err(|s| {
+                    crate::transport::error_of(s, |_| (address.clone(), address.clone()))
+                })?;
             Ok::<_, Error>(r.into_inner())
         })
     })?;
