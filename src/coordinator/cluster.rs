@@ -158,7 +158,7 @@ async fn connect_retrying(addr: &str, within: Duration) -> Result<Client> {
                     addr,
                     addr,
                     format!(
-                        "unreachable after {attempts} attempts in {:.1} s: {cause}",
+                        "{cause} (after {attempts} attempts in {:.1} s)",
                         start.elapsed().as_secs_f64()
                     ),
                 ))
