@@ -25,16 +25,22 @@ pub enum Error {
     /// A caller passed a value outside what the API accepts.
     #[error("{0}")]
     InvalidArgument(String),
-    /// Not enough memory (KV cache budget, device memory) for a request.
+    /// Not enough memory for a request, for good: a model over the memory
+    /// of the workers, a message over a worker's limit. Waiting cannot help.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// A stage has no room for one more sequence right now: its KV budget
+    /// is taken by running sequences, or it holds its most sequences. One
+    /// of them ending makes room: the caller may wait and try again.
+    #[error("{0}")]
+    KvBudgetFull(String),
     /// A worker is not in the state a request assumes: it holds no shard
     /// (it restarted) or not the sequence (a re-plan dropped it). Planning
     /// the cluster again resolves it.
     #[error("{0}")]
     NotReady(String),
     /// A sequence whose KV cache needs more than a stage's whole budget:
-    /// unlike `ResourceExhausted` (full for now), waiting cannot help.
+    /// unlike `KvBudgetFull` (full for now), waiting cannot help.
     #[error("{detail}")]
     KvBudgetExceeded {
         need: u64,
@@ -51,8 +57,24 @@ pub enum Error {
     /// again on the same stages mends it; no re-plan is needed.
     #[error("{0}")]
     Stalled(String),
-    /// A worker failed, could not be reached, or refused a call; the
-    /// message names it.
+    /// One stage of the chain failed, could not be reached, lost its stream
+    /// or gave no reply: `stage` is its name (its address where the name is
+    /// not known), `address` where it listens (empty for the worker inside
+    /// this process, whose loopback port is a detail). A re-plan over the
+    /// workers still answering mends it.
+    #[error("worker {}: {cause}", who(stage, address))]
+    StageFailed {
+        stage: String,
+        address: String,
+        cause: String,
+    },
+    /// The connection to the worker at `address` failed over TLS: its
+    /// certificate was refused, or one side speaks TLS and the other not.
+    /// Connecting again will not help; the configuration must change.
+    #[error("worker {address}: {detail}")]
+    Tls { address: String, detail: String },
+    /// A failure of the cluster as a whole, not of one stage (no worker
+    /// answers, a re-plan found no room); the message says what.
     #[error("{0}")]
     Worker(String),
     #[error(transparent)]
@@ -63,7 +85,32 @@ pub enum Error {
 
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// How messages name a stage: `name (address)`, or one of them when the
+/// other is empty or the same.
+pub fn who(stage: &str, address: &str) -> String {
+    if address.is_empty() || stage == address {
+        stage.to_string()
+    } else if stage.is_empty() {
+        address.to_string()
+    } else {
+        format!("{stage} ({address})")
+    }
+}
+
 impl Error {
+    /// The failure of the stage named `stage` at `address`.
+    pub fn stage_failed(
+        stage: impl Into<String>,
+        address: impl Into<String>,
+        cause: impl Into<String>,
+    ) -> Self {
+        Error::StageFailed {
+            stage: stage.into(),
+            address: address.into(),
+            cause: cause.into(),
+        }
+    }
+
     pub fn invalid_model(path: impl Into<PathBuf>, msg: impl Into<String>) -> Self {
         Error::InvalidModel {
             path: path.into(),

@@ -59,7 +59,16 @@ mod _core {
     #[pymodule_export]
     use crate::py::tokenizer::PyTokenizer;
     #[pymodule_export]
-    use crate::py::{device_info, memory, KvBudgetExceeded};
+    use crate::py::{device_info, memory};
+    #[pymodule_export]
+    use crate::py::{
+        CapacityError, KvBudgetExceeded, KvBudgetFull, NotReadyError, TlsError, WorkerError,
+    };
+
+    #[pymodule_init]
+    fn init(m: &Bound<'_, PyModule>) -> PyResult<()> {
+        crate::py::init_exceptions(m)
+    }
 
     /// The version of the MLX library mlx-dist runs on.
     #[pyfunction]

@@ -14,16 +14,168 @@ use crate::proto::worker_client::WorkerClient;
 /// The metadata key that carries the cluster token.
 pub const TOKEN_KEY: &str = "x-mlx-dist-token";
 
-/// The metadata key of a refusal that names its kind, and the kind of a
-/// step refused because the prefix it starts from is not kept here
-/// (`Error::PrefixMissing`): the kind travels as data, not as words.
+/// The metadata key of a refusal that names its kind: the kind travels as
+/// data, not as words, and each `Error` kind a worker answers with comes
+/// back as itself (`status_of`, `error_of`).
 pub const ERROR_KIND_KEY: &str = "x-mlx-dist-error";
+/// A step refused because the prefix it starts from is not kept here
+/// (`Error::PrefixMissing`).
 pub const PREFIX_MISSING: &str = "prefix-missing";
-/// The kind of a sequence that needs more KV cache than a stage's whole
-/// budget (`Error::KvBudgetExceeded`), with the bytes in these keys.
+/// A sequence that needs more KV cache than a stage's whole budget
+/// (`Error::KvBudgetExceeded`), with the bytes in these keys.
 pub const KV_BUDGET_EXCEEDED: &str = "kv-budget-exceeded";
 pub const NEED_KEY: &str = "x-mlx-dist-need-bytes";
 pub const BUDGET_KEY: &str = "x-mlx-dist-budget-bytes";
+/// A stage with no room for one more sequence now (`Error::KvBudgetFull`).
+pub const KV_BUDGET_FULL: &str = "kv-budget-full";
+/// A stage that holds no shard or not the sequence (`Error::NotReady`).
+pub const NOT_READY: &str = "not-ready";
+/// A stage of the chain that failed (`Error::StageFailed`); which one, in
+/// `STAGE_KEY` (its name, when known) and `ADDRESS_KEY`.
+pub const STAGE_FAILED: &str = "stage-failed";
+/// A connection that failed over TLS (`Error::Tls`), to `ADDRESS_KEY`.
+pub const TLS: &str = "tls";
+/// A step lost on the way (`Error::Stalled`).
+pub const STALLED: &str = "stalled";
+/// The stage a refusal comes from, where it is not the one called: a stage
+/// relaying another's refusal, or its own about the next stage, says whose
+/// it is in these (binary: names and addresses need not be ASCII).
+pub const STAGE_KEY: &str = "x-mlx-dist-stage-bin";
+pub const ADDRESS_KEY: &str = "x-mlx-dist-address-bin";
+
+/// `e` as the gRPC status a worker answers with: its code, its message, and
+/// its kind (and figures) in the metadata, so that `error_of` gives back the
+/// same kind without reading the message.
+pub fn status_of(e: Error) -> Status {
+    use tonic::metadata::{BinaryMetadataValue, MetadataValue};
+    fn with_kind(mut s: Status, kind: &'static str) -> Status {
+        s.metadata_mut()
+            .insert(ERROR_KIND_KEY, MetadataValue::from_static(kind));
+        s
+    }
+    fn with_bin(mut s: Status, key: &'static str, value: &str) -> Status {
+        if !value.is_empty() {
+            s.metadata_mut()
+                .insert_bin(key, BinaryMetadataValue::from_bytes(value.as_bytes()));
+        }
+        s
+    }
+    match e {
+        Error::NotFound(m) => Status::not_found(m),
+        Error::InvalidArgument(_)
+        | Error::InvalidModel { .. }
+        | Error::UnsupportedArchitecture { .. } => Status::invalid_argument(e.to_string()),
+        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
+        Error::KvBudgetFull(m) => with_kind(Status::resource_exhausted(m), KV_BUDGET_FULL),
+        Error::KvBudgetExceeded {
+            need,
+            budget,
+            detail,
+        } => {
+            let mut s = with_kind(Status::resource_exhausted(detail), KV_BUDGET_EXCEEDED);
+            let m = s.metadata_mut();
+            m.insert(NEED_KEY, need.into());
+            m.insert(BUDGET_KEY, budget.into());
+            s
+        }
+        Error::NotReady(m) => with_kind(Status::failed_precondition(m), NOT_READY),
+        Error::PrefixMissing(m) => with_kind(Status::failed_precondition(m), PREFIX_MISSING),
+        Error::Stalled(m) => with_kind(Status::aborted(m), STALLED),
+        Error::StageFailed {
+            stage,
+            address,
+            cause,
+        } => {
+            let s = with_kind(Status::unavailable(cause), STAGE_FAILED);
+            let s = with_bin(s, ADDRESS_KEY, &address);
+            if stage == address {
+                s
+            } else {
+                with_bin(s, STAGE_KEY, &stage)
+            }
+        }
+        Error::Tls { address, detail } => with_bin(
+            with_kind(Status::unavailable(detail), TLS),
+            ADDRESS_KEY,
+            &address,
+        ),
+        other => Status::internal(other.to_string()),
+    }
+}
+
+/// What a refusal from a worker means, by its code and kind (never its
+/// message). `who` names a stage, as (name, address shown), from the
+/// address a refusal names (a later stage of the chain), or `None`: the
+/// worker called, whose refusals are its own unless they name another.
+pub fn error_of(s: Status, who: impl Fn(Option<&str>) -> (String, String)) -> Error {
+    let md = s.metadata();
+    let kind = md.get(ERROR_KIND_KEY).and_then(|v| v.to_str().ok());
+    let text = |key: &str| {
+        md.get_bin(key)
+            .and_then(|v| v.to_bytes().ok())
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .filter(|t| !t.is_empty())
+    };
+    let bytes = |key: &str| {
+        md.get(key)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let from = text(ADDRESS_KEY);
+    let (mut stage, shown) = who(from.as_deref());
+    if let Some(named) = text(STAGE_KEY) {
+        // A name only the refusal knows (the stage is none of the plan's).
+        if from.as_deref() == Some(stage.as_str()) {
+            stage = named;
+        }
+    }
+    let named = crate::error::who(&stage, &shown);
+    let msg = s.message().to_string();
+    use tonic::Code;
+    match (s.code(), kind) {
+        (Code::ResourceExhausted, Some(KV_BUDGET_EXCEEDED)) => Error::KvBudgetExceeded {
+            need: bytes(NEED_KEY),
+            budget: bytes(BUDGET_KEY),
+            detail: msg,
+        },
+        (Code::ResourceExhausted, Some(KV_BUDGET_FULL)) => Error::KvBudgetFull(msg),
+        (Code::ResourceExhausted, _) => Error::ResourceExhausted(msg),
+        // An evicted prefix: a cache miss (`Cluster::start`).
+        (Code::FailedPrecondition, Some(PREFIX_MISSING)) => {
+            Error::PrefixMissing(format!("worker {named}: {msg}"))
+        }
+        // A restarted worker or a dropped sequence: a re-plan mends it.
+        (Code::FailedPrecondition, _) => Error::NotReady(format!("worker {named}: {msg}")),
+        (Code::InvalidArgument, _) => Error::InvalidArgument(format!("worker {named}: {msg}")),
+        (Code::NotFound, _) => Error::NotFound(format!("worker {named}: {msg}")),
+        (_, Some(STALLED)) => Error::Stalled(msg),
+        (_, Some(TLS)) => Error::Tls {
+            address: from.unwrap_or(if shown.is_empty() { stage } else { shown }),
+            detail: msg,
+        },
+        // Anything else (a stage gone, a broken stream, an internal error,
+        // a refused token) is the failure of the stage it comes from.
+        _ => Error::StageFailed {
+            stage,
+            address: shown,
+            cause: msg,
+        },
+    }
+}
+
+/// A refusal a stage got from the next stage (at `address`), as it passes
+/// it up the chain: one that names no stage is the next stage's own, and
+/// says so from here on.
+pub(crate) fn from_next_stage(mut s: Status, address: &str) -> Status {
+    if !s.metadata().contains_key(ADDRESS_KEY) && !address.is_empty() {
+        s.metadata_mut().insert_bin(
+            ADDRESS_KEY,
+            tonic::metadata::BinaryMetadataValue::from_bytes(address.as_bytes()),
+        );
+    }
+    s
+}
 
 /// The cluster token this process sends and (as a worker) requires:
 /// `MLX_DIST_TOKEN`, unless set with `set_cluster_token`.
@@ -280,16 +432,49 @@ pub(crate) fn keepalive_interval() -> Duration {
     (failure_timeout() / 2).max(Duration::from_millis(200))
 }
 
-/// Words of `connect`'s errors that retrying does not mend.
-const TLS_REFUSED: &str = "TLS refused";
-const NOT_TLS: &str = "does not serve TLS";
-const NOT_PLAIN: &str = "does not answer plain gRPC";
+/// The TLS error a connection failed with, if it failed in TLS (rustls'
+/// own error, or inside the I/O error tokio-rustls wraps it in): a
+/// certificate refused, or a peer that does not speak TLS.
+fn tls_failure<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut at = Some(e);
+    while let Some(err) = at {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return Some(r);
+        }
+        if let Some(r) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        {
+            return Some(r);
+        }
+        at = err.source();
+    }
+    None
+}
 
-/// Whether `e`, from `connect`, says that TLS does not match (the worker's
-/// certificate was refused, or one side speaks TLS and the other not):
-/// connecting again will not help, unlike a worker that is not up yet.
-pub fn is_tls_mismatch(e: &Error) -> bool {
-    matches!(e, Error::Worker(m) if [TLS_REFUSED, NOT_TLS, NOT_PLAIN].iter().any(|w| m.contains(w)))
+/// Whether a TLS error is about a certificate (the worker's refused here,
+/// or the worker refusing the handshake with a certificate alert), rather
+/// than a peer that does not speak TLS at all.
+fn is_certificate_error(e: &rustls::Error) -> bool {
+    use rustls::AlertDescription as A;
+    match e {
+        rustls::Error::InvalidCertificate(_)
+        | rustls::Error::NoCertificatesPresented
+        | rustls::Error::UnsupportedNameType => true,
+        rustls::Error::AlertReceived(a) => matches!(
+            a,
+            A::BadCertificate
+                | A::UnsupportedCertificate
+                | A::CertificateRevoked
+                | A::CertificateExpired
+                | A::CertificateUnknown
+                | A::UnknownCA
+                | A::AccessDenied
+                | A::HandshakeFailure
+        ),
+        _ => false,
+    }
 }
 
 /// Opens a channel to another worker (the next stage, or from the coordinator).
@@ -348,26 +533,29 @@ pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> R
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| {
-            Error::Worker(format!(
-                "worker {addr}: no connection within {:.1} s",
-                timeout.as_secs_f64()
-            ))
+            Error::stage_failed(
+                addr,
+                addr,
+                format!("no connection within {:.1} s", timeout.as_secs_f64()),
+            )
         })?
         .map_err(|e| {
             let why = error_chain(&e);
-            if tls.is_none() {
-                Error::Worker(format!("worker {addr} is unreachable: {why}"))
-            } else if why.contains("certificate") || why.contains("CertificateUnknown") {
-                Error::Worker(format!(
-                    "worker {addr}: {TLS_REFUSED}: {why} (the worker's certificate must be signed by the CA given with tls_ca/--tls-ca and name {host})"
-                ))
-            } else if why.contains("corrupt message") || why.contains("HTTP/2 was not negotiated")
-            {
-                Error::Worker(format!(
-                    "worker {addr} {NOT_TLS}: {why} (plain workers need no tls_ca)"
-                ))
-            } else {
-                Error::Worker(format!("worker {addr} is unreachable over TLS: {why}"))
+            match tls_failure(&e) {
+                Some(t) if is_certificate_error(t) => Error::Tls {
+                    address: addr.to_string(),
+                    detail: format!(
+                        "TLS refused: {why} (the worker's certificate must be signed by the CA given with tls_ca/--tls-ca and name {host})"
+                    ),
+                },
+                Some(_) => Error::Tls {
+                    address: addr.to_string(),
+                    detail: format!("does not serve TLS: {why} (plain workers need no tls_ca)"),
+                },
+                None if tls.is_none() => {
+                    Error::stage_failed(addr, addr, format!("unreachable: {why}"))
+                }
+                None => Error::stage_failed(addr, addr, format!("unreachable over TLS: {why}")),
             }
         })?;
     let token = match cluster_token() {
@@ -387,10 +575,11 @@ pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> R
         let check = health.check(tonic_health::pb::HealthCheckRequest::default());
         let refused = match tokio::time::timeout(timeout, check).await {
             Err(_) => {
-                return Err(Error::Worker(format!(
-                    "worker {addr}: no answer within {:.1} s",
-                    timeout.as_secs_f64()
-                )))
+                return Err(Error::stage_failed(
+                    addr,
+                    addr,
+                    format!("no answer within {:.1} s", timeout.as_secs_f64()),
+                ))
             }
             // A gRPC answer of any kind (even "no health service") will do.
             // Transport failures carry their cause; a server's answer does not.
@@ -409,12 +598,169 @@ pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> R
             Ok(_) => None,
         };
         if let Some(why) = refused {
-            return Err(Error::Worker(format!(
-                "worker {addr} {NOT_PLAIN}: {why} (if it serves TLS, trust its certificate with tls_ca=, --tls-ca or MLX_DIST_TLS_CA)"
-            )));
+            // The connection was made, yet its first call broke: the worker
+            // speaks TLS to this plain client.
+            return Err(Error::Tls {
+                address: addr.to_string(),
+                detail: format!(
+                    "does not answer plain gRPC: {why} (if it serves TLS, trust its certificate with tls_ca=, --tls-ca or MLX_DIST_TLS_CA)"
+                ),
+            });
         }
     }
     Ok(WorkerClient::with_interceptor(channel, AddToken(token))
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The stages a coordinator knows: a refusal naming one of these
+    /// addresses is that stage's, the rest the called stage's ("w0").
+    fn known(from: Option<&str>) -> (String, String) {
+        match from {
+            None => ("w0".into(), "10.0.0.1:7000".into()),
+            Some("10.0.0.2:7000") => ("w1".into(), "10.0.0.2:7000".into()),
+            Some(a) => (a.into(), a.into()),
+        }
+    }
+
+    fn round_trip(e: Error) -> Error {
+        error_of(status_of(e), known)
+    }
+
+    #[test]
+    fn every_kind_a_worker_answers_with_comes_back_as_itself() {
+        let full = round_trip(Error::KvBudgetFull("no room now".into()));
+        assert!(
+            matches!(&full, Error::KvBudgetFull(m) if m == "no room now"),
+            "{full:?}"
+        );
+        let over = round_trip(Error::KvBudgetExceeded {
+            need: 3 << 30,
+            budget: 2 << 20,
+            detail: "too long".into(),
+        });
+        assert!(
+            matches!(&over, Error::KvBudgetExceeded { need, budget, detail }
+                if *need == 3 << 30 && *budget == 2 << 20 && detail == "too long"),
+            "{over:?}"
+        );
+        let oom = round_trip(Error::ResourceExhausted("over the limit".into()));
+        assert!(matches!(oom, Error::ResourceExhausted(_)), "{oom:?}");
+        let missing = round_trip(Error::PrefixMissing("not kept".into()));
+        assert!(matches!(missing, Error::PrefixMissing(_)), "{missing:?}");
+        let unready = round_trip(Error::NotReady("holds no model".into()));
+        assert!(
+            matches!(&unready, Error::NotReady(m) if m == "worker w0 (10.0.0.1:7000): holds no model"),
+            "{unready:?}"
+        );
+        let stalled = round_trip(Error::Stalled("lost".into()));
+        assert!(matches!(stalled, Error::Stalled(_)), "{stalled:?}");
+        let bad = round_trip(Error::InvalidArgument("bad shape".into()));
+        assert!(matches!(bad, Error::InvalidArgument(_)), "{bad:?}");
+        let gone = round_trip(Error::NotFound("no such model".into()));
+        assert!(matches!(gone, Error::NotFound(_)), "{gone:?}");
+        let tls = round_trip(Error::Tls {
+            address: "10.0.0.2:7000".into(),
+            detail: "TLS refused".into(),
+        });
+        assert!(
+            matches!(&tls, Error::Tls { address, detail }
+                if address == "10.0.0.2:7000" && detail == "TLS refused"),
+            "{tls:?}"
+        );
+    }
+
+    #[test]
+    fn a_failed_stage_is_named_by_its_address_and_the_plans_name_for_it() {
+        // Found by the relay, which knows only the next stage's address.
+        let e = round_trip(Error::stage_failed(
+            "10.0.0.2:7000",
+            "10.0.0.2:7000",
+            "its stream ended",
+        ));
+        match &e {
+            Error::StageFailed {
+                stage,
+                address,
+                cause,
+            } => {
+                assert_eq!((stage.as_str(), address.as_str()), ("w1", "10.0.0.2:7000"));
+                assert_eq!(cause, "its stream ended");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(e.to_string(), "worker w1 (10.0.0.2:7000): its stream ended");
+        // A stage the plan does not know keeps the name the refusal gives.
+        let e = round_trip(Error::stage_failed("w9", "10.0.0.9:7000", "gone"));
+        assert!(
+            matches!(&e, Error::StageFailed { stage, address, .. }
+                if stage == "w9" && address == "10.0.0.9:7000"),
+            "{e:?}"
+        );
+        // The worker inside this process is named without its address.
+        let e = error_of(Status::unavailable("broken pipe"), |_| {
+            ("local".into(), String::new())
+        });
+        assert_eq!(e.to_string(), "worker local: broken pipe");
+    }
+
+    #[test]
+    fn a_refusal_without_a_kind_is_the_failure_of_the_stage_it_comes_from() {
+        // The called stage's own: its transport broke, or it failed inside.
+        for s in [
+            Status::unavailable("connection reset"),
+            Status::unknown("h2 protocol error"),
+            Status::internal("MLX error"),
+            Status::unauthenticated("missing or wrong cluster token"),
+        ] {
+            let code = s.code();
+            let e = error_of(s, known);
+            assert!(
+                matches!(&e, Error::StageFailed { stage, .. } if stage == "w0"),
+                "{code:?}: {e:?}"
+            );
+        }
+        // Passed up the chain from the next stage: that stage's, kind kept.
+        let below = from_next_stage(Status::internal("MLX error"), "10.0.0.2:7000");
+        let e = error_of(below, known);
+        assert!(
+            matches!(&e, Error::StageFailed { stage, .. } if stage == "w1"),
+            "{e:?}"
+        );
+        let full = from_next_stage(
+            status_of(Error::KvBudgetFull("no room".into())),
+            "10.0.0.2:7000",
+        );
+        assert!(matches!(error_of(full, known), Error::KvBudgetFull(_)));
+        let unready = from_next_stage(Status::failed_precondition("unknown"), "10.0.0.2:7000");
+        let e = error_of(unready, known);
+        assert!(
+            matches!(&e, Error::NotReady(m) if m.starts_with("worker w1 (10.0.0.2:7000)")),
+            "{e:?}"
+        );
+        // A refusal that already names its stage keeps it on the way up.
+        let deeper = status_of(Error::stage_failed(
+            "10.0.0.3:7000",
+            "10.0.0.3:7000",
+            "gone",
+        ));
+        let e = error_of(from_next_stage(deeper, "10.0.0.2:7000"), known);
+        assert!(
+            matches!(&e, Error::StageFailed { address, .. } if address == "10.0.0.3:7000"),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn names_that_are_not_ascii_travel_too() {
+        let e = round_trip(Error::stage_failed("wörker-ü", "10.0.0.9:7000", "gone"));
+        assert!(
+            matches!(&e, Error::StageFailed { stage, .. } if stage == "wörker-ü"),
+            "{e:?}"
+        );
+    }
 }

@@ -36,7 +36,8 @@ def test_a_sequence_over_the_whole_budget_gets_its_own_error(small_budget):
     ids = tok.encode("hello there")
     with pytest.raises(_core.KvBudgetExceeded) as e:
         list(mlx_dist.stream_generate(model, tok, ids, max_tokens=30_000))
-    assert isinstance(e.value, MemoryError)
+    assert isinstance(e.value, _core.CapacityError) and isinstance(e.value, MemoryError)
+    assert not isinstance(e.value, _core.KvBudgetFull)
     assert e.value.budget_bytes == BUDGET_MB << 20
     assert e.value.need_bytes > e.value.budget_bytes
     # A sequence that fits runs on the same worker afterwards.

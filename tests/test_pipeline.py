@@ -363,12 +363,13 @@ def test_model_is_pushed_to_workers_without_local_files(six_layer, tmp_path_fact
 
 def test_unreachable_worker_is_named_within_seconds(six_layer, workers):
     start = time.monotonic()
-    with pytest.raises(ConnectionError, match="127.0.0.1:9"):
+    with pytest.raises(_core.WorkerError, match="127.0.0.1:9") as e:
         mlx_dist.load(
             str(six_layer["llama"]),
             workers=[workers[0].address, "127.0.0.1:9"],
             connect_timeout=2.0,
         )
+    assert e.value.address == "127.0.0.1:9"
     assert time.monotonic() - start < 10
 
 
@@ -386,12 +387,14 @@ def test_killed_worker_fails_the_request_naming_it(victim, six_layer, tmp_path_f
         next(stream)
         procs[victim].kill()
         start = time.monotonic()
-        with pytest.raises(ConnectionError) as err:
+        with pytest.raises(_core.WorkerError) as err:
             for _ in stream:
                 pass
         assert time.monotonic() - start < 10
         dead = procs[victim]
         assert dead.address in str(err.value) or dead.name in str(err.value), err.value
+        # Named as data, not only in words: whichever stage found it.
+        assert (err.value.stage, err.value.address) == (dead.name, dead.address), err.value
     finally:
         for p in procs:
             p.stop()

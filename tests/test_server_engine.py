@@ -10,6 +10,7 @@ from collections import namedtuple
 from types import SimpleNamespace
 
 import pytest
+from mlx_dist import _core
 from mlx_dist import engine as engine_mod
 from mlx_dist.engine import CapacityExceeded, Done, Engine, Failed, Job, QueueFull, Step
 
@@ -34,7 +35,7 @@ class FakeGeneration:
         need = len(prompt) + max_tokens
         with FakeGeneration.lock:
             if FakeGeneration.held + need > FakeGeneration.budget:
-                raise MemoryError(
+                raise engine_mod._core.KvBudgetFull(
                     f"worker w: sequence needs {need} tokens of KV cache "
                     f"({FakeGeneration.held + need} held in all with it), "
                     f"but the budget is {FakeGeneration.budget}"
@@ -149,6 +150,32 @@ def test_a_request_that_fits_once_others_end_waits_for_them(fake):
     assert isinstance(rec.end("after"), Done)
     assert rec.first("wide") > max(i for i, (n, e) in enumerate(rec.log) if n == "a")
     assert rec.first("after") > rec.first("wide")
+
+
+def test_only_a_full_kv_budget_waits_for_room(fake, monkeypatch):
+    """A job refused as KvBudgetFull waits for running ones; any other
+    memory error (a real out-of-memory, what never fits) fails it at once,
+    as its own class, while the others run on."""
+    engine = fake(max_active=8, max_queue=64)
+    rec = Recorder()
+    engine.submit(rec.job("a", 10, 50))
+    while FakeGeneration.held < 60:
+        time.sleep(0.001)
+    for name, error in [
+        ("oom", MemoryError("out of memory")),
+        ("never", _core.CapacityError("the activations are over the message limit")),
+    ]:
+
+        def refuse(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(engine_mod._core, "Generation", refuse)
+        engine.submit(rec.job(name, 1, 1))
+        # Waiting for room would have ended it as CapacityExceeded instead.
+        failed = rec.end(name)
+        assert isinstance(failed, Failed) and failed.error is error, failed
+    monkeypatch.setattr(engine_mod._core, "Generation", FakeGeneration)
+    assert isinstance(rec.end("a"), Done)
 
 
 def test_a_burst_is_counted_whole_against_the_queue_bound(fake):

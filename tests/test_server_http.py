@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 from fastapi.testclient import TestClient
+from mlx_dist import _core
 from mlx_dist.engine import CapacityExceeded, Done, EngineStopped, Failed, QueueFull, Step
 from mlx_dist.server import ServerSettings, ServerState, create_app
 from mlx_dist.server.errors import engine_error
@@ -154,7 +155,28 @@ FAILURES = [
     (EngineStopped("stopped"), 503, "service_unavailable"),
     (QueueFull("8 running and 64 waiting"), 429, "rate_limit_exceeded"),
     (RuntimeError("boom"), 500, "internal_error"),
+    # The core's classes, each its own status.
+    (_core.KvBudgetFull("worker w: no room for now"), 429, "kv_cache_full"),
+    (_core.KvBudgetExceeded("needs 3 GB, the budget is 2 MB"), 413, "insufficient_capacity"),
+    (_core.CapacityError("over the message limit"), 413, "insufficient_capacity"),
+    (_core.TlsError("worker h:1: TLS refused"), 502, "worker_tls_mismatch"),
+    (_core.WorkerError("worker w (h:1): its stream ended"), 503, "worker_unavailable"),
+    (_core.NotReadyError("worker w (h:1): holds no model"), 503, "worker_not_ready"),
 ]
+
+
+def test_statuses_come_from_the_class_never_the_message():
+    """The words of a message mean nothing: a dead stage that mentions TLS
+    or memory is a dead stage, a TLS failure that says neither is one."""
+    dead = _core.WorkerError("worker w: TLS certificate out of memory, budget full")
+    dead.stage, dead.address = "w", "h:1"
+    assert (engine_error(dead).status, engine_error(dead).code) == (503, "worker_unavailable")
+    assert engine_error(_core.TlsError("gone")).status == 502
+    assert engine_error(_core.KvBudgetFull("worker down")).status == 429
+    assert engine_error(_core.KvBudgetExceeded("TLS")).status == 413
+    # Their bases still answer as before, for exceptions of other origins.
+    assert engine_error(MemoryError("no room")).status == 503
+    assert engine_error(ConnectionError("TLS")).code == "service_unavailable"
 
 
 @pytest.mark.parametrize(("error", "status", "code"), FAILURES)

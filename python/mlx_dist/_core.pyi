@@ -60,11 +60,41 @@ def make_certificate(hosts: list[str]) -> tuple[str, str]:
 
 def convert(path_or_repo: str, out_dir: str) -> None: ...
 
-class KvBudgetExceeded(MemoryError):
+# Each kind of failure is its own class: callers tell them apart by type.
+# `stage` (a name) and `address` say which stage failed, where known.
+
+class WorkerError(ConnectionError):
+    """A worker failed, could not be reached, or lost its stream."""
+
+    stage: str | None
+    address: str | None
+
+class TlsError(WorkerError):
+    """The connection to the worker at ``address`` failed over TLS: its
+    certificate was refused, or one side speaks TLS and the other not."""
+
+    stage: str | None
+    address: str | None
+
+class NotReadyError(WorkerError):
+    """A worker holds no shard (it restarted) or not the sequence."""
+
+    stage: str | None
+    address: str | None
+
+class CapacityError(MemoryError):
+    """A request or model that does not fit even with nothing else running:
+    waiting cannot help."""
+
+class KvBudgetExceeded(CapacityError):
     """A sequence needs more KV cache than a stage's whole budget."""
 
     need_bytes: int
     budget_bytes: int
+
+class KvBudgetFull(MemoryError):
+    """A stage has no room for one more sequence right now: one of those
+    running ending makes room."""
 
 class Model:
     config_json: str

@@ -29,7 +29,7 @@ class EngineStopped(Exception):
     """The engine has shut down."""
 
 
-class CapacityExceeded(MemoryError):
+class CapacityExceeded(_core.CapacityError):
     """A sequence's KV cache does not fit even with no other sequence
     running: waiting cannot help. The message has the worker's numbers."""
 
@@ -98,7 +98,7 @@ class Engine:
     more wait, beyond which :meth:`submit` raises :class:`QueueFull`.
 
     A job whose KV cache does not fit beside the running sequences (a
-    worker answers ``MemoryError``) waits at the head of the queue, and
+    worker answers ``_core.KvBudgetFull``, and only that) waits at the head of the queue, and
     nothing is admitted past it, until sequences end; when it does not fit
     with none running either, it fails with :class:`CapacityExceeded`, and
     so does at once any later job at least as long.
@@ -253,7 +253,7 @@ class Engine:
             # More than a stage's whole budget: waiting cannot help.
             self._fail(job, CapacityExceeded(str(e)))
             return True
-        except MemoryError as e:
+        except _core.KvBudgetFull as e:
             if self._active:
                 # A worker's KV budget is full: wait for a running sequence to end.
                 self._limit = len(self._active)

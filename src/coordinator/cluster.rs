@@ -69,6 +69,20 @@ pub struct StageHandle {
     pub(super) link: Link,
 }
 
+impl StageHandle {
+    /// How errors name this stage: (its name, its address), the address
+    /// empty for the worker inside this process (its loopback port is a
+    /// detail).
+    pub fn named(&self) -> (String, String) {
+        let shown = if self.local {
+            String::new()
+        } else {
+            self.address.clone()
+        };
+        (self.name.clone(), shown)
+    }
+}
+
 impl std::fmt::Display for StageHandle {
     /// How messages name the worker: `name (address)`, or only its name for
     /// the worker inside this process (its loopback port is a detail).
@@ -122,7 +136,9 @@ fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
     c
 }
 
-/// Connects to one worker, retrying with backoff until `deadline`.
+/// Connects to one worker, retrying with backoff until `deadline` while
+/// it cannot be reached (a TLS mismatch or a bad address is returned at
+/// once: retrying does not mend those).
 async fn connect_retrying(addr: &str, within: Duration) -> Result<Link> {
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
@@ -138,53 +154,40 @@ async fn connect_retrying(addr: &str, within: Duration) -> Result<Link> {
         .await
         {
             Ok(c) => return Ok(c),
-            // A certificate problem does not go away by retrying.
-            Err(e) if crate::transport::is_tls_mismatch(&e) => return Err(e),
-            Err(e) if start.elapsed() + wait >= within => {
-                return Err(Error::Worker(format!(
-                    "worker {addr} is unreachable after {attempts} attempts in {:.1} s: {e}",
-                    start.elapsed().as_secs_f64()
-                )))
+            Err(Error::StageFailed { cause, .. }) if start.elapsed() + wait >= within => {
+                return Err(Error::stage_failed(
+                    addr,
+                    addr,
+                    format!(
+                        "{cause} (after {attempts} attempts in {:.1} s)",
+                        start.elapsed().as_secs_f64()
+                    ),
+                ))
             }
-            Err(_) => {
+            Err(Error::StageFailed { .. }) => {
                 tokio::time::sleep(wait).await;
                 wait = (wait * 2).min(Duration::from_secs(2));
             }
+            Err(e) => return Err(e),
         }
     }
 }
 
+/// What `stage`'s refusal `s` means (`transport::error_of`).
 pub(super) fn worker_error(stage: &StageHandle, s: tonic::Status) -> Error {
-    let msg = s.message();
-    let kind = s
-        .metadata()
-        .get(crate::transport::ERROR_KIND_KEY)
-        .and_then(|v| v.to_str().ok());
-    let bytes = |key| {
-        s.metadata()
-            .get(key)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    match s.code() {
-        tonic::Code::ResourceExhausted if kind == Some(crate::transport::KV_BUDGET_EXCEEDED) => {
-            Error::KvBudgetExceeded {
-                need: bytes(crate::transport::NEED_KEY),
-                budget: bytes(crate::transport::BUDGET_KEY),
-                detail: msg.to_string(),
-            }
-        }
-        tonic::Code::ResourceExhausted => Error::ResourceExhausted(msg.to_string()),
-        // An evicted prefix: a cache miss (`Cluster::start`).
-        tonic::Code::FailedPrecondition if kind == Some(crate::transport::PREFIX_MISSING) => {
-            Error::PrefixMissing(format!("worker {stage}: {msg}"))
-        }
-        // A restarted worker or a dropped sequence: a re-plan mends it.
-        tonic::Code::FailedPrecondition => Error::Worker(format!("worker {stage}: {msg}")),
-        tonic::Code::InvalidArgument => Error::InvalidArgument(format!("worker {stage}: {msg}")),
-        _ => Error::Worker(format!("worker {stage}: {msg}")),
-    }
+    stage_error(stage, &[], s)
+}
+
+/// `worker_error` for a refusal that may come from a later stage of the
+/// chain `stages`, through `first`: it names the stage it comes from.
+pub(super) fn stage_error(first: &StageHandle, stages: &[StageHandle], s: tonic::Status) -> Error {
+    crate::transport::error_of(s, |from| match from {
+        None => first.named(),
+        Some(a) => match stages.iter().chain([first]).find(|h| h.address == a) {
+            Some(h) => h.named(),
+            None => (a.to_string(), a.to_string()),
+        },
+    })
 }
 
 impl Cluster {
@@ -218,12 +221,13 @@ impl Cluster {
             let info = tokio::time::timeout(Duration::from_secs(60), link.device_info())
                 .await
                 .map_err(|_| {
-                    Error::Worker(format!(
-                        "worker {} did not describe itself within 60 s",
-                        spec.address
-                    ))
+                    let a = &spec.address;
+                    Error::stage_failed(a, a, "it did not describe itself within 60 s")
                 })?
-                .map_err(|s| Error::Worker(format!("worker {}: {}", spec.address, s.message())))?;
+                .map_err(|s| {
+                    let a = &spec.address;
+                    crate::transport::error_of(s, |_| (a.clone(), a.clone()))
+                })?;
             let mut c = Capabilities {
                 name: info.name.clone(),
                 device_type: info.device_type,

@@ -13,8 +13,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Status, Streaming};
 
 use crate::error::Result;
-use crate::proto::worker_server::Worker;
 use crate::proto::forward_message::Message;
+use crate::proto::worker_server::Worker;
 use crate::proto::{
     DeviceInfo, DeviceInfoRequest, ForwardMessage, ForwardReply, ForwardRequest, LoadProgress,
     LoadShardRequest, ReleaseRequest, RingCredit,

@@ -274,16 +274,19 @@ enum Mend {
     Replan,
 }
 
-/// Which failures recovery mends: a failed or stalled stage, or any error
-/// of a sequence whose plan was replaced meanwhile (its stages dropped it).
-/// Anything else (a bad request, a full KV budget) is the caller's.
+/// Which failures recovery mends, by kind: a failed, unready or stalled
+/// stage, or any error of a sequence whose plan was replaced meanwhile (its
+/// stages dropped it). Anything else (a bad request, a full KV budget, a
+/// TLS mismatch) is the caller's.
 fn mend(e: &Error, enabled: bool, replanned: bool) -> Option<Mend> {
     if !enabled {
         return None;
     }
     match e {
         Error::Stalled(_) if !replanned => Some(Mend::SameChain),
-        Error::Worker(_) | Error::Stalled(_) => Some(Mend::Replan),
+        Error::StageFailed { .. } | Error::NotReady(_) | Error::Worker(_) | Error::Stalled(_) => {
+            Some(Mend::Replan)
+        }
         _ if replanned => Some(Mend::Replan),
         _ => None,
     }
@@ -440,6 +443,27 @@ mod tests {
         assert_eq!(mend(&stalled, true, true), Some(Mend::Replan));
         let dropped = Error::InvalidArgument("unknown sequence".into());
         assert_eq!(mend(&dropped, true, true), Some(Mend::Replan));
+    }
+
+    #[test]
+    fn every_kind_of_failed_stage_replans_by_kind() {
+        let failed = Error::stage_failed("w1", "10.0.0.2:7000", "its stream ended");
+        let unready = Error::NotReady("worker w1: holds no model".into());
+        for e in [&failed, &unready] {
+            assert_eq!(mend(e, true, false), Some(Mend::Replan), "{e}");
+            assert_eq!(mend(e, true, true), Some(Mend::Replan), "{e}");
+            assert_eq!(mend(e, false, false), None, "{e}");
+        }
+        // What no re-plan mends: the configuration, or the request itself.
+        let tls = Error::Tls {
+            address: "10.0.0.2:7000".into(),
+            detail: "TLS refused".into(),
+        };
+        let full = Error::KvBudgetFull("no room now".into());
+        let oom = Error::ResourceExhausted("the model does not fit".into());
+        for e in [&tls, &full, &oom] {
+            assert_eq!(mend(e, true, false), None, "{e}");
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::proto::{ForwardReply, ForwardRequest, SamplingParams};
 use crate::sample::{ProcessorConfig, SamplerConfig};
 use crate::util::{lock, runtime};
 
-use super::cluster::{worker_error, Cluster, StageHandle};
+use super::cluster::{stage_error, worker_error, Cluster, StageHandle};
 use super::late::{step_deadline, Late, LATE_DEADLINES};
 use super::ledger::{Ledger, Next};
 use super::link::Steps;
@@ -315,7 +315,8 @@ impl RemoteTokens {
         if !self.steps.send(req).await {
             // The stream broke: the reply read tells why.
             return Err(self.receive().await.err().unwrap_or_else(|| {
-                Error::Worker(format!("worker {} closed the stream", self.first))
+                let (name, address) = self.first.named();
+                Error::stage_failed(name, address, "it closed the stream")
             }));
         }
         Ok(())
@@ -341,9 +342,10 @@ impl RemoteTokens {
             let first = format!("worker {}", self.first);
             match self.late_stages().await {
                 Late::Silent(s, e) => {
-                    return Err(Error::Worker(format!(
-                        "the pipeline from {first} gave no reply within {waited:.0} s, and worker {s} does not answer: {e}"
-                    )))
+                    let (name, address) = s.named();
+                    return Err(Error::stage_failed(name, address, format!(
+                        "it does not answer ({e}), and the pipeline from {first} gave no reply within {waited:.0} s"
+                    )));
                 }
                 Late::Idle => {
                     // Nothing computes anywhere and yet no reply came: the
@@ -359,10 +361,11 @@ impl RemoteTokens {
                     busy.as_secs_f64()
                 ),
                 Late::Busy(s, busy) => {
-                    return Err(Error::Worker(format!(
-                        "the pipeline from {first} gave no reply within {waited:.0} s; worker {s} has run one job for {:.0} s",
+                    let (name, address) = s.named();
+                    return Err(Error::stage_failed(name, address, format!(
+                        "it has run one job for {:.0} s, and the pipeline from {first} gave no reply within {waited:.0} s",
                         busy.as_secs_f64()
-                    )))
+                    )));
                 }
             }
         };
@@ -374,18 +377,12 @@ impl RemoteTokens {
                 }
                 Ok(r)
             }
-            Ok(None) => Err(Error::Worker(format!(
-                "worker {} ended the stream",
-                self.first
-            ))),
-            Err(s) if s.code() == tonic::Code::Unavailable && !s.message().contains("stage") => {
-                Err(Error::Worker(format!(
-                    "worker {} failed: {}",
-                    self.first,
-                    s.message()
-                )))
+            Ok(None) => {
+                let (name, address) = self.first.named();
+                Err(Error::stage_failed(name, address, "it ended the stream"))
             }
-            Err(s) => Err(worker_error(&self.first, s)),
+            // A refusal names the stage it comes from, or is the first's.
+            Err(s) => Err(stage_error(&self.first, &self.stages, s)),
         }
     }
 
@@ -395,10 +392,9 @@ impl RemoteTokens {
         }
         let reply = self.receive().await?;
         let token = reply.token.ok_or_else(|| {
-            Error::Worker(format!(
-                "the last stage returned no token for sequence {}",
-                self.seq
-            ))
+            let (name, address) = self.stages.last().unwrap_or(&self.first).named();
+            let why = format!("it returned no token for sequence {}", self.seq);
+            Error::stage_failed(name, address, why)
         })?;
         let logprobs = reply.logprobs.as_ref().map(codec::decode).transpose()?;
         match self.ledger.token_read(token, schedule_next) {

@@ -351,7 +351,7 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
             let mut link = crate::coordinator::Link::open(&address, within).await?;
             link.device_info()
                 .await
-                .map_err(|s| Error::Worker(format!("worker {address}: {}", s.message())))
+                .map_err(|s| crate::transport::error_of(s, |_| (address.clone(), address.clone())))
         })
     })?;
     Ok(serde_json::to_string(&info).map_err(Error::from)?)

@@ -39,9 +39,7 @@ use crate::mlx::{self, Array};
 use crate::prefix::PrefixStore;
 use crate::proto::{ForwardRequest, LoadProgress, LoadShardRequest, ShardInfo, Tensor};
 use crate::sample::Sampler;
-use crate::transport::{
-    TlsIdentity, BUDGET_KEY, ERROR_KIND_KEY, KV_BUDGET_EXCEEDED, NEED_KEY, PREFIX_MISSING,
-};
+use crate::transport::TlsIdentity;
 
 mod ahead;
 mod batch;
@@ -127,39 +125,10 @@ impl WorkerConfig {
     }
 }
 
+/// `e` as the status this worker answers with, its kind in the metadata
+/// (`transport::status_of`).
 pub(crate) fn status(e: Error) -> Status {
-    match e {
-        Error::NotFound(m) => Status::not_found(m),
-        Error::InvalidArgument(_)
-        | Error::InvalidModel { .. }
-        | Error::UnsupportedArchitecture { .. } => Status::invalid_argument(e.to_string()),
-        Error::ResourceExhausted(m) => Status::resource_exhausted(m),
-        Error::KvBudgetExceeded {
-            need,
-            budget,
-            detail,
-        } => {
-            let mut s = Status::resource_exhausted(detail);
-            let m = s.metadata_mut();
-            m.insert(
-                ERROR_KIND_KEY,
-                tonic::metadata::MetadataValue::from_static(KV_BUDGET_EXCEEDED),
-            );
-            m.insert(NEED_KEY, need.into());
-            m.insert(BUDGET_KEY, budget.into());
-            s
-        }
-        Error::NotReady(m) => Status::failed_precondition(m),
-        Error::PrefixMissing(m) => {
-            let mut s = Status::failed_precondition(m);
-            s.metadata_mut().insert(
-                ERROR_KIND_KEY,
-                tonic::metadata::MetadataValue::from_static(PREFIX_MISSING),
-            );
-            s
-        }
-        other => Status::internal(other.to_string()),
-    }
+    crate::transport::status_of(e)
 }
 
 /// One sequence's state on this stage.

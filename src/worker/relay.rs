@@ -10,9 +10,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::service::WorkerService;
 use super::{BoxStream, ByAddress};
+use crate::error::Error;
 use crate::proto::forward_message::Message;
 use crate::proto::{ForwardMessage, ForwardReply, ForwardRequest, RingToken};
-use crate::transport::{open_client, tls_ca, Client};
+use crate::transport::{from_next_stage, open_client, status_of, tls_ca, Client};
 use crate::util::lock;
 
 /// This worker's stream to the next stage.
@@ -37,9 +38,7 @@ impl Downstream {
             lock(&CHANNELS).remove(addr);
         }
         // No probe: the stream itself tells whether the stage answers.
-        let client = open_client(addr, timeout, false)
-            .await
-            .map_err(|e| Status::unavailable(format!("next stage {e}")))?;
+        let client = open_client(addr, timeout, false).await.map_err(status_of)?;
         let d = Self::open_on(client.clone(), addr).await?;
         lock(&CHANNELS).insert(addr.to_string(), client);
         Ok(d)
@@ -52,12 +51,20 @@ impl Downstream {
             .await
             .map_err(|e| {
                 let plain = !addr.starts_with("https://") && tls_ca().ok().flatten().is_none();
-                let hint = if plain && e.code() == tonic::Code::Unknown {
-                    " (if it serves TLS, start this worker with --tls-ca)"
+                // A plain connection made whose first call breaks in
+                // transport: the next stage speaks TLS.
+                let broke = std::error::Error::source(&e).is_some();
+                if plain && broke && e.code() == tonic::Code::Unknown {
+                    status_of(Error::Tls {
+                        address: addr.to_string(),
+                        detail: format!(
+                            "does not answer plain gRPC: {} (if it serves TLS, start this worker with --tls-ca)",
+                            e.message()
+                        ),
+                    })
                 } else {
-                    ""
-                };
-                Status::unavailable(format!("next stage {addr}: {}{hint}", e.message()))
+                    next_failed(addr, e.message().to_string())
+                }
             })?
             .into_inner();
         Ok(Downstream {
@@ -68,6 +75,12 @@ impl Downstream {
     }
 }
 
+/// The next stage (at `addr`) failed: a refusal naming it, so that the
+/// coordinator knows which stage it was.
+fn next_failed(addr: &str, why: String) -> Status {
+    status_of(Error::stage_failed(addr, addr, why))
+}
+
 /// One reply of the next stage, in order, within `timeout`.
 async fn downstream_reply(
     rx: &mut Streaming<ForwardReply>,
@@ -75,10 +88,10 @@ async fn downstream_reply(
     timeout: Duration,
 ) -> std::result::Result<ForwardReply, Status> {
     match tokio::time::timeout(timeout, rx.message()).await {
-        Err(_) => Err(Status::unavailable(format!(
-            "next stage {addr} failed: no reply within {} s",
-            timeout.as_secs()
-        ))),
+        Err(_) => Err(next_failed(
+            addr,
+            format!("no reply within {} s", timeout.as_secs()),
+        )),
         Ok(r) => from_below(r, addr),
     }
 }
@@ -88,14 +101,16 @@ fn from_below(
     r: std::result::Result<Option<ForwardReply>, Status>,
     addr: &str,
 ) -> std::result::Result<ForwardReply, Status> {
-    let lost = |why: String| Status::unavailable(format!("next stage {addr} failed: {why}"));
     match r {
+        // Refusals of later stages already name them.
+        Err(e) if e.metadata().contains_key(crate::transport::ADDRESS_KEY) => Err(e),
+        // The stream itself broke: the next stage is gone.
         Err(e) if e.code() == tonic::Code::Unavailable || e.code() == tonic::Code::Unknown => {
-            Err(lost(e.message().to_string()))
+            Err(next_failed(addr, format!("failed: {}", e.message())))
         }
-        // Errors of later stages already name them.
-        Err(e) => Err(e),
-        Ok(None) => Err(lost("its stream ended".into())),
+        // The next stage's own refusal (its kind kept), said to be its own.
+        Err(e) => Err(from_next_stage(e, addr)),
+        Ok(None) => Err(next_failed(addr, "its stream ended".into())),
         Ok(Some(r)) => Ok(r),
     }
 }
@@ -131,7 +146,7 @@ async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Sta
     };
     let mut client = open_client(addr, Duration::from_secs(10), false)
         .await
-        .map_err(|e| Status::unavailable(format!("first stage {e}")))?;
+        .map_err(status_of)?;
     let (tx, rx) = mpsc::channel(64);
     let ring = addr.to_string();
     tokio::spawn(async move {
@@ -143,7 +158,7 @@ async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Sta
     });
     tx.send(token)
         .await
-        .map_err(|_| Status::unavailable(format!("first stage {addr} closed the ring")))?;
+        .map_err(|_| next_failed(addr, "the first stage closed the ring".into()))?;
     lock(&RINGS).insert(addr.to_string(), tx);
     Ok(())
 }
@@ -405,9 +420,7 @@ impl WorkerService {
                             );
                             svc.sent.1.fetch_add(1, Ordering::Relaxed);
                             if down.send(fwd).await.is_err() {
-                                Slot::Ready(Err(Status::unavailable(format!(
-                                    "next stage {addr} failed: its stream closed"
-                                ))))
+                                Slot::Ready(Err(next_failed(addr, "its stream closed".into())))
                             } else if ring {
                                 // Its token comes round the ring, not back up.
                                 continue;

@@ -111,7 +111,7 @@ impl Engine {
         }
         if !self.seqs.contains_key(&req.sequence_id) {
             if self.seqs.len() >= self.max_sequences {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::KvBudgetFull(format!(
                     "worker {}: it holds {} sequences, its most (--max-sequences); sequence {} cannot start",
                     self.name,
                     self.seqs.len(),
@@ -165,7 +165,7 @@ impl Engine {
                 });
             }
             if held > stage.cache_budget {
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::KvBudgetFull(format!(
                     "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens ({:.1} MB held in all with it, each of {rows} sequences with room for {room} tokens), but the budget is {:.1} MB",
                     self.name,
                     req.sequence_id,

@@ -21,8 +21,8 @@ use crate::prefix::PrefixStore;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
     DeviceInfo, DeviceInfoRequest, FileChunk, ForwardMessage, ForwardReply, ForwardRequest,
-    LoadProgress,
-    LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply, RingToken,
+    LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply,
+    RingToken,
 };
 use crate::transport::{cluster_token, CheckToken};
 use crate::util::lock;

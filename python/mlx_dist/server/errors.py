@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from mlx_dist import _core
 from mlx_dist.engine import CapacityExceeded, EngineStopped, QueueFull
 from mlx_dist.server.schemas import ErrorResponse
 
@@ -74,8 +75,9 @@ def bad(message: str, param: str | None = None, code: str | None = None) -> APIE
 
 def engine_error(e: BaseException, local_worker: str | None = None) -> APIError:
     """Maps a failure of generation (submitting, or a job's end) to the
-    HTTP error that fits it. ``local_worker``'s loopback address, a
-    detail, is left out of messages."""
+    HTTP error that fits it, by its class (never its message): the one
+    place where exceptions become statuses. ``local_worker``'s loopback
+    address, a detail, is left out of messages."""
     if isinstance(e, APIError):
         return e
     message = str(e)
@@ -90,13 +92,23 @@ def engine_error(e: BaseException, local_worker: str | None = None) -> APIError:
             code="rate_limit_exceeded",
             headers={"Retry-After": "1"},
         )
-    if isinstance(e, CapacityExceeded):
+    if isinstance(e, _core.KvBudgetFull):
+        # Running sequences hold the KV cache: one ending makes room.
+        return APIError(
+            429,
+            f"the KV cache is full for now: {message}; retry shortly",
+            code="kv_cache_full",
+            headers={"Retry-After": "1"},
+        )
+    if isinstance(e, (CapacityExceeded, _core.KvBudgetExceeded)):
         return APIError(
             413,
             f"this request needs more KV cache memory than there is, even with no other "
             f"request running (shorten the prompt or lower max_tokens): {message}",
             code="insufficient_capacity",
         )
+    if isinstance(e, _core.CapacityError):
+        return APIError(413, f"this request does not fit: {message}", code="insufficient_capacity")
     if isinstance(e, MemoryError):
         return APIError(
             503,
@@ -104,6 +116,17 @@ def engine_error(e: BaseException, local_worker: str | None = None) -> APIError:
             code="insufficient_capacity",
             headers={"Retry-After": "5"},
         )
+    if isinstance(e, _core.TlsError):
+        # Configuration, not load: retrying cannot help.
+        return APIError(
+            502,
+            f"the server cannot talk to a worker over TLS: {message}",
+            code="worker_tls_mismatch",
+        )
+    if isinstance(e, _core.NotReadyError):
+        return APIError(503, message, code="worker_not_ready", headers={"Retry-After": "5"})
+    if isinstance(e, _core.WorkerError):
+        return APIError(503, message, code="worker_unavailable", headers={"Retry-After": "5"})
     if isinstance(e, (ConnectionError, EngineStopped)):
         return APIError(503, message, code="service_unavailable", headers={"Retry-After": "5"})
     return APIError(500, f"{type(e).__name__}: {message}", code="internal_error")
@@ -151,12 +174,13 @@ _ERROR_TEXT = {
     403: "joining is off",
     404: "no such model",
     408: "the request body stopped arriving",
-    413: "the body is over max_body_bytes, or the request's KV cache cannot fit",
+    413: "the body is over max_body_bytes, or the request's KV cache cannot fit (code insufficient_capacity)",
     422: "a value of the wrong type, or a missing field",
-    429: "the queue is full (Retry-After)",
-    503: "loading, a worker down, or no memory for now (Retry-After)",
+    429: "the queue is full, or the KV cache is full for now (code kv_cache_full) (Retry-After)",
+    502: "a worker cannot be reached over TLS: the TLS settings do not match (code worker_tls_mismatch)",
+    503: "loading, a worker down (code worker_unavailable), or no memory for now (Retry-After)",
 }
-GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 503)
+GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503)
 
 
 def responses(*codes: int, stream: bool = False) -> dict:
