@@ -148,7 +148,7 @@ impl ClusterHandle {
     async fn probe(&self, address: &str) -> bool {
         let t = self.recovery.probe_timeout;
         let ask = async {
-            let mut c = connect(address, t).await.ok()?;
+            let mut c = connect(address, t, &self.opts.transport).await.ok()?;
             c.get_device_info(DeviceInfoRequest::default()).await.ok()
         };
         matches!(tokio::time::timeout(t, ask).await, Ok(Some(_)))

@@ -123,6 +123,8 @@ impl Cluster {
             logprobs,
             ledger: Ledger::new(&prompt[..cached]),
             micros: self.last_stage_micros.clone(),
+            step_timeout: self.step_timeout,
+            transport: self.transport.clone(),
             failed: false,
             cached,
         };
@@ -190,6 +192,9 @@ pub struct RemoteTokens {
     /// if the sequence fails (they may not have reached every stage).
     forgets: Vec<String>,
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
+    /// `Cluster::step_timeout`, and how the stages are reached.
+    step_timeout: Duration,
+    pub(super) transport: Arc<crate::transport::TransportConfig>,
 }
 
 impl RemoteTokens {
@@ -247,7 +252,7 @@ impl RemoteTokens {
     }
 
     async fn receive_one(&mut self) -> Result<ForwardReply> {
-        let deadline = step_deadline(self.ledger.in_flight_tokens());
+        let deadline = step_deadline(self.step_timeout, self.ledger.in_flight_tokens());
         let mut late = 0;
         let reply = loop {
             // Reading a stream's next message is cancel-safe: a timeout

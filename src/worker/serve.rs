@@ -7,9 +7,7 @@ use super::service::WorkerService;
 use super::{ByAddress, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::proto::worker_server::WorkerServer;
-use crate::transport::{
-    cluster_token, error_chain, h2_window, keepalive_interval, set_cluster_token, TlsIdentity,
-};
+use crate::transport::{error_chain, TlsIdentity};
 use crate::util::lock;
 
 /// Serves a worker on `host:port` until Ctrl-C or SIGTERM; prints
@@ -28,18 +26,17 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
 /// A worker inside this process, on a free loopback port, for as long as
 /// the process lives: a server on one device runs its model there, so that
 /// the decode steps of concurrent sequences run batched. It requires the
-/// cluster token; when none is set, one is made up (and set for this
-/// process), so that no other local user can drive it. Returns its address.
-pub fn start_local() -> Result<String> {
-    if cluster_token().is_none() {
-        let mut bytes = [0u8; 16];
-        std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
-        set_cluster_token(Some(hex::encode(bytes)));
+/// cluster token of `cfg`, which must have one (`transport::random_token`
+/// will do), so that no other local user can drive it. Returns its address.
+pub fn start_local(cfg: WorkerConfig) -> Result<String> {
+    if cfg.transport.token.is_none() {
+        return Err(Error::InvalidArgument(
+            "a worker inside this process needs a cluster token".into(),
+        ));
     }
     let rt = crate::util::runtime();
     let listener = rt.block_on(tokio::net::TcpListener::bind(("127.0.0.1", 0)))?;
     let addr = format!("127.0.0.1:{}", listener.local_addr()?.port());
-    let cfg = WorkerConfig::new("local");
     let (stop, stopped) = oneshot::channel::<()>();
     lock(&LOCAL).insert(addr.clone(), stop);
     rt.spawn(async move {
@@ -79,6 +76,7 @@ async fn serve_on(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     let name = cfg.name.clone();
+    let keepalive = cfg.transport.keepalive_interval();
     let builder = server_builder(&cfg)?;
     let tls = cfg.tls.is_some();
     let service = WorkerService::new(cfg);
@@ -92,8 +90,8 @@ async fn serve_on(
     let incoming = incoming(listener);
     builder
         // A coordinator or previous stage that vanished is noticed within seconds.
-        .http2_keepalive_interval(Some(keepalive_interval()))
-        .http2_keepalive_timeout(Some(keepalive_interval()))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
@@ -114,7 +112,7 @@ pub(super) fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::s
 
 /// A gRPC server builder serving TLS when `cfg` says.
 pub(super) fn server_builder(cfg: &WorkerConfig) -> Result<tonic::transport::Server> {
-    let window = h2_window();
+    let window = cfg.transport.h2_window;
     let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window.map(|w| w.saturating_mul(2)));
@@ -151,7 +149,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{make_certificate, set_tls_ca};
+    use crate::transport::{make_certificate, TransportConfig};
 
     #[test]
     fn served_connections_set_tcp_nodelay() {
@@ -180,7 +178,9 @@ mod tests {
         assert!(err.to_string().contains("does not belong"), "{err}");
         assert!(TlsIdentity::new(cert.clone(), "junk".into()).is_err());
         assert!(TlsIdentity::new("junk".into(), key.clone()).is_err());
-        assert!(set_tls_ca(Some("not a certificate".into())).is_err());
+        assert!(TransportConfig::default()
+            .with_tls_ca(Some("not a certificate".into()))
+            .is_err());
         let id = TlsIdentity::new(cert, key).unwrap();
         assert!(!format!("{id:?}").contains("PRIVATE"));
     }
