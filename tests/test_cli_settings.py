@@ -1,6 +1,7 @@
 """Every flag of `mlx-dist serve` and `mlx-dist worker` reaches what it sets
 (a server setting through `resolve_settings`, an argument of
-`_core.run_worker`)."""
+`_core.run_worker`), and README's settings table lists every flag, every
+server setting and every variable the code reads, each by its real name."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import re
 from pathlib import Path
 
 import mlx_dist.server
@@ -179,3 +181,71 @@ def test_bad_worker_flags_are_refused_before_the_worker_starts():
     ]:
         with pytest.raises(ValueError, match=word):
             cli.worker_args(cli.build_parser().parse_args(["worker", *argv]))
+
+
+# README's table
+
+
+def readme_table() -> list[dict[str, str]]:
+    text = (ROOT / "README.md").read_text()
+    start = text.index("<!-- settings table")
+    lines = text[start:].splitlines()[1:]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    assert header == [
+        "setting",
+        "CLI flag",
+        "load()/serve() argument",
+        "env var",
+        "default",
+        "what it does",
+    ]
+    rows = []
+    for line in lines[2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        assert len(cells) == len(header), line
+        rows.append(dict(zip(header, cells, strict=True)))
+    return rows
+
+
+def test_readme_lists_every_flag_of_serve_worker_and_generate():
+    rows = readme_table()
+    listed = set()
+    for r in rows:
+        listed |= set(re.findall(r"--[a-z0-9-]+", r["CLI flag"]))
+    commands = subcommands()
+    want = long_flags(commands["serve"]) | long_flags(commands["worker"])
+    want |= {
+        f
+        for a in options(commands["generate"])
+        if a.dest in (*cli._CLUSTER_OPTIONS, "model")
+        for f in a.option_strings
+    }
+    assert sorted(want - listed) == [], "flags missing from README's settings table"
+    assert sorted(listed - want - {"--api-key"}) == [], "README lists flags that do not exist"
+    names = [r["setting"] for r in rows]
+    assert len(names) == len(set(names)), "a setting is listed twice"
+
+
+def test_readme_lists_every_setting_and_variable_by_its_name():
+    rows = readme_table()
+    env = {v for r in rows for v in re.findall(r"MLX_[A-Z0-9_]+", r["env var"])}
+    # Each server setting's variable, and each the core reads.
+    server = {f"MLX_DIST_{name.upper()}" for name in FIELDS}
+    core = set(re.findall(r'"(MLX_DIST_[A-Z0-9_]+)"', (ROOT / "src/config.rs").read_text()))
+    assert {"MLX_DIST_STEP_SPIN_US", "MLX_DIST_CACHE"} <= core, core
+    assert sorted((server | core | {"MLX_DIST_MAILBOX"}) - env) == []
+    # No variable the code does not know.
+    python = set(re.findall(r"MLX_DIST_[A-Z0-9_]+", (ROOT / "python/mlx_dist/cli.py").read_text()))
+    demo = set(re.findall(r"MLX_DIST_[A-Z0-9_]+", (ROOT / "python/mlx_dist/demo.py").read_text()))
+    known = server | core | python | demo | {"MLX_DIST_MAILBOX", "MLX_PTX_CACHE_DIR"}
+    assert sorted(env - known) == []
+    # The arguments named are those of serve(), load() and run_worker().
+    serve = set(FIELDS) | set(inspect.signature(mlx_dist.server.serve).parameters)
+    load = set(inspect.signature(load_distributed).parameters) | {"max_context", "prefix_cache_mb"}
+    run = set(inspect.signature(_core.run_worker).parameters)
+    for r in rows:
+        for fn, arg in re.findall(r"(\w+)\((\w+)=", r["load()/serve() argument"]):
+            allowed = {"serve": serve, "load": load, "run_worker": run}[fn]
+            assert arg in allowed, f"{fn}({arg}=) in README's settings table"
