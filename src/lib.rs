@@ -5,6 +5,8 @@
 pub mod cache;
 /// Tensors on the wire: activations between pipeline stages.
 pub mod codec;
+/// Settings from the environment: the one reader of `MLX_DIST_*`.
+pub mod config;
 /// The coordinator: planning over workers, running sequences through the
 /// chain, re-planning around dead workers.
 pub mod coordinator;

@@ -15,35 +15,20 @@
 //! refuses the step with `Error::PrefixMissing`; the coordinator forgets
 //! the entry and runs the sequence again without it: a miss, not an error.
 //!
-//! One setting bounds every prefix cache, `MLX_DIST_PREFIX_CACHE_MB`
-//! (`budget_from_env`); a stage keeps at most a quarter of its KV budget.
+//! One setting bounds every prefix cache (`WorkerConfig::prefix_cache_bytes`,
+//! `config::prefix_cache_bytes`); a stage keeps at most a quarter of its KV
+//! budget.
 //! A model in this process keeps both halves in one `PrefixCache`.
 use std::collections::VecDeque;
 
 use crate::cache::KvCache;
 
-/// `MLX_DIST_PREFIX_CACHE_MB` when it is not set.
+/// The bound of every prefix cache unless configured, in MiB.
 pub const DEFAULT_BUDGET_MB: u64 = 1024;
 
 /// A stage keeps prefixes in at most this share of its KV budget, so that
 /// live sequences always find room.
 const KV_SHARE: u64 = 4;
-
-/// The bound of every prefix cache in this process, in bytes:
-/// `MLX_DIST_PREFIX_CACHE_MB` megabytes (default 1024; 0 turns it off).
-/// Read here only.
-pub fn budget_from_env() -> u64 {
-    let mb = match std::env::var("MLX_DIST_PREFIX_CACHE_MB") {
-        Err(_) => DEFAULT_BUDGET_MB,
-        Ok(v) => v.trim().parse::<u64>().unwrap_or_else(|_| {
-            tracing::warn!(
-                "MLX_DIST_PREFIX_CACHE_MB={v:?} is not a number of megabytes: {DEFAULT_BUDGET_MB} is used"
-            );
-            DEFAULT_BUDGET_MB
-        }),
-    };
-    mb.saturating_mul(1 << 20)
-}
 
 /// What a stage with `kv_budget` bytes of KV cache may keep as prefixes:
 /// `configured` bytes, and at most a quarter of its KV budget.
@@ -267,11 +252,6 @@ impl PrefixCache {
             budget,
             next_id: 0,
         }
-    }
-
-    /// Bounded by `MLX_DIST_PREFIX_CACHE_MB` (`budget_from_env`).
-    pub fn from_env() -> PrefixCache {
-        PrefixCache::new(budget_from_env())
     }
 
     /// Caches holding the longest kept prefix of `prompt` (all but its last

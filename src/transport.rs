@@ -2,8 +2,6 @@
 //! coordinator, a stage's relay to the next, the ring back to the first),
 //! TLS, the cluster token and its interceptors, the HTTP/2 settings, and
 //! the metadata keys a refusal's kind travels in.
-use std::path::Path;
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use tonic::{Request, Status};
@@ -177,56 +175,114 @@ pub(crate) fn from_next_stage(mut s: Status, address: &str) -> Status {
     s
 }
 
-/// The cluster token this process sends and (as a worker) requires:
-/// `MLX_DIST_TOKEN`, unless set with `set_cluster_token`.
-static TOKEN: std::sync::RwLock<Option<Option<String>>> = std::sync::RwLock::new(None);
-
-pub fn set_cluster_token(token: Option<String>) {
-    *TOKEN.write().unwrap_or_else(|e| e.into_inner()) = Some(token.filter(|t| !t.is_empty()));
+/// How this process reaches workers and, as a worker, is reached: the
+/// cluster token, the CA certificate to trust, how long a silent peer has,
+/// the HTTP/2 window. The coordinator holds one (`ClusterOptions`), a worker
+/// another (`WorkerConfig`); `from_env` (in `config`) makes one from the
+/// environment, and the Python bindings override it with their arguments.
+#[derive(Clone)]
+pub struct TransportConfig {
+    /// The token sent with every call and, by a worker, required of every
+    /// call; `None`: calls carry none and a worker takes any.
+    pub token: Option<String>,
+    /// The CA certificate (PEM) connections to workers trust, turning TLS
+    /// on; `None`: plain connections (an `https://` address then fails).
+    pub tls_ca: Option<String>,
+    /// How long a peer may be silent before it is declared failed: one
+    /// half between keepalive pings, one half waiting for the answer.
+    pub failure_timeout: Duration,
+    /// HTTP/2 flow-control window of each stream, in bytes: a prompt
+    /// chunk's activations (megabytes) cross in one window instead of many
+    /// 64 KiB round trips; `None`: HTTP/2's default of 64 KiB.
+    pub h2_window: Option<u32>,
 }
 
-pub fn cluster_token() -> Option<String> {
-    if let Some(t) = TOKEN.read().unwrap_or_else(|e| e.into_inner()).clone() {
-        return t;
+/// `TransportConfig::failure_timeout` unless configured.
+pub const DEFAULT_FAILURE_TIMEOUT: Duration = Duration::from_secs(4);
+/// `TransportConfig::h2_window` unless configured, in MiB.
+pub const DEFAULT_H2_WINDOW_MB: u32 = 16;
+
+impl Default for TransportConfig {
+    fn default() -> Self {
+        TransportConfig {
+            token: None,
+            tls_ca: None,
+            failure_timeout: DEFAULT_FAILURE_TIMEOUT,
+            h2_window: TransportConfig::window_of_mb(DEFAULT_H2_WINDOW_MB),
+        }
     }
-    std::env::var("MLX_DIST_TOKEN")
-        .ok()
-        .filter(|t| !t.is_empty())
 }
 
-/// The CA certificate (PEM) this process trusts when it connects to workers;
-/// `None` inside: plain connections. Unset: `MLX_DIST_TLS_CA` (a PEM file).
-static TLS_CA: std::sync::RwLock<Option<Option<String>>> = std::sync::RwLock::new(None);
-
-/// Sets the CA certificate (PEM) every connection of this process to a
-/// worker trusts, turning TLS on (`None`: plain connections, whatever
-/// `MLX_DIST_TLS_CA` says). The certificate is checked here.
-pub fn set_tls_ca(pem: Option<String>) -> Result<()> {
-    let pem = pem.filter(|p| !p.trim().is_empty());
-    if let Some(p) = &pem {
-        check_ca(p)?;
+impl std::fmt::Debug for TransportConfig {
+    // The token stays out of logs and debug output.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TransportConfig")
+            .field("token", &self.token.as_ref().map(|_| "<secret>"))
+            .field(
+                "tls_ca",
+                &self.tls_ca.as_ref().map(|p| format!("{} bytes", p.len())),
+            )
+            .field("failure_timeout", &self.failure_timeout)
+            .field("h2_window", &self.h2_window)
+            .finish()
     }
-    *TLS_CA.write().unwrap_or_else(|e| e.into_inner()) = Some(pem);
-    Ok(())
 }
 
-/// The CA certificate connections trust: what `set_tls_ca` set, else the
-/// file `MLX_DIST_TLS_CA` names, else none (plain connections).
-pub fn tls_ca() -> Result<Option<String>> {
-    if let Some(ca) = TLS_CA.read().unwrap_or_else(|e| e.into_inner()).clone() {
-        return Ok(ca);
+impl TransportConfig {
+    /// With this cluster token (empty: none).
+    pub fn with_token(mut self, token: Option<String>) -> TransportConfig {
+        self.token = token.filter(|t| !t.is_empty());
+        self
     }
-    let Some(path) = std::env::var_os("MLX_DIST_TLS_CA").filter(|p| !p.is_empty()) else {
-        return Ok(None);
-    };
-    let pem = std::fs::read_to_string(&path).map_err(|e| {
-        Error::InvalidArgument(format!(
-            "MLX_DIST_TLS_CA {}: {e}",
-            Path::new(&path).display()
-        ))
-    })?;
-    check_ca(&pem)?;
-    Ok(Some(pem))
+
+    /// Trusting this CA certificate (PEM; empty or `None`: plain
+    /// connections), which is checked here.
+    pub fn with_tls_ca(mut self, pem: Option<String>) -> Result<TransportConfig> {
+        let pem = pem.filter(|p| !p.trim().is_empty());
+        if let Some(p) = &pem {
+            check_ca(p)?;
+        }
+        self.tls_ca = pem;
+        Ok(self)
+    }
+
+    /// The window of `mb` MiB (at most 512; 0: HTTP/2's default).
+    pub fn window_of_mb(mb: u32) -> Option<u32> {
+        (mb > 0).then(|| mb.min(512) << 20)
+    }
+
+    /// Between keepalive pings, and how long the answer to one may take.
+    pub fn keepalive_interval(&self) -> Duration {
+        (self.failure_timeout / 2).max(Duration::from_millis(200))
+    }
+
+    /// What a worker's interceptor requires of every call.
+    pub fn check_token(&self) -> CheckToken {
+        CheckToken(self.token.clone().map(String::into_bytes))
+    }
+
+    /// What a client's interceptor adds to every call.
+    fn add_token(&self) -> Result<AddToken> {
+        let Some(t) = &self.token else {
+            return Ok(AddToken(None));
+        };
+        let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
+            t.parse().map_err(|_| {
+                Error::InvalidArgument("the cluster token must be printable ASCII".into())
+            })?;
+        // Kept out of debug output and HPACK tables.
+        v.set_sensitive(true);
+        Ok(AddToken(Some(v)))
+    }
+}
+
+/// A cluster token no one else knows (16 random bytes, hex): what a worker
+/// inside this process requires when it is given none, so that no other
+/// local user can drive it.
+pub fn random_token() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    std::io::Read::read_exact(&mut std::fs::File::open("/dev/urandom")?, &mut bytes)?;
+    Ok(hex::encode(bytes))
 }
 
 /// The certificates of a PEM text, each a valid X.509 certificate.
@@ -400,38 +456,6 @@ pub type Client = WorkerClient<
 /// refuses what is over its own `max_message_bytes`).
 pub const MAX_MESSAGE_BYTES: usize = 512 << 20;
 
-/// How long a peer may be silent before it is declared failed: one half
-/// between keepalive pings, one half waiting for the answer.
-/// `MLX_DIST_FAILURE_TIMEOUT` (seconds, default 4).
-pub fn failure_timeout() -> Duration {
-    static T: OnceLock<Duration> = OnceLock::new();
-    *T.get_or_init(|| {
-        std::env::var("MLX_DIST_FAILURE_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| *v > 0.0)
-            .map_or(Duration::from_secs(4), Duration::from_secs_f64)
-    })
-}
-
-/// HTTP/2 flow-control window of each stream: a prompt chunk's activations
-/// (megabytes) cross in one window instead of many 64 KiB round trips.
-/// `MLX_DIST_H2_WINDOW_MB` (default 16; 0: HTTP/2's default of 64 KiB).
-pub(crate) fn h2_window() -> Option<u32> {
-    static W: OnceLock<Option<u32>> = OnceLock::new();
-    *W.get_or_init(|| {
-        let mb = std::env::var("MLX_DIST_H2_WINDOW_MB")
-            .ok()
-            .and_then(|v| v.parse::<u32>().ok())
-            .unwrap_or(16);
-        (mb > 0).then(|| mb.min(512) << 20)
-    })
-}
-
-pub(crate) fn keepalive_interval() -> Duration {
-    (failure_timeout() / 2).max(Duration::from_millis(200))
-}
-
 /// The TLS error a connection failed with, if it failed in TLS (rustls'
 /// own error, or inside the I/O error tokio-rustls wraps it in): a
 /// certificate refused, or a peer that does not speak TLS.
@@ -477,26 +501,33 @@ fn is_certificate_error(e: &rustls::Error) -> bool {
     }
 }
 
-/// Opens a channel to another worker (the next stage, or from the coordinator).
+/// Opens a channel to another worker (the next stage, or from the
+/// coordinator), carrying `transport`'s cluster token.
 ///
-/// With a CA certificate set (`set_tls_ca`, `MLX_DIST_TLS_CA`) the connection
-/// is TLS, and the worker's certificate must come from that CA and name the
+/// With a CA certificate (`TransportConfig::tls_ca`) the connection is TLS,
+/// and the worker's certificate must come from that CA and name the
 /// address's host; `http://` before the address forces a plain connection.
-pub async fn connect(addr: &str, timeout: Duration) -> Result<Client> {
-    open_client(addr, timeout, true).await
+pub async fn connect(addr: &str, timeout: Duration, transport: &TransportConfig) -> Result<Client> {
+    open_client(addr, timeout, true, transport).await
 }
 
 /// `connect`; with `probe`, a plain connection is tried with one health
 /// check first, so that a TLS worker reached without TLS says so now (a
 /// plain HTTP/2 client learns it only at its first call).
-pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> Result<Client> {
-    let ca = tls_ca()?;
+pub(crate) async fn open_client(
+    addr: &str,
+    timeout: Duration,
+    probe: bool,
+    transport: &TransportConfig,
+) -> Result<Client> {
+    let ca = transport.tls_ca.clone();
+    let token = transport.add_token()?;
     let (tls, rest) = if let Some(rest) = addr.strip_prefix("http://") {
         (None, rest)
     } else if let Some(rest) = addr.strip_prefix("https://") {
         let ca = ca.ok_or_else(|| {
             Error::InvalidArgument(format!(
-                "worker {addr}: https:// needs the CA certificate to trust (tls_ca=, --tls-ca or MLX_DIST_TLS_CA)"
+                "worker {addr}: https:// needs the CA certificate to trust (tls_ca= or --tls-ca)"
             ))
         })?;
         (Some(ca), rest)
@@ -525,11 +556,11 @@ pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> R
     let endpoint = endpoint
         .connect_timeout(timeout)
         .tcp_nodelay(true)
-        .http2_keep_alive_interval(keepalive_interval())
-        .keep_alive_timeout(keepalive_interval())
+        .http2_keep_alive_interval(transport.keepalive_interval())
+        .keep_alive_timeout(transport.keepalive_interval())
         .keep_alive_while_idle(true)
-        .initial_stream_window_size(h2_window())
-        .initial_connection_window_size(h2_window().map(|w| w.saturating_mul(2)));
+        .initial_stream_window_size(transport.h2_window)
+        .initial_connection_window_size(transport.h2_window.map(|w| w.saturating_mul(2)));
     let channel = tokio::time::timeout(timeout, endpoint.connect())
         .await
         .map_err(|_| {
@@ -558,18 +589,6 @@ pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> R
                 None => Error::stage_failed(addr, addr, format!("unreachable over TLS: {why}")),
             }
         })?;
-    let token = match cluster_token() {
-        Some(t) => {
-            let mut v: tonic::metadata::MetadataValue<tonic::metadata::Ascii> =
-                t.parse().map_err(|_| {
-                    Error::InvalidArgument("the cluster token must be printable ASCII".into())
-                })?;
-            // Kept out of debug output and HPACK tables.
-            v.set_sensitive(true);
-            Some(v)
-        }
-        None => None,
-    };
     if probe && tls.is_none() {
         let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
         let check = health.check(tonic_health::pb::HealthCheckRequest::default());
@@ -603,12 +622,12 @@ pub(crate) async fn open_client(addr: &str, timeout: Duration, probe: bool) -> R
             return Err(Error::Tls {
                 address: addr.to_string(),
                 detail: format!(
-                    "does not answer plain gRPC: {why} (if it serves TLS, trust its certificate with tls_ca=, --tls-ca or MLX_DIST_TLS_CA)"
+                    "does not answer plain gRPC: {why} (if it serves TLS, trust its certificate with tls_ca= or --tls-ca)"
                 ),
             });
         }
     }
-    Ok(WorkerClient::with_interceptor(channel, AddToken(token))
+    Ok(WorkerClient::with_interceptor(channel, token)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES))
 }

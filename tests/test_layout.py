@@ -1,7 +1,8 @@
 """The shape of the source tree: no import cycle between the modules of
-``mlx_dist`` or between the Rust modules of ``src/``, and no source file
-past MAX_LINES. A cycle means two modules can only be read, tested and
-changed together; the failures name every cycle and every long file."""
+``mlx_dist`` or between the Rust modules of ``src/``, no source file past
+MAX_LINES, and the environment read in one place. A cycle means two
+modules can only be read, tested and changed together; the failures name
+every cycle, every long file and every stray reader of ``MLX_DIST_*``."""
 
 from __future__ import annotations
 
@@ -109,11 +110,13 @@ def _without_tests(text: str) -> str:
     return text[: m.start()] if m else text
 
 
-def _strip_rust(text: str) -> str:
+def _strip_rust(text: str, strings: bool = False) -> str:
     """`text` without its unit tests (a ``#[cfg(test)]`` line before
     ``mod tests``, to the end of the file), comments, and string and
-    character literals, so that only code names modules."""
-    text = _without_tests(text)
+    character literals, so that only code names modules. With `strings`,
+    the tests and string literals stay: only comments go."""
+    if not strings:
+        text = _without_tests(text)
     out, i, n = [], 0, len(text)
     while i < n:
         c = text[i]
@@ -131,14 +134,15 @@ def _strip_rust(text: str) -> str:
                     i += 1
         elif raw := re.match(r'b?r(#*)"', text[i : i + 260]):
             end = text.find('"' + raw.group(1), i + raw.end())
-            i = n if end < 0 else end + 1 + len(raw.group(1))
-            out.append('""')
+            start, i = i, n if end < 0 else end + 1 + len(raw.group(1))
+            out.append(text[start:i] if strings else '""')
         elif c == '"':
+            start = i
             i += 1
             while i < n and text[i] != '"':
                 i += 2 if text[i] == "\\" else 1
             i += 1
-            out.append('""')
+            out.append(text[start:i] if strings else '""')
         elif c == "'" and (text.startswith("\\", i + 1) or (i + 2 < n and text[i + 2] == "'")):
             # A character literal ('x', '\n', '\''), not a lifetime ('a).
             end = text.find("'", i + 3 if text[i + 1] == "\\" else i + 2)
@@ -255,6 +259,86 @@ def test_the_checks_see_what_they_look_for():
     stripped = _strip_rust(code)
     assert "crate::a" in stripped and "crate::d::g" in stripped, stripped
     assert not any(f"crate::{m}" in stripped for m in "bce"), stripped
+    kept = _strip_rust(code, strings=True)
+    assert all(f"crate::{m}" in kept for m in "acde") and "crate::b" not in kept, kept
+    code = 'let url = "http://h"; // MLX_DIST_A\n/// MLX_DIST_B\nlet v = "MLX_DIST_C";\n'
+    assert _env_names(code) == {"MLX_DIST_C"}
+
+
+# The environment
+
+ENV_NAME = re.compile(r"MLX_DIST_[A-Z0-9_]*")
+# The Rust core reads MLX_DIST_* variables in src/config.rs alone: the rest
+# takes its settings as values (`TransportConfig`, `WorkerConfig`,
+# `ClusterOptions`). The C++ shim reads one of its own as it makes its
+# pinned memory (a diagnostic switch, outside any config).
+RUST_ENV_READERS = {"src/config.rs": None, "src/mlx/shim.cpp": {"MLX_DIST_MAILBOX"}}
+
+
+def _env_names(code: str) -> set[str]:
+    """The ``MLX_DIST_*`` names in the code and strings of `code` (Rust or
+    C++), comments and docs left out."""
+    return set(ENV_NAME.findall(_strip_rust(code, strings=True)))
+
+
+def test_only_the_config_readers_name_mlx_dist_variables_in_src():
+    found, seen = {}, set()
+    for path in sorted(SRC.rglob("*")):
+        if path.suffix not in (".rs", ".cpp", ".h", ".hpp"):
+            continue
+        rel = str(path.relative_to(ROOT))
+        names = _env_names(path.read_text())
+        seen |= names
+        allowed = RUST_ENV_READERS.get(rel, set())
+        if allowed is not None and names - allowed:
+            found[rel] = sorted(names - allowed)
+    assert not found, (
+        "MLX_DIST_* variables named outside src/config.rs (read them there, and pass the "
+        f"value in a config or an argument): {found}"
+    )
+    # The check sees the readers it allows.
+    assert {"MLX_DIST_TOKEN", "MLX_DIST_STEP_TIMEOUT", "MLX_DIST_MAILBOX"} <= seen, seen
+
+
+# Python modules that read MLX_DIST_* variables besides server/settings.py's
+# resolve_settings (which builds each name from its field): the command
+# line's own (TLS files, the dashboard, the announcing worker's token), the
+# demo model's download folder and index, and the server's cluster token for
+# settings made by hand (as the core's default).
+PYTHON_ENV_READERS = {"cli.py", "demo.py", "server/state.py"}
+
+
+def python_env_reads() -> dict[str, set[str]]:
+    """Module file -> the MLX_DIST_* names it reads with ``os.environ.get``,
+    ``os.getenv`` or ``os.environ[...]``, or names in a tuple of names to
+    read (demo.py's)."""
+    found: dict[str, set[str]] = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            args = []
+            if isinstance(node, ast.Call) and ast.unparse(node.func) in (
+                "os.environ.get",
+                "os.getenv",
+            ):
+                args = node.args[:1]
+            elif isinstance(node, ast.Subscript) and ast.unparse(node.value) == "os.environ":
+                args = [node.slice]
+            elif isinstance(node, ast.Tuple):
+                args = node.elts
+            for a in args:
+                if isinstance(a, ast.Constant) and ENV_NAME.fullmatch(str(a.value)):
+                    names.add(a.value)
+        if names:
+            found[str(path.relative_to(PACKAGE))] = names
+    return found
+
+
+def test_python_reads_mlx_dist_variables_only_where_it_must():
+    found = python_env_reads()
+    stray = {m: sorted(n) for m, n in found.items() if m not in PYTHON_ENV_READERS}
+    assert not stray, f"MLX_DIST_* variables read outside resolve_settings and the CLI: {stray}"
+    assert "MLX_DIST_TLS_CERT" in found.get("cli.py", set()), found
 
 
 # Sizes

@@ -11,7 +11,9 @@ def memory() -> tuple[int, int, int]:
 def device_info(name: str, benchmark: bool = False) -> str:
     """This process's device capabilities as JSON."""
 
-def load(path_or_repo: str, materialize: bool = True) -> tuple[Model, Tokenizer]: ...
+def load(
+    path_or_repo: str, materialize: bool = True, prefix_cache_mb: int | None = None
+) -> tuple[Model, Tokenizer]: ...
 def load_cluster(
     path_or_repo: str,
     workers: list[str],
@@ -25,8 +27,23 @@ def load_cluster(
     recovery_wait: float = 30.0,
     prefill_chunk: int = 1024,
     ring: bool = True,
-) -> tuple[Cluster, Tokenizer]: ...
-def start_local_worker() -> str:
+    token: str | None = None,
+    tls_ca: str | None = None,
+    step_timeout: float | None = None,
+    failure_timeout: float | None = None,
+    h2_window_mb: int | None = None,
+) -> tuple[Cluster, Tokenizer]:
+    """Options left out (None) come from ``MLX_DIST_*`` variables, else the
+    defaults; ``token`` and ``tls_ca`` (PEM text) first from
+    ``set_cluster_token`` / ``set_tls_ca``."""
+
+def start_local_worker(
+    token: str | None = None,
+    prefix_cache_mb: int | None = None,
+    step_spin_us: int | None = None,
+    launch_ahead: bool | None = None,
+    warm_up: bool | None = None,
+) -> str:
     """Starts a worker inside this process, which the coordinator of this
     process reaches without gRPC; returns the address that names it
     (``in-process:N``)."""
@@ -45,14 +62,30 @@ def run_worker(
     max_message_bytes: int | None = None,
     prefix_cache_mb: int | None = None,
     kv_budget_mb: int | None = None,
-) -> None: ...
-def worker_info(address: str, timeout: float = 5.0) -> str:
+    token: str | None = None,
+    tls_ca: str | None = None,
+    cache_dir: str | None = None,
+    step_spin_us: int | None = None,
+    launch_ahead: bool | None = None,
+    warm_up: bool | None = None,
+    failure_timeout: float | None = None,
+    h2_window_mb: int | None = None,
+) -> None:
+    """Options left out (None) come from ``MLX_DIST_*`` variables, else the
+    defaults."""
+
+def worker_info(
+    address: str, timeout: float = 5.0, token: str | None = None, tls_ca: str | None = None
+) -> str:
     """The worker's DeviceInfo as JSON."""
 
-def set_cluster_token(token: str | None = None) -> None: ...
+def set_cluster_token(token: str | None = None) -> None:
+    """The cluster token of this process's later calls given none (None or
+    empty: none, whatever MLX_DIST_TOKEN says)."""
+
 def set_tls_ca(pem: str | None = None) -> None:
-    """Trust this CA certificate (PEM text) on every later connection to a
-    worker (TLS); None: plain connections."""
+    """Trust this CA certificate (PEM text) on this process's later
+    connections to workers given none (TLS); None: plain connections."""
 
 def make_certificate(hosts: list[str]) -> tuple[str, str]:
     """A self-signed certificate for these DNS names / IP addresses and its

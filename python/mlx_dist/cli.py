@@ -16,7 +16,69 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
 
 
 # What _add_cluster adds, by their ServerSettings names.
-_CLUSTER_OPTIONS = ("workers", "cluster_config", "strategy", "proportions", "compression", "tls_ca")
+_CLUSTER_OPTIONS = (
+    "workers",
+    "cluster_config",
+    "strategy",
+    "proportions",
+    "compression",
+    "tls_ca",
+    "token",
+    "step_timeout",
+    "failure_timeout",
+    "h2_window_mb",
+)
+
+
+def _add_transport(p: argparse.ArgumentParser, peers: str) -> None:
+    """How ``peers`` are watched and reached (the coordinator's workers, a
+    worker's next stage and callers)."""
+    p.add_argument(
+        "--failure-timeout",
+        type=float,
+        default=None,
+        help=f"seconds {peers} may be silent (keepalive pings unanswered) before they count "
+        "as failed (default: $MLX_DIST_FAILURE_TIMEOUT, else 4)",
+    )
+    p.add_argument(
+        "--h2-window-mb",
+        type=int,
+        default=None,
+        help="HTTP/2 flow-control window of each gRPC stream, in MiB, at most 512 (default: "
+        "$MLX_DIST_H2_WINDOW_MB, else 16; 0: HTTP/2's 64 KiB)",
+    )
+
+
+def _add_engine(p: argparse.ArgumentParser, whose: str) -> None:
+    """The options of a worker's engine (``whose``: the worker they set)."""
+    p.add_argument(
+        "--prefix-cache-mb",
+        type=int,
+        default=None,
+        help=f"KV cache {whose} keeps from ended sequences for later prompts, in MiB, at most "
+        "a quarter of its KV budget (default: $MLX_DIST_PREFIX_CACHE_MB, else 1024; 0: off)",
+    )
+    p.add_argument(
+        "--step-spin-us",
+        type=int,
+        default=None,
+        help=f"microseconds {whose} polls for a step's result before it sleeps, at most "
+        "1000000 (default: $MLX_DIST_STEP_SPIN_US, else 2000 on a GPU, 0 on the CPU)",
+    )
+    p.add_argument(
+        "--launch-ahead",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"{whose} launches a sequence's next decode step before its input arrives "
+        "(default: $MLX_DIST_LAUNCH_AHEAD=1/0, else on a CUDA GPU only)",
+    )
+    p.add_argument(
+        "--warm-up",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help=f"{whose} compiles its stage's GPU kernels as it loads (default: "
+        "$MLX_DIST_WARM_UP=1/0, else on a CUDA GPU only)",
+    )
 
 
 def _add_cluster(p: argparse.ArgumentParser) -> None:
@@ -40,6 +102,15 @@ def _add_cluster(p: argparse.ArgumentParser) -> None:
         default=None,
         help="reach the workers over TLS, trusting this CA certificate (PEM; default: $MLX_DIST_TLS_CA)",
     )
+    p.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
+    p.add_argument(
+        "--step-timeout",
+        type=float,
+        default=None,
+        help="seconds (plus 0.1 per token) a step's reply is waited for before the stages are "
+        "asked whether they answer (default: $MLX_DIST_STEP_TIMEOUT, else 30)",
+    )
+    _add_transport(p, "workers")
 
 
 def _load(args: argparse.Namespace):
@@ -47,15 +118,17 @@ def _load(args: argparse.Namespace):
     from mlx_dist.cluster import _progress_printer
     from mlx_dist.server.settings import resolve_settings
 
-    # The server's precedence, flags over the cluster config file; generate
-    # reads no MLX_DIST_* variables (the core still reads MLX_DIST_TLS_CA).
+    # The server's precedence, flags over the cluster config file; the
+    # settings left out come from the core's MLX_DIST_* variables.
     given = {k: getattr(args, k) for k in _CLUSTER_OPTIONS}
     s = resolve_settings(dict(given, model=args.model), env={})
     if not s.workers:
         return mlx_dist.load(s.model)
     n = len(str(s.workers).split(",")) if isinstance(s.workers, str) else len(s.workers)
     print(f"loading over {n} workers ...", file=sys.stderr)
-    model, tokenizer = mlx_dist.load(s.model, **s.cluster_args(), progress=_progress_printer())
+    model, tokenizer = mlx_dist.load(
+        s.model, **s.cluster_args(), token=s.token, progress=_progress_printer()
+    )
     print(model.plan, file=sys.stderr)
     return model, tokenizer
 
@@ -95,47 +168,31 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# ``mlx-dist serve``'s options that are no ServerSettings field, and those
+# named otherwise there; every other option is the field of its name.
+_SERVE_ONLY = ("command", "func", "host", "port", "log_level")
+_SERVE_RENAMED = {"temp": "temperature"}
+
+
+def serve_settings(args: argparse.Namespace) -> dict:
+    """The ServerSettings fields ``mlx-dist serve``'s options give (None:
+    not given), as ``serve()`` and ``resolve_settings`` take them."""
+    return {_SERVE_RENAMED.get(k, k): v for k, v in vars(args).items() if k not in _SERVE_ONLY}
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from mlx_dist import _core
     from mlx_dist.cluster import _progress_printer
     from mlx_dist.server import serve
 
-    if args.token is not None:
-        _core.set_cluster_token(args.token)
     print(f"loading {args.model or 'the demo model'} ...", file=sys.stderr, flush=True)
     serve(
-        args.model,
-        workers=args.workers,
         host=args.host,
         port=args.port,
-        api_key=args.api_key,
         block=True,
         log_level=args.log_level,
         progress=_progress_printer(),
         announce=lambda line: print(line, flush=True),
-        cluster_config=args.cluster_config,
-        strategy=args.strategy,
-        proportions=args.proportions,
-        compression=args.compression,
-        kv_tokens=args.kv_tokens,
-        model_name=args.model_name,
-        max_concurrency=args.max_concurrency,
-        max_queue=args.max_queue,
-        max_tokens=args.max_tokens,
-        temperature=args.temp,
-        top_p=args.top_p,
-        recovery_wait=args.recovery_wait,
-        token=args.token,
-        tls_ca=args.tls_ca,
-        batch=args.batch,
-        prefill_chunk=args.prefill_chunk,
-        max_context=args.max_context,
-        allow_join=args.allow_join,
-        join_interval=args.join_interval,
-        header_timeout=args.header_timeout,
-        keep_alive_timeout=args.keep_alive_timeout,
-        max_connections=args.max_connections,
-        max_body_bytes=args.max_body_bytes,
+        **serve_settings(args),
     )
     return 0
 
@@ -152,14 +209,11 @@ def _read_pem(path: str, what: str) -> str:
         raise ValueError(f"{what}: {p} is not a PEM text file") from None
 
 
-def _worker(args: argparse.Namespace) -> int:
+def worker_args(args: argparse.Namespace) -> dict:
+    """``_core.run_worker``'s keyword arguments from ``mlx-dist worker``'s
+    options (the TLS files read; None: not given, the core's default)."""
     import os
-    import threading
 
-    from mlx_dist import _core
-
-    if args.token is not None:
-        _core.set_cluster_token(args.token)
     cert = args.tls_cert or os.environ.get("MLX_DIST_TLS_CERT") or None
     key = args.tls_key or os.environ.get("MLX_DIST_TLS_KEY") or None
     if bool(cert) != bool(key):
@@ -167,44 +221,61 @@ def _worker(args: argparse.Namespace) -> int:
     cert_pem = _read_pem(cert, "--tls-cert") if cert else None
     key_pem = _read_pem(key, "--tls-key") if key else None
     ca = args.tls_ca or os.environ.get("MLX_DIST_TLS_CA") or None
-    if ca:
-        _core.set_tls_ca(_read_pem(ca, "--tls-ca"))
-    elif cert_pem:
-        # One certificate for the whole cluster: the next stage serves the same.
-        _core.set_tls_ca(cert_pem)
+    # One certificate for the whole cluster: the next stage serves the same.
+    tls_ca = _read_pem(ca, "--tls-ca") if ca else cert_pem
     if args.max_sequences < 1:
         raise ValueError("--max-sequences must be at least 1")
     if args.max_message_mb < 1:
         raise ValueError("--max-message-mb must be at least 1")
     if args.kv_budget_mb is not None and args.kv_budget_mb < 1:
         raise ValueError("--kv-budget-mb must be at least 1")
-    if args.prefix_cache_mb is not None and args.prefix_cache_mb < 0:
-        raise ValueError("--prefix-cache-mb must be 0 (off) or more")
-    port = args.port
+    for flag in ("prefix_cache_mb", "step_spin_us", "h2_window_mb"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be 0 or more")
+    if args.failure_timeout is not None and not args.failure_timeout > 0:
+        raise ValueError("--failure-timeout must be above 0")
+    return {
+        "host": args.host,
+        "port": args.port,
+        "name": args.name,
+        "local_files": not args.no_local_files,
+        "tls_cert_pem": cert_pem,
+        "tls_key_pem": key_pem,
+        "max_sequences": args.max_sequences,
+        "max_message_bytes": args.max_message_mb << 20,
+        "prefix_cache_mb": args.prefix_cache_mb,
+        "kv_budget_mb": args.kv_budget_mb,
+        "token": args.token,
+        "tls_ca": tls_ca,
+        "cache_dir": args.cache_dir,
+        "step_spin_us": args.step_spin_us,
+        "launch_ahead": args.launch_ahead,
+        "warm_up": args.warm_up,
+        "failure_timeout": args.failure_timeout,
+        "h2_window_mb": args.h2_window_mb,
+    }
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import os
+    import threading
+
+    from mlx_dist import _core
+
+    kw = worker_args(args)
     if args.coordinator:
         from mlx_dist.announce import advertised_address, announce, free_port
 
-        port = port or free_port(args.host)
-        address = args.advertise or advertised_address(args.host, port)
+        kw["port"] = kw["port"] or free_port(args.host)
+        address = args.advertise or advertised_address(args.host, kw["port"])
         token = args.token or os.environ.get("MLX_DIST_TOKEN")
         threading.Thread(
             target=announce,
-            args=(args.coordinator, address, args.host, port, token),
+            args=(args.coordinator, address, args.host, kw["port"], token),
             name="mlx-dist-announce",
             daemon=True,
         ).start()
-    _core.run_worker(
-        args.host,
-        port,
-        args.name,
-        not args.no_local_files,
-        cert_pem,
-        key_pem,
-        args.max_sequences,
-        args.max_message_mb << 20,
-        args.prefix_cache_mb,
-        args.kv_budget_mb,
-    )
+    _core.run_worker(**kw)
     return 0
 
 
@@ -262,8 +333,12 @@ def _bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def _top(args: argparse.Namespace) -> int:
+    import os
+
     from mlx_dist.dashboard import main as top_main
 
+    args.url = args.url or os.environ.get("MLX_DIST_URL")
+    args.api_key = args.api_key or os.environ.get("MLX_DIST_API_KEY")
     return top_main(args)
 
 
@@ -291,7 +366,8 @@ def _bench_recovery(args: argparse.Namespace) -> int:
     return bench_main(args)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The ``mlx-dist`` parser, each subcommand's function its ``func``."""
     parser = argparse.ArgumentParser(prog="mlx-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -343,7 +419,6 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         help="prompt tokens run in one step, between other streams' decode steps (default 256)",
     )
-    s.add_argument("--token", default=None, help="cluster token (default: $MLX_DIST_TOKEN)")
     s.add_argument(
         "--recovery-wait",
         type=float,
@@ -402,7 +477,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="larger request bodies get 413 (default 8 MiB)",
     )
+    s.add_argument(
+        "--health-interval",
+        type=float,
+        default=None,
+        help="seconds between the health monitor's checks of the workers (default 2)",
+    )
     _add_cluster(s)
+    _add_engine(s, "the worker inside this process (one device)")
     s.set_defaults(func=_serve)
 
     w = sub.add_parser("worker", help="serve one pipeline stage over gRPC")
@@ -465,12 +547,14 @@ def main(argv: list[str] | None = None) -> int:
         "memory free once the stage is loaded)",
     )
     w.add_argument(
-        "--prefix-cache-mb",
-        type=int,
+        "--cache-dir",
         default=None,
-        help="KV cache kept from ended sequences for later prompts, in MiB, at most a "
-        "quarter of the KV budget (default: $MLX_DIST_PREFIX_CACHE_MB, else 1024; 0: off)",
+        metavar="DIR",
+        help="keep models the coordinator sends in DIR/models (default: $MLX_DIST_CACHE, "
+        "else ~/.cache/mlx-dist)",
     )
+    _add_engine(w, "the worker")
+    _add_transport(w, "the previous and next stages")
     w.set_defaults(func=_worker)
 
     ct = sub.add_parser(
@@ -523,8 +607,8 @@ def main(argv: list[str] | None = None) -> int:
         "--launch-ahead",
         action="store_true",
         help="measure workers that launch decode steps ahead and workers that do not, side "
-        "by side (MLX_DIST_LAUNCH_AHEAD=1 and 0); without it the workers do what their "
-        "device's default is (ahead on a CUDA GPU)",
+        "by side (worker --launch-ahead and --no-launch-ahead); without it the workers do "
+        "what their device's default is (ahead on a CUDA GPU)",
     )
     bp.add_argument("--worker-logs", help="keep each worker's log in this directory")
     bp.set_defaults(func=_bench_pipeline)
@@ -617,8 +701,11 @@ def main(argv: list[str] | None = None) -> int:
     br.add_argument("--tokens", type=int, default=160)
     br.add_argument("--prompt", default="Tell me a short story about a lighthouse keeper.")
     br.set_defaults(func=_bench_recovery)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except KeyboardInterrupt:

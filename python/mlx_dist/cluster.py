@@ -173,26 +173,26 @@ def load_config(path: str | Path) -> dict:
     return cfg
 
 
-def set_tls_ca(ca) -> None:
-    """Makes every later connection of this process to a worker use TLS,
-    trusting the CA certificate ``ca``: the path of a PEM file (e.g. the
-    ``cert.pem`` of ``mlx-dist cert``) or PEM text. ``None``: plain
-    connections. The setting is process-wide."""
-    if ca is None:
-        _core.set_tls_ca(None)
-        return
+def ca_pem(ca) -> str:
+    """The PEM text of the CA certificate ``ca``: the path of a PEM file
+    (e.g. the ``cert.pem`` of ``mlx-dist cert``) or PEM text."""
     text = str(ca)
     if "-----BEGIN" in text:
-        pem = text
-    else:
-        p = Path(text).expanduser()
-        try:
-            pem = p.read_text()
-        except FileNotFoundError:
-            raise FileNotFoundError(f"TLS CA certificate {p} does not exist") from None
-        except UnicodeDecodeError:
-            raise ValueError(f"TLS CA certificate {p} is not a PEM text file") from None
-    _core.set_tls_ca(pem)
+        return text
+    p = Path(text).expanduser()
+    try:
+        return p.read_text()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"TLS CA certificate {p} does not exist") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"TLS CA certificate {p} is not a PEM text file") from None
+
+
+def set_tls_ca(ca) -> None:
+    """Makes the later connections of this process to workers that are
+    given no CA of their own use TLS, trusting the CA certificate ``ca``
+    (see :func:`ca_pem`). ``None``: plain connections."""
+    _core.set_tls_ca(None if ca is None else ca_pem(ca))
 
 
 def strategy_name(strategy: str, proportions=None) -> str:
@@ -243,11 +243,19 @@ def load_distributed(
     prefill_chunk: int = 1024,
     tls_ca=None,
     ring: bool = True,
+    step_timeout: float | None = None,
+    failure_timeout: float | None = None,
+    h2_window_mb: int | None = None,
 ):
+    """``mlx_dist.load`` over ``workers``. The token and CA certificate
+    given also become this process's defaults (:func:`set_tls_ca`), for the
+    later calls given none: ``_core.worker_info``, the server's probes of
+    joining workers."""
+    pem = None if tls_ca is None else ca_pem(tls_ca)
     if token is not None:
         _core.set_cluster_token(token)
-    if tls_ca is not None:
-        set_tls_ca(tls_ca)
+    if pem is not None:
+        _core.set_tls_ca(pem)
 
     specs = parse_workers(workers)
     declared = [s["declared"] for s in specs]
@@ -264,6 +272,11 @@ def load_distributed(
         float(recovery_wait),
         int(prefill_chunk),
         bool(ring),
+        token=token,
+        tls_ca=pem,
+        step_timeout=None if step_timeout is None else float(step_timeout),
+        failure_timeout=None if failure_timeout is None else float(failure_timeout),
+        h2_window_mb=None if h2_window_mb is None else int(h2_window_mb),
     )
     config = _model_config(path_or_repo)
     return DistributedModel(core, config), TokenizerWrapper(tokenizer)

@@ -134,8 +134,9 @@ def _width(out) -> int:
 
 
 def main(args) -> int:
-    url = args.url or os.environ.get("MLX_DIST_URL", "http://127.0.0.1:8100")
-    key = args.api_key or os.environ.get("MLX_DIST_API_KEY")
+    # `mlx-dist top` fills both in from MLX_DIST_URL and MLX_DIST_API_KEY.
+    url = args.url or "http://127.0.0.1:8100"
+    key = args.api_key
     rates = Rates()
     frame = 0
     out = sys.stdout

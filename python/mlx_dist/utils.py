@@ -77,12 +77,18 @@ def load(
     compute_proportional, balanced, or custom with ``proportions=[...]``); the
     returned model drives ``generate``/``stream_generate`` like a local one.
     ``tls_ca`` (a PEM file, e.g. from ``mlx-dist cert``) reaches the workers
-    over TLS, trusting that certificate (process-wide; ``MLX_DIST_TLS_CA``
-    does the same when no ``tls_ca`` is given). ``ring=False`` sends every
-    decode step from here instead of letting the last worker hand each token
-    straight to the first. ``max_context=N`` holds every sequence to N
+    over TLS, trusting that certificate, and ``token`` is the cluster token
+    (both also for the later calls of this process that are given none).
+    ``ring=False`` sends every decode step from here instead of letting the
+    last worker hand each token straight to the first. ``step_timeout``,
+    ``failure_timeout`` (seconds) and ``h2_window_mb`` tune how the workers
+    are watched and reached. ``max_context=N`` holds every sequence to N
     tokens, prompt and completion (a longer prompt is refused, a completion
-    stops at N), whatever the model's config says."""
+    stops at N), whatever the model's config says. On one device,
+    ``prefix_cache_mb`` bounds the KV cache kept from ended sequences for
+    later prompts (workers have their own, ``mlx-dist worker
+    --prefix-cache-mb``). Arguments left out take the ``MLX_DIST_*``
+    variable of the same name, else the default (README: Settings)."""
     max_context = kwargs.pop("max_context", None)
     if max_context is not None and (
         isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 2
@@ -106,8 +112,17 @@ def _load(path_or_repo, workers, strategy: str, **kwargs):
         "prefill_chunk",
         "tls_ca",
         "ring",
+        "step_timeout",
+        "failure_timeout",
+        "h2_window_mb",
     }
-    unknown = set(kwargs) - {"tokenizer_config", "model_config", "adapter_path", "lazy"} - dist_keys
+    local_keys = {"prefix_cache_mb"}
+    unknown = (
+        set(kwargs)
+        - {"tokenizer_config", "model_config", "adapter_path", "lazy"}
+        - dist_keys
+        - local_keys
+    )
     if unknown:
         raise TypeError(f"load() got unexpected arguments: {sorted(unknown)}")
     if kwargs.get("adapter_path"):
@@ -117,9 +132,19 @@ def _load(path_or_repo, workers, strategy: str, **kwargs):
 
         path_or_repo = str(demo_model_path())
     if workers is not None:
+        if kwargs.get("prefix_cache_mb") is not None:
+            raise TypeError(
+                "prefix_cache_mb applies to a model on one device; workers keep their own "
+                "(mlx-dist worker --prefix-cache-mb)"
+            )
         opts = {k: v for k, v in kwargs.items() if k in dist_keys}
         return load_distributed(str(path_or_repo), workers, strategy, **opts)
     if set(kwargs) & dist_keys:
         raise TypeError(f"{sorted(set(kwargs) & dist_keys)} only apply with workers=")
-    model, tokenizer = _core.load(str(path_or_repo), not kwargs.get("lazy", False))
+    prefix_mb = kwargs.get("prefix_cache_mb")
+    if prefix_mb is not None and (
+        isinstance(prefix_mb, bool) or not isinstance(prefix_mb, int) or prefix_mb < 0
+    ):
+        raise ValueError(f"prefix_cache_mb must be an integer of 0 or more, got {prefix_mb!r}")
+    model, tokenizer = _core.load(str(path_or_repo), not kwargs.get("lazy", False), prefix_mb)
     return Model(model), TokenizerWrapper(tokenizer)

@@ -9,6 +9,7 @@ use crate::models::ModelArgs;
 use crate::prefix::PrefixIndex;
 use crate::proto::{Compression, LoadShardRequest, ModelSource as ProtoSource};
 use crate::sharding::{plan, Footprint, Plan, Strategy};
+use crate::transport::TransportConfig;
 
 use crate::weights::{resolve, Weights};
 
@@ -23,7 +24,8 @@ pub struct WorkerSpec {
     pub declared: Option<Capabilities>,
 }
 
-/// Options of `Cluster::load`.
+/// Options of `Cluster::load`. `default` gives the defaults, `from_env` (in
+/// `config`) what the environment changes of them.
 #[derive(Clone, Debug)]
 pub struct ClusterOptions {
     pub strategy: Strategy,
@@ -40,6 +42,12 @@ pub struct ClusterOptions {
     /// straight to the first, which runs the next step without waiting on
     /// the coordinator (one network hop per stage instead of two).
     pub ring: bool,
+    /// How long to wait for one step's reply before asking the stages
+    /// whether they still answer (plus 0.1 s per token of the step, for long
+    /// prefill chunks on slow devices).
+    pub step_timeout: Duration,
+    /// How the workers are reached: the cluster token, TLS, keepalive.
+    pub transport: TransportConfig,
 }
 
 impl Default for ClusterOptions {
@@ -51,6 +59,8 @@ impl Default for ClusterOptions {
             connect_timeout: Duration::from_secs(10),
             prefill_chunk: 1024,
             ring: true,
+            step_timeout: Duration::from_secs(30),
+            transport: TransportConfig::default(),
         }
     }
 }
@@ -108,6 +118,10 @@ pub struct Cluster {
     pub ring: bool,
     /// What the stages keep of ended sequences, for later prompts.
     pub prefixes: Arc<std::sync::Mutex<PrefixIndex>>,
+    /// `ClusterOptions::step_timeout`.
+    pub step_timeout: Duration,
+    /// How the stages are reached (asked whether they answer, for one).
+    pub transport: Arc<TransportConfig>,
 }
 
 /// Capabilities declared in a cluster config take the place of measured ones.
@@ -139,7 +153,11 @@ fn declared_over(mut c: Capabilities, d: &Capabilities) -> Capabilities {
 /// Connects to one worker, retrying with backoff until `deadline` while
 /// it cannot be reached (a TLS mismatch or a bad address is returned at
 /// once: retrying does not mend those).
-async fn connect_retrying(addr: &str, within: Duration) -> Result<Link> {
+async fn connect_retrying(
+    addr: &str,
+    within: Duration,
+    transport: &TransportConfig,
+) -> Result<Link> {
     let start = Instant::now();
     let mut wait = Duration::from_millis(100);
     let mut attempts = 0;
@@ -150,6 +168,7 @@ async fn connect_retrying(addr: &str, within: Duration) -> Result<Link> {
             addr,
             left.min(Duration::from_secs(3))
                 .max(Duration::from_millis(200)),
+            transport,
         )
         .await
         {
@@ -214,7 +233,7 @@ impl Cluster {
         let mut caps = Vec::new();
         let connects = workers
             .iter()
-            .map(|w| connect_retrying(&w.address, opts.connect_timeout));
+            .map(|w| connect_retrying(&w.address, opts.connect_timeout, &opts.transport));
         let clients = futures::future::join_all(connects).await;
         for (spec, link) in workers.iter().zip(clients) {
             let mut link = link?;
@@ -320,6 +339,8 @@ impl Cluster {
             // A stage in this process gets each step from here at no cost.
             ring: opts.ring && !in_process,
             prefixes: Default::default(),
+            step_timeout: opts.step_timeout,
+            transport: Arc::new(opts.transport.clone()),
         })
     }
 }

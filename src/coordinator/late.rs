@@ -1,6 +1,5 @@
 //! A step whose reply is late: how long the coordinator waits, and how it
 //! tells a stage that is slow from one that is dead and a step that is lost.
-use std::sync::OnceLock;
 use std::time::Duration;
 
 use super::link::Link;
@@ -8,18 +7,10 @@ use super::{RemoteTokens, StageHandle};
 use crate::error::{Error, Result};
 
 /// How long the coordinator waits for one step's reply before asking the
-/// stages whether they still answer: `MLX_DIST_STEP_TIMEOUT` seconds
-/// (default 30) plus 0.1 s per token in the step, for long prefill chunks on
-/// slow devices.
-pub(super) fn step_deadline(tokens: usize) -> Duration {
-    static BASE: OnceLock<Duration> = OnceLock::new();
-    let base = *BASE.get_or_init(|| {
-        std::env::var("MLX_DIST_STEP_TIMEOUT")
-            .ok()
-            .and_then(|v| v.parse::<f64>().ok())
-            .filter(|v| *v > 0.0)
-            .map_or(Duration::from_secs(30), Duration::from_secs_f64)
-    });
+/// stages whether they still answer: `base` (`ClusterOptions::step_timeout`,
+/// default 30 s) plus 0.1 s per token in the step, for long prefill chunks
+/// on slow devices.
+pub(super) fn step_deadline(base: Duration, tokens: usize) -> Duration {
     base + Duration::from_millis(100) * tokens as u32
 }
 
@@ -76,8 +67,9 @@ impl RemoteTokens {
     pub(super) async fn late_stages(&self) -> Late {
         let ask = |s: &StageHandle| {
             let address = s.address.clone();
+            let transport = self.transport.clone();
             async move {
-                let mut link = Link::open(&address, LIVENESS_TIMEOUT).await?;
+                let mut link = Link::open(&address, LIVENESS_TIMEOUT, &transport).await?;
                 let info = tokio::time::timeout(LIVENESS_TIMEOUT, link.device_info())
                     .await
                     .map_err(|_| Error::Worker("no answer to a question about its state".into()))?
@@ -101,6 +93,13 @@ mod tests {
                 .enumerate()
                 .map(|(i, a)| (i, a.map_err(|e| Error::Worker(e.into())))),
         )
+    }
+
+    #[test]
+    fn a_steps_deadline_grows_with_its_tokens() {
+        let base = Duration::from_secs(30);
+        assert_eq!(step_deadline(base, 0), base);
+        assert_eq!(step_deadline(base, 20), Duration::from_secs(32));
     }
 
     #[test]

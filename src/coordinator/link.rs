@@ -19,7 +19,7 @@ use crate::proto::{
     DeviceInfo, DeviceInfoRequest, ForwardMessage, ForwardReply, ForwardRequest, LoadProgress,
     LoadShardRequest, ReleaseRequest, RingCredit,
 };
-use crate::transport::{connect, Client};
+use crate::transport::{connect, Client, TransportConfig};
 use crate::worker::{StepOut, WorkerService};
 
 /// A worker, as the coordinator calls it.
@@ -33,11 +33,15 @@ type Progress = Pin<Box<dyn Stream<Item = std::result::Result<LoadProgress, Stat
 
 impl Link {
     /// The worker at `address`: the one inside this process by that name,
-    /// else a gRPC connection within `timeout`.
-    pub async fn open(address: &str, timeout: Duration) -> Result<Link> {
+    /// else a gRPC connection within `timeout`, made as `transport` says.
+    pub async fn open(
+        address: &str,
+        timeout: Duration,
+        transport: &TransportConfig,
+    ) -> Result<Link> {
         match crate::worker::in_process(address) {
             Some(svc) => Ok(Link::InProcess(svc)),
-            None => Ok(Link::Grpc(connect(address, timeout).await?)),
+            None => Ok(Link::Grpc(connect(address, timeout, transport).await?)),
         }
     }
 

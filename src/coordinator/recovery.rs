@@ -147,7 +147,7 @@ impl ClusterHandle {
     async fn probe(&self, address: &str) -> bool {
         let t = self.recovery.probe_timeout;
         let ask = async {
-            let mut link = Link::open(address, t).await.ok()?;
+            let mut link = Link::open(address, t, &self.opts.transport).await.ok()?;
             link.device_info().await.ok()
         };
         matches!(tokio::time::timeout(t, ask).await, Ok(Some(_)))

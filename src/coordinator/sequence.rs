@@ -52,6 +52,8 @@ impl Cluster {
             micros: self.last_stage_micros.clone(),
             prefill_chunk: self.prefill_chunk,
             ring: self.ring,
+            step_timeout: self.step_timeout,
+            transport: self.transport.clone(),
         };
         RemoteTokens::open(chain, spec.clone(), prefix).await
     }
@@ -91,6 +93,8 @@ struct Chain {
     micros: Arc<std::sync::Mutex<Vec<u32>>>,
     prefill_chunk: usize,
     ring: bool,
+    step_timeout: Duration,
+    transport: Arc<crate::transport::TransportConfig>,
 }
 
 /// The part of a prompt not yet sent.
@@ -147,6 +151,9 @@ pub struct RemoteTokens {
     /// a stage turned out not to keep.
     chain: Chain,
     spec: SequenceSpec,
+    /// `Cluster::step_timeout`, and how the stages are reached.
+    step_timeout: Duration,
+    pub(super) transport: Arc<crate::transport::TransportConfig>,
 }
 
 impl RemoteTokens {
@@ -225,6 +232,8 @@ impl RemoteTokens {
             failed: false,
             cached,
             prefill: Some(prefill),
+            step_timeout: chain.step_timeout,
+            transport: chain.transport.clone(),
             chain,
             spec,
         })
@@ -329,7 +338,7 @@ impl RemoteTokens {
     }
 
     async fn receive_one(&mut self) -> Result<ForwardReply> {
-        let deadline = step_deadline(self.ledger.in_flight_tokens());
+        let deadline = step_deadline(self.step_timeout, self.ledger.in_flight_tokens());
         let mut late = 0;
         let reply = loop {
             // Reading a stream's next message is cancel-safe: a timeout

@@ -13,7 +13,7 @@ use crate::error::Error;
 use crate::proto::Compression;
 use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
-use crate::transport::TlsIdentity;
+use crate::transport::{TlsIdentity, TransportConfig};
 use crate::util::runtime;
 use crate::weights::{resolve, Weights};
 use crate::worker::{serve, WorkerConfig};
@@ -33,14 +33,84 @@ fn compression(name: &str) -> Result<Compression, Error> {
     }
 }
 
+/// The token and CA certificate (PEM) of this process's calls that are not
+/// given their own, as `set_cluster_token` and `set_tls_ca` set them
+/// (`None`: not set, the environment's then; `Some(None)`: none). The
+/// Python API's are process-wide: `mlx_dist.load(..., token=, tls_ca=)`
+/// sets them for the calls that follow, `worker_info` among them.
+struct Defaults {
+    token: Option<Option<String>>,
+    tls_ca: Option<Option<String>>,
+}
+
+static DEFAULTS: std::sync::RwLock<Defaults> = std::sync::RwLock::new(Defaults {
+    token: None,
+    tls_ca: None,
+});
+
+fn defaults() -> std::sync::RwLockReadGuard<'static, Defaults> {
+    DEFAULTS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn set_defaults(f: impl FnOnce(&mut Defaults)) {
+    f(&mut DEFAULTS.write().unwrap_or_else(|e| e.into_inner()));
+}
+
+/// How a call reaches workers: `token` and `tls_ca` (PEM) when given
+/// (empty: none, plain connections), else what `set_cluster_token` and
+/// `set_tls_ca` set, else the environment's (`TransportConfig::from_env`),
+/// with `failure_timeout` (seconds) and `h2_window_mb` over it when given.
+fn transport(
+    token: Option<String>,
+    tls_ca: Option<String>,
+    failure_timeout: Option<f64>,
+    h2_window_mb: Option<u32>,
+) -> crate::Result<TransportConfig> {
+    let (token, ca) = {
+        let d = defaults();
+        (
+            token.map(Some).or_else(|| d.token.clone()),
+            tls_ca.map(Some).or_else(|| d.tls_ca.clone()),
+        )
+    };
+    let mut t = TransportConfig::from_env_with_ca(ca)?;
+    if let Some(token) = token {
+        t = t.with_token(token);
+    }
+    if let Some(s) = failure_timeout {
+        t.failure_timeout = seconds(s, "failure_timeout")?;
+    }
+    if let Some(mb) = h2_window_mb {
+        t.h2_window = TransportConfig::window_of_mb(mb);
+    }
+    Ok(t)
+}
+
+/// A positive number of seconds.
+fn seconds(s: f64, what: &str) -> crate::Result<Duration> {
+    Duration::try_from_secs_f64(s)
+        .ok()
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "{what} must be a number of seconds above 0, got {s}"
+            ))
+        })
+}
+
 /// Loads `path_or_repo` over `workers` ("host:port" each), planned with
 /// `strategy`. `declared_json` optionally gives a JSON list (one entry per
 /// worker, or null) of declared capabilities. `progress(stage, done,
 /// total, message)` is called while shards load. When a stage fails, the
 /// cluster re-plans over the workers left (unless `recover` is false),
-/// waiting up to `recovery_wait` seconds for room for the model.
+/// waiting up to `recovery_wait` seconds for room for the model. The
+/// workers are reached with `token`, `tls_ca` (PEM), `failure_timeout` and
+/// `h2_window_mb` (see `transport`); a step's reply is waited for
+/// `step_timeout` seconds (plus 0.1 per token) before the stages are asked
+/// whether they answer. Options left out (None) come from `MLX_DIST_*`
+/// variables (`ClusterOptions::from_env`), else the defaults.
 #[pyfunction]
-#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 1024, ring = true))]
+#[pyo3(signature = (path_or_repo, workers, strategy = "balanced", compression_name = "none", kv_tokens = 4096, connect_timeout = 10.0, declared_json = None, progress = None, recover = true, recovery_wait = 30.0, prefill_chunk = 1024, ring = true, token = None, tls_ca = None, step_timeout = None, failure_timeout = None, h2_window_mb = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn load_cluster(
     py: Python<'_>,
@@ -56,6 +126,11 @@ pub fn load_cluster(
     recovery_wait: f64,
     prefill_chunk: usize,
     ring: bool,
+    token: Option<String>,
+    tls_ca: Option<String>,
+    step_timeout: Option<f64>,
+    failure_timeout: Option<f64>,
+    h2_window_mb: Option<u32>,
 ) -> PyResult<(PyCluster, PyTokenizer)> {
     let strategy: Strategy = strategy.parse()?;
     let declared: Vec<Option<Capabilities>> = match declared_json {
@@ -74,14 +149,17 @@ pub fn load_cluster(
         .zip(declared)
         .map(|(address, declared)| WorkerSpec { address, declared })
         .collect();
-    let opts = ClusterOptions {
-        strategy,
-        kv_tokens,
-        compression: compression(compression_name)?,
-        connect_timeout: Duration::from_secs_f64(connect_timeout.max(0.1)),
-        prefill_chunk: prefill_chunk.max(1),
-        ring,
-    };
+    let mut opts =
+        ClusterOptions::from_env_with(transport(token, tls_ca, failure_timeout, h2_window_mb)?);
+    opts.strategy = strategy;
+    opts.kv_tokens = kv_tokens;
+    opts.compression = compression(compression_name)?;
+    opts.connect_timeout = Duration::from_secs_f64(connect_timeout.max(0.1));
+    opts.prefill_chunk = prefill_chunk.max(1);
+    opts.ring = ring;
+    if let Some(s) = step_timeout {
+        opts.step_timeout = seconds(s, "step_timeout")?;
+    }
     let report = move |stage: usize, done: u64, total: u64, msg: &str| {
         if let Some(cb) = &progress {
             Python::attach(|py| {
@@ -252,11 +330,16 @@ impl PyCluster {
 /// `listening on HOST:PORT` once ready. With `tls_cert_pem` and
 /// `tls_key_pem` (PEM texts) it serves TLS. `max_sequences` and
 /// `max_message_bytes` bound what it takes (defaults: 256, 160 MiB).
-/// `prefix_cache_mb` bounds the KV cache it keeps from ended sequences
-/// (default `MLX_DIST_PREFIX_CACHE_MB`, else 1024; at most a quarter of its
-/// KV budget; 0: none).
+/// `prefix_cache_mb` bounds the KV cache it keeps from ended sequences (at
+/// most a quarter of its KV budget; 0: none). It requires `token` of every
+/// call, and reaches the next stage with `token`, `tls_ca`,
+/// `failure_timeout` and `h2_window_mb` (see `transport`). `cache_dir` holds
+/// pushed models (in its `models/`); `step_spin_us`, `launch_ahead` and
+/// `warm_up` are `WorkerConfig`'s `spin`, `launch_ahead` and `warm_up`.
+/// Options left out (None) come from `MLX_DIST_*` variables
+/// (`WorkerConfig::from_env`), else the defaults.
 #[pyfunction]
-#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None, prefix_cache_mb = None, kv_budget_mb = None))]
+#[pyo3(signature = (host = "127.0.0.1".to_string(), port = 0, name = None, local_files = true, tls_cert_pem = None, tls_key_pem = None, max_sequences = None, max_message_bytes = None, prefix_cache_mb = None, kv_budget_mb = None, token = None, tls_ca = None, cache_dir = None, step_spin_us = None, launch_ahead = None, warm_up = None, failure_timeout = None, h2_window_mb = None))]
 #[allow(clippy::too_many_arguments)]
 pub fn run_worker(
     py: Python<'_>,
@@ -270,6 +353,14 @@ pub fn run_worker(
     max_message_bytes: Option<usize>,
     prefix_cache_mb: Option<u64>,
     kv_budget_mb: Option<u64>,
+    token: Option<String>,
+    tls_ca: Option<String>,
+    cache_dir: Option<std::path::PathBuf>,
+    step_spin_us: Option<u64>,
+    launch_ahead: Option<bool>,
+    warm_up: Option<bool>,
+    failure_timeout: Option<f64>,
+    h2_window_mb: Option<u32>,
 ) -> PyResult<()> {
     let tls = match (tls_cert_pem, tls_key_pem) {
         (Some(cert), Some(key)) => Some(TlsIdentity::new(cert, key)?),
@@ -294,7 +385,8 @@ pub fn run_worker(
         let h = h.trim();
         format!("{}:{port}", if h.is_empty() { host.as_str() } else { h })
     });
-    let mut cfg = WorkerConfig::new(&name);
+    let transport = transport(token, tls_ca, failure_timeout, h2_window_mb)?;
+    let mut cfg = WorkerConfig::from_env_with(&name, transport);
     cfg.allow_local_paths = local_files;
     cfg.tls = tls;
     if let Some(n) = max_sequences {
@@ -303,9 +395,6 @@ pub fn run_worker(
     if let Some(b) = max_message_bytes {
         cfg.max_message_bytes = b;
     }
-    if let Some(mb) = prefix_cache_mb {
-        cfg.prefix_cache_bytes = mb.saturating_mul(1 << 20);
-    }
     match kv_budget_mb {
         Some(0) => {
             return Err(Error::InvalidArgument("kv_budget_mb must be at least 1".into()).into())
@@ -313,14 +402,48 @@ pub fn run_worker(
         Some(mb) => cfg.kv_budget_bytes = Some(mb.saturating_mul(1 << 20)),
         None => {}
     }
+    if let Some(dir) = cache_dir {
+        cfg.cache_dir = crate::worker::pushed_models_dir(&dir);
+    }
+    engine_options(
+        &mut cfg,
+        prefix_cache_mb,
+        step_spin_us,
+        launch_ahead,
+        warm_up,
+    );
     py.detach(|| runtime().block_on(serve(&host, port, cfg)))?;
     Ok(())
+}
+
+/// The options of a worker's engine that are given, over `cfg`'s.
+fn engine_options(
+    cfg: &mut WorkerConfig,
+    prefix_cache_mb: Option<u64>,
+    step_spin_us: Option<u64>,
+    launch_ahead: Option<bool>,
+    warm_up: Option<bool>,
+) {
+    if let Some(mb) = prefix_cache_mb {
+        cfg.prefix_cache_bytes = mb.saturating_mul(1 << 20);
+    }
+    if let Some(us) = step_spin_us {
+        cfg.spin = crate::worker::spin_of_micros(us);
+    }
+    if let Some(on) = launch_ahead {
+        cfg.launch_ahead = on;
+    }
+    if let Some(on) = warm_up {
+        cfg.warm_up = on;
+    }
 }
 
 /// Logs to stderr, filtered by `MLX_DIST_LOG` (default `info`).
 pub fn init_logging() {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("MLX_DIST_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = crate::config::log_filter_from_env()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new("info"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -328,11 +451,29 @@ pub fn init_logging() {
 }
 
 /// Starts a worker inside this process, reached without gRPC (see
-/// `worker::start_local`), and returns the address that names it.
+/// `worker::start_local`), and returns the address that names it. Its
+/// options are `run_worker`'s; no token guards it (it has no port).
 #[pyfunction]
-pub fn start_local_worker(py: Python<'_>) -> PyResult<String> {
+#[pyo3(signature = (token = None, prefix_cache_mb = None, step_spin_us = None, launch_ahead = None, warm_up = None))]
+pub fn start_local_worker(
+    py: Python<'_>,
+    token: Option<String>,
+    prefix_cache_mb: Option<u64>,
+    step_spin_us: Option<u64>,
+    launch_ahead: Option<bool>,
+    warm_up: Option<bool>,
+) -> PyResult<String> {
     init_logging();
-    Ok(py.detach(crate::worker::start_local)?)
+    let transport = transport(token, None, None, None)?;
+    let mut cfg = WorkerConfig::from_env_with("local", transport);
+    engine_options(
+        &mut cfg,
+        prefix_cache_mb,
+        step_spin_us,
+        launch_ahead,
+        warm_up,
+    );
+    Ok(py.detach(|| crate::worker::start_local(cfg))?)
 }
 
 /// Stops a worker `start_local_worker` started.
@@ -341,14 +482,22 @@ pub fn stop_local_worker(address: &str) {
     crate::worker::stop_local(address);
 }
 
-/// What the worker at `address` reports about itself (DeviceInfo), as JSON.
+/// What the worker at `address` reports about itself (DeviceInfo), as JSON;
+/// reached with `token` and `tls_ca` as for `load_cluster`.
 #[pyfunction]
-#[pyo3(signature = (address, timeout = 5.0))]
-pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<String> {
+#[pyo3(signature = (address, timeout = 5.0, token = None, tls_ca = None))]
+pub fn worker_info(
+    py: Python<'_>,
+    address: String,
+    timeout: f64,
+    token: Option<String>,
+    tls_ca: Option<String>,
+) -> PyResult<String> {
+    let transport = transport(token, tls_ca, None, None)?;
     let info = py.detach(|| {
         runtime().block_on(async {
             let within = Duration::from_secs_f64(timeout.max(0.1));
-            let mut link = crate::coordinator::Link::open(&address, within).await?;
+            let mut link = crate::coordinator::Link::open(&address, within, &transport).await?;
             link.device_info()
                 .await
                 .map_err(|s| crate::transport::error_of(s, |_| (address.clone(), address.clone())))
@@ -357,21 +506,23 @@ pub fn worker_info(py: Python<'_>, address: String, timeout: f64) -> PyResult<St
     Ok(serde_json::to_string(&info).map_err(Error::from)?)
 }
 
-/// Sets the cluster token this process sends to workers and, as a worker,
-/// requires (`None` falls back to `MLX_DIST_TOKEN`).
+/// Sets the cluster token of this process's later calls that are given
+/// none (loads, `worker_info`, workers started here); `None` or empty:
+/// none, whatever `MLX_DIST_TOKEN` says.
 #[pyfunction]
 #[pyo3(signature = (token = None))]
 pub fn set_cluster_token(token: Option<String>) {
-    crate::transport::set_cluster_token(token);
+    set_defaults(|d| d.token = Some(token.filter(|t| !t.is_empty())));
 }
 
-/// Sets the CA certificate (PEM text) this process trusts when it connects
-/// to workers, turning TLS on for every later connection; `None`: plain
-/// connections (also ignoring `MLX_DIST_TLS_CA`).
+/// Sets the CA certificate (PEM text, checked here) this process's later
+/// calls that are given none trust when they connect to workers, turning
+/// TLS on; `None`: plain connections (whatever `MLX_DIST_TLS_CA` says).
 #[pyfunction]
 #[pyo3(signature = (pem = None))]
 pub fn set_tls_ca(pem: Option<String>) -> PyResult<()> {
-    crate::transport::set_tls_ca(pem)?;
+    let pem = TransportConfig::default().with_tls_ca(pem)?.tls_ca;
+    set_defaults(|d| d.tls_ca = Some(pem));
     Ok(())
 }
 

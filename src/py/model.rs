@@ -20,14 +20,21 @@ pub struct PyModel {
 }
 
 /// Loads the model and tokenizer at a path or cached repo id. The weights
-/// are read lazily; `materialize` (default) reads them now.
+/// are read lazily; `materialize` (default) reads them now. Its prefix
+/// cache keeps `prefix_cache_mb` MiB at most (default
+/// `MLX_DIST_PREFIX_CACHE_MB`, else 1024; 0: off).
 #[pyfunction]
-#[pyo3(signature = (path_or_repo, materialize = true))]
+#[pyo3(signature = (path_or_repo, materialize = true, prefix_cache_mb = None))]
 pub fn load(
     py: Python<'_>,
     path_or_repo: String,
     materialize: bool,
+    prefix_cache_mb: Option<u64>,
 ) -> PyResult<(PyModel, PyTokenizer)> {
+    let prefix_bytes = prefix_cache_mb
+        .map_or_else(crate::config::prefix_cache_bytes_from_env, |mb| {
+            mb.saturating_mul(1 << 20)
+        });
     py.detach(|| -> crate::Result<(PyModel, PyTokenizer)> {
         let source = resolve(&path_or_repo)?;
         let weights = Weights::open(&source)?;
@@ -39,7 +46,7 @@ pub fn load(
         Ok((
             PyModel {
                 inner: Arc::new(model),
-                prefixes: Arc::new(Mutex::new(PrefixCache::from_env())),
+                prefixes: Arc::new(Mutex::new(PrefixCache::new(prefix_bytes))),
                 source,
             },
             PyTokenizer { inner: tokenizer },
@@ -70,7 +77,7 @@ impl PyModel {
     }
 
     /// Bytes of KV cache kept from ended sequences for later prompts
-    /// (`MLX_DIST_PREFIX_CACHE_MB` at load bounds it).
+    /// (`load`'s `prefix_cache_mb` bounds it).
     #[getter]
     fn prefix_cache_bytes(&self) -> u64 {
         crate::util::lock(&self.prefixes).bytes()

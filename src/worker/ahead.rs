@@ -1,5 +1,5 @@
 //! Decode steps launched ahead of their input (on a CUDA GPU, or with
-//! `MLX_DIST_LAUNCH_AHEAD=1`).
+//! `WorkerConfig::launch_ahead`).
 //!
 //! A stage cannot start step t+1 of a sequence before step t has gone round
 //! the rest of the pipeline, but it knows what that step will be: one more
@@ -154,30 +154,6 @@ impl Post {
 /// How long a prepared step waits for its input before it is undone: the
 /// device holds a waiting kernel meanwhile.
 const PREPARED_WAIT: Duration = Duration::from_millis(100);
-
-/// Whether decode steps are launched ahead of their input (`Prepared`):
-/// `MLX_DIST_LAUNCH_AHEAD=1` or `0`, else where the mailbox waits on the
-/// device (a CUDA GPU). On one H200 shared by three worker processes it
-/// took a stage's step from about 2 ms to 0.7-0.8 and decode from 0.39-0.77
-/// times one device's speed to 0.73-1.32 (README). On the CPU, where MLX's
-/// encoding is a small part of a step, it gained nothing; on Metal it is
-/// untried.
-pub(super) fn launch_ahead() -> bool {
-    let setting = std::env::var("MLX_DIST_LAUNCH_AHEAD").ok();
-    let on = launch_ahead_from(setting.as_deref(), mlx::Mailbox::waits_on_device());
-    if let Some(v) = setting.filter(|v| !matches!(v.trim(), "0" | "1")) {
-        tracing::warn!("MLX_DIST_LAUNCH_AHEAD={v:?} is neither 0 nor 1; launching ahead: {on}");
-    }
-    on
-}
-
-fn launch_ahead_from(setting: Option<&str>, waits_on_device: bool) -> bool {
-    match setting.map(str::trim) {
-        Some("1") => true,
-        Some("0") => false,
-        _ => waits_on_device,
-    }
-}
 
 impl Engine {
     /// Whether the prepared step got its input from `req`.
@@ -374,22 +350,5 @@ impl Engine {
                 s.sampler = sampler;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::launch_ahead_from;
-
-    #[test]
-    fn launching_ahead_follows_the_setting_else_the_device() {
-        assert!(launch_ahead_from(Some("1"), false));
-        assert!(launch_ahead_from(Some(" 1\n"), false));
-        assert!(!launch_ahead_from(Some("0"), true));
-        assert!(launch_ahead_from(None, true));
-        assert!(!launch_ahead_from(None, false));
-        // Anything else leaves the device's default.
-        assert!(launch_ahead_from(Some("yes"), true));
-        assert!(!launch_ahead_from(Some(""), false));
     }
 }

@@ -2,7 +2,7 @@
 //! sends on.
 use std::sync::atomic::Ordering;
 use std::sync::mpsc as std_mpsc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
@@ -321,22 +321,4 @@ impl Engine {
         }
         Ok(out)
     }
-}
-
-/// How long the engine polls for a step's result before sleeping: on a GPU,
-/// about a decode step's device time (a sleeping wait woke 40 to 70 us later
-/// per step on an H200); never on the CPU, where MLX computes on threads of
-/// this process and polling would take a core from them.
-/// `MLX_DIST_STEP_SPIN_US` overrides it (0: always sleep).
-pub(super) fn step_spin() -> Duration {
-    let default = if mlx::default_device_is_gpu() {
-        2000
-    } else {
-        0
-    };
-    let us = std::env::var("MLX_DIST_STEP_SPIN_US")
-        .ok()
-        .and_then(|v| v.trim().parse::<u64>().ok())
-        .unwrap_or(default);
-    Duration::from_micros(us.min(1_000_000))
 }

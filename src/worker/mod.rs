@@ -39,7 +39,7 @@ use crate::mlx::{self, Array};
 use crate::prefix::PrefixStore;
 use crate::proto::{ForwardRequest, LoadProgress, LoadShardRequest, ShardInfo, Tensor};
 use crate::sample::Sampler;
-use crate::transport::TlsIdentity;
+use crate::transport::{TlsIdentity, TransportConfig};
 
 mod ahead;
 mod batch;
@@ -70,12 +70,13 @@ pub const DEFAULT_MAX_SEQUENCES: usize = 256;
 /// Most positions one step may carry (token ids, or activation rows).
 pub const MAX_POSITIONS: usize = 1 << 20;
 
-/// How a worker is started.
+/// How a worker is started. `new` gives the defaults, `from_env` (in
+/// `config`) what the environment changes of them.
 #[derive(Clone, Debug)]
 pub struct WorkerConfig {
     /// Shown in logs, errors and `DeviceInfo`.
     pub name: String,
-    /// Where pushed model files are kept.
+    /// Where pushed model files are kept (`pushed_models_dir` of the cache).
     pub cache_dir: PathBuf,
     /// How long to wait for the next stage's reply to one step.
     pub step_timeout: Duration,
@@ -84,43 +85,80 @@ pub struct WorkerConfig {
     pub allow_local_paths: bool,
     /// Serve TLS with this certificate and key; `None`: plain gRPC.
     pub tls: Option<TlsIdentity>,
+    /// The cluster token every call must carry, how the next stage (and,
+    /// from the last stage, the first) is reached, and the keepalive and
+    /// HTTP/2 window settings of this worker's server.
+    pub transport: TransportConfig,
     /// Largest gRPC message accepted (larger ones are refused unread).
     pub max_message_bytes: usize,
     /// Sequences held at once; one more is refused (RESOURCE_EXHAUSTED).
     pub max_sequences: usize,
     /// Bytes of KV cache kept from ended sequences at most (and at most a
-    /// quarter of the KV budget): `MLX_DIST_PREFIX_CACHE_MB` by default.
+    /// quarter of the KV budget).
     pub prefix_cache_bytes: u64,
     /// The KV cache budget of a stage loaded here, unless its load request
     /// names one; `None`: 80% of the device memory free after loading.
     pub kv_budget_bytes: Option<u64>,
-    /// Compile the stage's GPU kernels as it loads (`warmup`):
-    /// `MLX_DIST_WARM_UP=0/1`, by default where MLX compiles them on first
-    /// use (CUDA).
+    /// Compile the stage's GPU kernels as it loads (`warmup`); by default
+    /// where MLX compiles them on first use (a CUDA GPU, where mailboxes
+    /// wait on the device; Metal ships its kernels compiled, and the CPU's
+    /// few compiled ones build in well under a second).
     pub warm_up: bool,
+    /// How long the engine polls for a step's result before sleeping: on a
+    /// GPU, about a decode step's device time (a sleeping wait woke 40 to
+    /// 70 us later per step on an H200); never on the CPU, where MLX
+    /// computes on threads of this process and polling would take a core
+    /// from them. Zero: always sleep.
+    pub spin: Duration,
+    /// Whether decode steps are launched ahead of their input (`ahead`):
+    /// by default where the mailbox waits on the device (a CUDA GPU). On
+    /// one H200 shared by three worker processes it took a stage's step
+    /// from about 2 ms to 0.7-0.8 and decode from 0.39-0.77 times one
+    /// device's speed to 0.73-1.32 (README). On the CPU, where MLX's
+    /// encoding is a small part of a step, it gained nothing; on Metal it
+    /// is untried.
+    pub launch_ahead: bool,
+}
+
+/// The most `WorkerConfig::spin` may be.
+const MAX_SPIN: Duration = Duration::from_secs(1);
+
+/// A spin of `us` microseconds, at most `MAX_SPIN`.
+pub fn spin_of_micros(us: u64) -> Duration {
+    Duration::from_micros(us).min(MAX_SPIN)
+}
+
+/// Where a worker whose cache folder is `cache` keeps pushed models.
+pub fn pushed_models_dir(cache: &std::path::Path) -> PathBuf {
+    cache.join("models")
 }
 
 impl WorkerConfig {
+    /// The defaults: pushed models in `~/.cache/mlx-dist/models`, plain
+    /// gRPC, no cluster token, and what suits this device.
     pub fn new(name: &str) -> WorkerConfig {
-        let cache = std::env::var_os("MLX_DIST_CACHE")
+        let home = std::env::var_os("HOME")
             .map(PathBuf::from)
-            .unwrap_or_else(|| {
-                let home = std::env::var_os("HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from("."));
-                home.join(".cache/mlx-dist")
-            });
+            .unwrap_or_else(|| PathBuf::from("."));
+        let on_device = mlx::Mailbox::waits_on_device();
         WorkerConfig {
             name: name.to_string(),
-            cache_dir: cache.join("models"),
+            cache_dir: pushed_models_dir(&home.join(".cache/mlx-dist")),
             step_timeout: Duration::from_secs(600),
             allow_local_paths: true,
             tls: None,
+            transport: TransportConfig::default(),
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_sequences: DEFAULT_MAX_SEQUENCES,
-            prefix_cache_bytes: crate::prefix::budget_from_env(),
+            prefix_cache_bytes: crate::prefix::DEFAULT_BUDGET_MB << 20,
             kv_budget_bytes: None,
-            warm_up: warmup::enabled(std::env::var("MLX_DIST_WARM_UP").ok().as_deref()),
+            warm_up: on_device,
+            spin: if mlx::default_device_is_gpu() {
+                Duration::from_micros(2000)
+            } else {
+                Duration::ZERO
+            },
+            launch_ahead: on_device,
         }
     }
 }

@@ -13,7 +13,7 @@ use super::{BoxStream, ByAddress};
 use crate::error::Error;
 use crate::proto::forward_message::Message;
 use crate::proto::{ForwardMessage, ForwardReply, ForwardRequest, RingToken};
-use crate::transport::{from_next_stage, open_client, status_of, tls_ca, Client};
+use crate::transport::{from_next_stage, open_client, status_of, Client, TransportConfig};
 use crate::util::lock;
 
 /// This worker's stream to the next stage.
@@ -28,29 +28,39 @@ struct Downstream {
 static CHANNELS: ByAddress<Client> = ByAddress::new(Default::default);
 
 impl Downstream {
-    async fn open(addr: &str, timeout: Duration) -> std::result::Result<Downstream, Status> {
+    async fn open(
+        addr: &str,
+        timeout: Duration,
+        transport: &TransportConfig,
+    ) -> std::result::Result<Downstream, Status> {
         let cached = lock(&CHANNELS).get(addr).cloned();
         if let Some(client) = cached {
-            if let Ok(d) = Self::open_on(client, addr).await {
+            if let Ok(d) = Self::open_on(client, addr, transport).await {
                 return Ok(d);
             }
             // The stage behind it went away (or restarted): connect afresh.
             lock(&CHANNELS).remove(addr);
         }
         // No probe: the stream itself tells whether the stage answers.
-        let client = open_client(addr, timeout, false).await.map_err(status_of)?;
-        let d = Self::open_on(client.clone(), addr).await?;
+        let client = open_client(addr, timeout, false, transport)
+            .await
+            .map_err(status_of)?;
+        let d = Self::open_on(client.clone(), addr, transport).await?;
         lock(&CHANNELS).insert(addr.to_string(), client);
         Ok(d)
     }
 
-    async fn open_on(mut client: Client, addr: &str) -> std::result::Result<Downstream, Status> {
+    async fn open_on(
+        mut client: Client,
+        addr: &str,
+        transport: &TransportConfig,
+    ) -> std::result::Result<Downstream, Status> {
         let (tx, rx) = mpsc::channel(4);
         let rx = client
             .forward(ReceiverStream::new(rx))
             .await
             .map_err(|e| {
-                let plain = !addr.starts_with("https://") && tls_ca().ok().flatten().is_none();
+                let plain = !addr.starts_with("https://") && transport.tls_ca.is_none();
                 // A plain connection made whose first call breaks in
                 // transport: the next stage speaks TLS.
                 let broke = std::error::Error::source(&e).is_some();
@@ -134,7 +144,11 @@ static RINGS: ByAddress<mpsc::Sender<RingToken>> = ByAddress::new(Default::defau
 
 /// Sends `token` round the ring to the first stage at `addr`, opening the
 /// stream on first use and again if it broke.
-async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Status> {
+async fn send_round(
+    addr: &str,
+    token: RingToken,
+    transport: &TransportConfig,
+) -> std::result::Result<(), Status> {
     let cached = lock(&RINGS).get(addr).cloned();
     let token = match cached {
         Some(tx) => match tx.send(token).await {
@@ -144,7 +158,7 @@ async fn send_round(addr: &str, token: RingToken) -> std::result::Result<(), Sta
         },
         None => token,
     };
-    let mut client = open_client(addr, Duration::from_secs(10), false)
+    let mut client = open_client(addr, Duration::from_secs(10), false, transport)
         .await
         .map_err(status_of)?;
     let (tx, rx) = mpsc::channel(64);
@@ -371,7 +385,7 @@ impl WorkerService {
                                 None => Slot::Ready(Err(Status::failed_precondition(
                                     "this stage was loaded without the first stage's address: it cannot run ring steps",
                                 ))),
-                                Some(first) => match send_round(&first, round).await {
+                                Some(first) => match send_round(&first, round, &svc.cfg.transport).await {
                                     Ok(()) => continue,
                                     Err(e) => Slot::Ready(Err(e)),
                                 },
@@ -386,7 +400,13 @@ impl WorkerService {
                         (Some(hidden), _) => {
                             let next = out.next.unwrap_or_default();
                             if downstream.is_none() {
-                                match Downstream::open(&next, Duration::from_secs(10)).await {
+                                match Downstream::open(
+                                    &next,
+                                    Duration::from_secs(10),
+                                    &svc.cfg.transport,
+                                )
+                                .await
+                                {
                                     Ok(d) => {
                                         if slots
                                             .send(Slot::Opened(d.rx, d.addr.clone()))

@@ -6,7 +6,7 @@ use super::service::WorkerService;
 use super::{ByAddress, WorkerConfig};
 use crate::error::{Error, Result};
 use crate::proto::worker_server::WorkerServer;
-use crate::transport::{error_chain, h2_window, keepalive_interval, TlsIdentity};
+use crate::transport::{error_chain, TlsIdentity};
 use crate::util::lock;
 
 /// Serves a worker on `host:port` until Ctrl-C or SIGTERM; prints
@@ -25,12 +25,12 @@ pub async fn serve(host: &str, port: u16, cfg: WorkerConfig) -> Result<()> {
 /// A worker inside this process, for as long as the process lives: a
 /// server on one device runs its model there, so that the decode steps of
 /// concurrent sequences run batched. It listens on no port: the coordinator
-/// of this process hands it steps directly (`coordinator::Link`). Returns
-/// the name it is reached by.
-pub fn start_local() -> Result<String> {
+/// of this process hands it steps directly (`coordinator::Link`), so no
+/// token guards it. Returns the name it is reached by.
+pub fn start_local(cfg: WorkerConfig) -> Result<String> {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let addr = format!("in-process:{}", NEXT.fetch_add(1, Ordering::Relaxed));
-    let svc = WorkerService::new(WorkerConfig::new("local"));
+    let svc = WorkerService::new(cfg);
     lock(&LOCAL).insert(addr.clone(), svc);
     Ok(addr)
 }
@@ -64,6 +64,7 @@ async fn serve_on(
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<WorkerServer<WorkerService>>().await;
     let name = cfg.name.clone();
+    let keepalive = cfg.transport.keepalive_interval();
     let builder = server_builder(&cfg)?;
     let tls = cfg.tls.is_some();
     let service = WorkerService::new(cfg);
@@ -77,8 +78,8 @@ async fn serve_on(
     let incoming = incoming(listener);
     builder
         // A coordinator or previous stage that vanished is noticed within seconds.
-        .http2_keepalive_interval(Some(keepalive_interval()))
-        .http2_keepalive_timeout(Some(keepalive_interval()))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(keepalive))
         .add_service(health_service)
         .add_service(service)
         .serve_with_incoming_shutdown(incoming, async move {
@@ -99,7 +100,7 @@ pub(super) fn incoming(listener: tokio::net::TcpListener) -> tonic::transport::s
 
 /// A gRPC server builder serving TLS when `cfg` says.
 pub(super) fn server_builder(cfg: &WorkerConfig) -> Result<tonic::transport::Server> {
-    let window = h2_window();
+    let window = cfg.transport.h2_window;
     let builder = tonic::transport::Server::builder()
         .initial_stream_window_size(window)
         .initial_connection_window_size(window.map(|w| w.saturating_mul(2)));
@@ -136,7 +137,7 @@ async fn shutdown_signal() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::transport::{make_certificate, set_tls_ca};
+    use crate::transport::{make_certificate, TransportConfig};
 
     #[test]
     fn served_connections_set_tcp_nodelay() {
@@ -165,7 +166,9 @@ mod tests {
         assert!(err.to_string().contains("does not belong"), "{err}");
         assert!(TlsIdentity::new(cert.clone(), "junk".into()).is_err());
         assert!(TlsIdentity::new("junk".into(), key.clone()).is_err());
-        assert!(set_tls_ca(Some("not a certificate".into())).is_err());
+        assert!(TransportConfig::default()
+            .with_tls_ca(Some("not a certificate".into()))
+            .is_err());
         let id = TlsIdentity::new(cert, key).unwrap();
         assert!(!format!("{id:?}").contains("PRIVATE"));
     }

@@ -9,8 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::ahead::{launch_ahead, Post};
-use super::engine::step_spin;
+use super::ahead::Post;
 use super::{
     status, BoxStream, Engine, EngineInfo, Job, StepOut, StepOutcome, WorkerConfig, MAX_POSITIONS,
 };
@@ -24,7 +23,7 @@ use crate::proto::{
     LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply,
     RingToken,
 };
-use crate::transport::{cluster_token, CheckToken};
+use crate::transport::CheckToken;
 use crate::util::lock;
 
 /// The gRPC service.
@@ -81,8 +80,8 @@ impl WorkerService {
             prefixes: PrefixStore::default(),
             prefix_cache_bytes: cfg.prefix_cache_bytes,
             last_decode: Duration::ZERO,
-            spin: step_spin(),
-            launch_ahead: launch_ahead(),
+            spin: cfg.spin,
+            launch_ahead: cfg.launch_ahead,
             prepared: None,
             next_guess: None,
             mailboxes: None,
@@ -152,7 +151,7 @@ impl WorkerService {
         self,
     ) -> tonic::service::interceptor::InterceptedService<WorkerServer<WorkerService>, CheckToken>
     {
-        let check = CheckToken(cluster_token().map(String::into_bytes));
+        let check = self.cfg.transport.check_token();
         let limit = self.cfg.max_message_bytes.max(1 << 20);
         let server = WorkerServer::new(self)
             .max_decoding_message_size(limit)

@@ -20,7 +20,7 @@ use crate::proto::{
 };
 use crate::sharding::Footprint;
 use crate::transport::{
-    connect, make_certificate, set_cluster_token, set_tls_ca, Client, TlsIdentity, ERROR_KIND_KEY,
+    connect, make_certificate, Client, TlsIdentity, TransportConfig, ERROR_KIND_KEY,
     KV_BUDGET_EXCEEDED, KV_BUDGET_FULL, PREFIX_MISSING,
 };
 use crate::weights::{resolve, Weights};
@@ -47,6 +47,8 @@ async fn start_with_jobs(dir: &Path, cfg: WorkerConfig) -> (String, Client, std_
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     let mut builder = server_builder(&cfg).unwrap();
+    // The client carries the worker's token and trusts its CA.
+    let transport = cfg.transport.clone();
     let svc = WorkerService::new(cfg);
     let jobs = svc.jobs.clone();
     let server = svc.into_server();
@@ -55,7 +57,9 @@ async fn start_with_jobs(dir: &Path, cfg: WorkerConfig) -> (String, Client, std_
             .add_service(server)
             .serve_with_incoming(incoming(listener)),
     );
-    let mut client = connect(&addr, Duration::from_secs(5)).await.unwrap();
+    let mut client = connect(&addr, Duration::from_secs(5), &transport)
+        .await
+        .unwrap();
     let req = LoadShardRequest {
         source: Some(ProtoSource {
             path: dir.display().to_string(),
@@ -244,22 +248,27 @@ fn device_info_answers_while_the_engine_is_busy() {
 fn calls_without_the_cluster_token_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     crate::models::tests::write_llama(tmp.path(), 3);
-    set_cluster_token(Some("s3cret".into()));
+    let with = |token: Option<&str>| TransportConfig::default().with_token(token.map(Into::into));
     crate::util::runtime().block_on(async {
-        let (addr, mut client) = start(tmp.path()).await;
+        let mut cfg = WorkerConfig::new("test");
+        cfg.cache_dir = tmp.path().join("cache");
+        cfg.transport = with(Some("s3cret"));
+        let (addr, mut client) = start_with(tmp.path(), cfg).await;
         assert!(client
             .get_device_info(DeviceInfoRequest::default())
             .await
             .is_ok());
-        set_cluster_token(Some("wrong".into()));
-        let mut other = connect(&addr, Duration::from_secs(5)).await.unwrap();
+        let mut other = connect(&addr, Duration::from_secs(5), &with(Some("wrong")))
+            .await
+            .unwrap();
         let err = other
             .get_device_info(DeviceInfoRequest::default())
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::Unauthenticated);
-        set_cluster_token(None);
-        let mut none = connect(&addr, Duration::from_secs(5)).await.unwrap();
+        let mut none = connect(&addr, Duration::from_secs(5), &with(None))
+            .await
+            .unwrap();
         assert!(none
             .release(ReleaseRequest {
                 sequence_id: "x".into()
@@ -267,7 +276,6 @@ fn calls_without_the_cluster_token_are_refused() {
             .await
             .is_err());
     });
-    set_cluster_token(None);
 }
 
 #[test]
@@ -435,7 +443,9 @@ fn a_bad_row_fails_alone_in_a_batched_step() {
             streams.push((tx, replies));
         }
         let batches = || async {
-            let mut c = connect(&addr, Duration::from_secs(5)).await.unwrap();
+            let mut c = connect(&addr, Duration::from_secs(5), &TransportConfig::default())
+                .await
+                .unwrap();
             c.get_device_info(DeviceInfoRequest::default())
                 .await
                 .unwrap()
@@ -485,11 +495,12 @@ fn tls_workers_answer_only_clients_that_trust_them() {
     crate::models::tests::write_llama(tmp.path(), 3);
     let (cert, key) = make_certificate(&["127.0.0.1".into(), "localhost".into()]).unwrap();
     let (other, _) = make_certificate(&["127.0.0.1".into(), "localhost".into()]).unwrap();
-    set_tls_ca(Some(cert.clone())).unwrap();
+    let trusting = |ca: Option<String>| TransportConfig::default().with_tls_ca(ca).unwrap();
     crate::util::runtime().block_on(async {
         let mut cfg = WorkerConfig::new("tls");
         cfg.cache_dir = tmp.path().join("cache");
         cfg.tls = Some(TlsIdentity::new(cert.clone(), key).unwrap());
+        cfg.transport = trusting(Some(cert.clone()));
         let (addr, mut client) = start_with(tmp.path(), cfg).await;
         let good = codec::encode(
             &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
@@ -501,7 +512,8 @@ fn tls_workers_answer_only_clients_that_trust_them() {
             .unwrap();
         assert!(reply.token.is_some());
         let port = addr.rsplit_once(':').unwrap().1;
-        let mut by_name = connect(&format!("localhost:{port}"), Duration::from_secs(5))
+        let tls = trusting(Some(cert.clone()));
+        let mut by_name = connect(&format!("localhost:{port}"), Duration::from_secs(5), &tls)
             .await
             .unwrap();
         assert!(by_name
@@ -511,16 +523,14 @@ fn tls_workers_answer_only_clients_that_trust_them() {
 
         // A client trusting another CA, one without TLS, and a TLS
         // client of a plain worker fail at once, naming the worker.
-        set_tls_ca(None).unwrap();
         let (plain, _) = start(tmp.path()).await;
         for (ca, to, word) in [
             (Some(other), &addr, "certificate"),
             (None, &addr, "TLS"),
             (Some(cert.clone()), &plain, "TLS"),
         ] {
-            set_tls_ca(ca).unwrap();
             let t = Instant::now();
-            let Err(err) = connect(to, Duration::from_secs(5)).await else {
+            let Err(err) = connect(to, Duration::from_secs(5), &trusting(ca)).await else {
                 panic!("connected to {to}");
             };
             assert!(t.elapsed() < Duration::from_secs(3), "{:?}", t.elapsed());
@@ -537,10 +547,10 @@ fn tls_workers_answer_only_clients_that_trust_them() {
             l.local_addr().unwrap().to_string()
         };
         for ca in [None, Some(cert.clone())] {
-            set_tls_ca(ca).unwrap();
-            let err = connect(&gone, Duration::from_secs(2)).await.unwrap_err();
+            let err = connect(&gone, Duration::from_secs(2), &trusting(ca))
+                .await
+                .unwrap_err();
             assert!(matches!(err, Error::StageFailed { .. }), "{err}");
         }
     });
-    set_tls_ca(None).unwrap();
 }

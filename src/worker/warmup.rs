@@ -110,19 +110,3 @@ impl Engine {
         Ok(req)
     }
 }
-
-/// Whether a loaded stage warms up, from `MLX_DIST_WARM_UP` (`0`, `1`, else
-/// where kernels are compiled on first use: a CUDA GPU, where mailboxes
-/// wait on the device; Metal ships its kernels compiled, and the CPU's few
-/// compiled ones build in well under a second).
-pub(super) fn enabled(setting: Option<&str>) -> bool {
-    match setting.map(str::trim) {
-        Some("1") => true,
-        Some("0") => false,
-        Some(other) => {
-            tracing::warn!("MLX_DIST_WARM_UP={other:?} is neither 0 nor 1; using the default");
-            mlx::Mailbox::waits_on_device()
-        }
-        None => mlx::Mailbox::waits_on_device(),
-    }
-}

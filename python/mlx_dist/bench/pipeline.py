@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -83,22 +82,19 @@ def main(args) -> int:
     # Workers of one host share its accelerator; each gets the same device.
     # With --launch-ahead, one set of workers launches steps ahead and one
     # does not; else one set does what the device's default is.
-    sets = [("", dict(os.environ))]
+    sets: list[tuple[str, list[str]]] = [("", [])]
     if args.launch_ahead:
-        sets = [
-            ("", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="0")),
-            (", ahead", dict(os.environ, MLX_DIST_LAUNCH_AHEAD="1")),
-        ]
+        sets = [("", ["--no-launch-ahead"]), (", ahead", ["--launch-ahead"])]
     with tempfile.TemporaryDirectory() as tmp:
         path = model_path(args, Path(tmp))
         stages = [int(s) for s in args.stages.split(",")]
         logs = Path(args.worker_logs) if args.worker_logs else None
         procs, by_set = [], []
         try:
-            for j, (label, env) in enumerate(sets):
+            for j, (label, flags) in enumerate(sets):
                 names = [f"bench{j}.{i}" for i in range(max(stages))]
                 started = [
-                    processes.worker(n, env=env, log=logs / f"{n}.log" if logs else None)
+                    processes.worker(n, *flags, log=logs / f"{n}.log" if logs else None)
                     for n in names
                 ]
                 procs += started

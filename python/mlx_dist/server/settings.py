@@ -64,6 +64,24 @@ class ServerSettings:
     keep_alive_timeout: float = 5.0
     # Open connections at most; past them requests get 503.
     max_connections: int = 1024
+    # How the workers are reached and watched (None: the core's default,
+    # which is also what ``MLX_DIST_<NAME>`` gives when read there): seconds
+    # a step's reply is waited for before the stages are asked whether they
+    # answer (plus 0.1 per token; 30), seconds a silent worker has before
+    # it counts as failed (4), and the HTTP/2 window in MiB (16; 0: 64 KiB).
+    step_timeout: float | None = None
+    failure_timeout: float | None = None
+    h2_window_mb: int | None = None
+    # The worker inside this process (one device; None: its default, as
+    # for ``mlx-dist worker``): MiB of KV cache kept for later prompts
+    # (1024; also the bound of the model's own cache with batch=False),
+    # microseconds it polls for a step's result (2000 on a GPU, else 0),
+    # and whether it launches decode steps ahead and compiles its GPU
+    # kernels as it loads (both: on a CUDA GPU).
+    prefix_cache_mb: int | None = None
+    step_spin_us: int | None = None
+    launch_ahead: bool | None = None
+    warm_up: bool | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -73,16 +91,26 @@ class ServerSettings:
 
     def cluster_args(self) -> dict[str, Any]:
         """``mlx_dist.load``'s keyword arguments for splitting the model
-        over ``workers``, with its defaults where a setting is None."""
-        return {
+        over ``workers``, with its defaults where a setting is None (and,
+        for the core's own settings, left out where they are None)."""
+        args = {
             "workers": self.workers,
             "strategy": self.strategy or ("custom" if self.proportions else "balanced"),
             "proportions": self.proportions,
             "compression": self.compression or "none",
             "kv_tokens": int(self.kv_tokens or 4096),
             "tls_ca": self.tls_ca,
-            "prefill_chunk": self.prefill_chunk,
         }
+        for name in _CORE_CLUSTER_SETTINGS:
+            if getattr(self, name) is not None:
+                args[name] = getattr(self, name)
+        return args
+
+    def worker_args(self) -> dict[str, Any]:
+        """``_core.start_local_worker``'s keyword arguments for the worker
+        inside this process, those that are None left out."""
+        names = ("token", *_CORE_WORKER_SETTINGS)
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
 
     def check(self) -> None:
         if self.max_concurrency < 1:
@@ -103,9 +131,19 @@ class ServerSettings:
             raise ValueError("header_timeout and keep_alive_timeout must be above 0")
         if self.max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        for name in ("step_timeout", "failure_timeout"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be above 0")
+        for name in ("h2_window_mb", "prefix_cache_mb", "step_spin_us"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more")
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(ServerSettings)}
+# Settings the core takes as ``load`` arguments (the coordinator's) and as
+# ``start_local_worker`` arguments (the worker's inside this process).
+_CORE_CLUSTER_SETTINGS = ("step_timeout", "failure_timeout", "h2_window_mb")
+_CORE_WORKER_SETTINGS = ("prefix_cache_mb", "step_spin_us", "launch_ahead", "warm_up")
 
 
 def resolve_settings(
@@ -155,9 +193,9 @@ def _from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 value: Any = _proportions(raw, var)
             elif f.type in ("int", "int | None"):
                 value = int(raw)
-            elif f.type == "float":
+            elif f.type in ("float", "float | None"):
                 value = float(raw)
-            elif f.type == "bool":
+            elif f.type in ("bool", "bool | None"):
                 if raw.lower() not in ("1", "0", "true", "false", "yes", "no"):
                     raise ValueError(raw)
                 value = raw.lower() in ("1", "true", "yes")

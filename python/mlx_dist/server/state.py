@@ -77,13 +77,14 @@ class ServerState:
             self.model, self.tokenizer = load(
                 s.model,
                 **s.cluster_args(),
+                prefill_chunk=s.prefill_chunk,
                 progress=progress,
                 token=s.token,
                 recovery_wait=s.recovery_wait,
                 max_context=s.max_context,
             )
         elif s.batch:
-            self.local_worker = _core.start_local_worker()
+            self.local_worker = _core.start_local_worker(**s.worker_args())
             self.model, self.tokenizer = load(
                 s.model,
                 workers=[self.local_worker],
@@ -95,7 +96,9 @@ class ServerState:
                 max_context=s.max_context,
             )
         else:
-            self.model, self.tokenizer = load(s.model, max_context=s.max_context)
+            self.model, self.tokenizer = load(
+                s.model, max_context=s.max_context, prefix_cache_mb=s.prefix_cache_mb
+            )
         source = s.model or getattr(self.model, "path", "") or "mlx-dist-demo"
         self.name = s.model_name or _model_name(str(source))
         self.aliases = {self.name, str(source)}
