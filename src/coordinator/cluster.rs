@@ -329,15 +329,13 @@ impl Cluster {
             }
             stages.push(handle);
         }
-        let in_process = stages.iter().all(|s| s.link.in_process());
         Ok(Cluster {
             args,
             plan,
             stages,
             last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
             prefill_chunk: opts.prefill_chunk,
-            // A stage in this process gets each step from here at no cost.
-            ring: opts.ring && !in_process,
+            ring: opts.ring,
             prefixes: Default::default(),
             step_timeout: opts.step_timeout,
             transport: Arc::new(opts.transport.clone()),

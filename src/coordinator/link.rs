@@ -3,14 +3,13 @@
 //! steps directly. A server on one device runs there, so that concurrent
 //! sequences still decode as one batch and keep the worker's prefix cache,
 //! while no step pays protobuf, HTTP/2 or a loopback socket.
-use std::collections::VecDeque;
 use std::pin::Pin;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Status, Streaming};
+use tonic::{Request, Status};
 
 use crate::error::Result;
 use crate::proto::forward_message::Message;
@@ -20,7 +19,7 @@ use crate::proto::{
     LoadShardRequest, ReleaseRequest, RingCredit,
 };
 use crate::transport::{connect, Client, TransportConfig};
-use crate::worker::{StepOut, WorkerService};
+use crate::worker::WorkerService;
 
 /// A worker, as the coordinator calls it.
 #[derive(Clone)]
@@ -72,23 +71,20 @@ impl Link {
         }
     }
 
-    /// Opens one sequence's stream of steps.
+    /// Opens one sequence's stream of steps. The worker in this process
+    /// relays them exactly as a Forward call's, without encoding them.
     pub(crate) async fn forward(&self) -> std::result::Result<Steps, Status> {
-        match self {
-            Link::Grpc(c) => {
-                let (tx, rx) = mpsc::channel(4);
-                let replies = c.clone().forward(ReceiverStream::new(rx)).await?;
-                Ok(Steps::Grpc {
-                    tx,
-                    replies: replies.into_inner(),
-                })
-            }
-            Link::InProcess(s) => Ok(Steps::InProcess {
-                svc: s.clone(),
-                waiting: VecDeque::new(),
-                seq: None,
-            }),
-        }
+        let (tx, rx) = mpsc::channel(4);
+        let replies: Replies = match self {
+            Link::Grpc(c) => Box::pin(
+                c.clone()
+                    .forward(ReceiverStream::new(rx))
+                    .await?
+                    .into_inner(),
+            ),
+            Link::InProcess(s) => Box::pin(s.relay_stream(ReceiverStream::new(rx).map(Ok))),
+        };
+        Ok(Steps { tx, replies })
     }
 
     /// Frees a sequence's cache on the worker (and, over gRPC, the stages
@@ -110,105 +106,47 @@ impl Link {
     }
 }
 
+type Replies = Pin<Box<dyn Stream<Item = std::result::Result<ForwardReply, Status>> + Send + Sync>>;
+
 /// One sequence's steps and their replies, in order.
-pub(crate) enum Steps {
-    Grpc {
-        tx: mpsc::Sender<ForwardMessage>,
-        replies: Streaming<ForwardReply>,
-    },
-    /// Each step is queued on the engine at once (so that the steps of
-    /// concurrent sequences meet in one batch); its outcome is read in turn.
-    InProcess {
-        svc: WorkerService,
-        waiting: VecDeque<std::result::Result<oneshot::Receiver<Result<StepOut>>, Status>>,
-        /// The sequence, released when the steps end.
-        seq: Option<String>,
-    },
+pub(crate) struct Steps {
+    tx: mpsc::Sender<ForwardMessage>,
+    replies: Replies,
 }
 
 impl Steps {
     /// Sends one step; false when the stream is broken (the next reply
     /// says why).
     pub async fn send(&mut self, req: ForwardRequest) -> bool {
-        match self {
-            Steps::Grpc { tx, .. } => {
-                let m = ForwardMessage {
-                    message: Some(Message::Step(req)),
-                };
-                tx.send(m).await.is_ok()
-            }
-            Steps::InProcess { svc, waiting, seq } => {
-                seq.get_or_insert_with(|| req.sequence_id.clone());
-                waiting.push_back(svc.submit(req));
-                true
-            }
-        }
+        let m = ForwardMessage {
+            message: Some(Message::Step(req)),
+        };
+        self.tx.send(m).await.is_ok()
     }
 
     /// Lets the first stage start `steps` more ring steps of `seq`; false
-    /// when the stream is broken. (A stage in this process runs no ring.)
+    /// when the stream is broken.
     pub async fn send_credit(&mut self, seq: &str, steps: u32) -> bool {
-        match self {
-            Steps::Grpc { tx, .. } => {
-                let credit = RingCredit {
-                    sequence_id: seq.to_string(),
-                    steps,
-                };
-                let m = ForwardMessage {
-                    message: Some(Message::Credit(credit)),
-                };
-                tx.send(m).await.is_ok()
-            }
-            Steps::InProcess { .. } => true,
-        }
+        let credit = RingCredit {
+            sequence_id: seq.to_string(),
+            steps,
+        };
+        let m = ForwardMessage {
+            message: Some(Message::Credit(credit)),
+        };
+        self.tx.send(m).await.is_ok()
     }
 
     /// The next reply; `None` when the stream ended. Cancel-safe: a wait
     /// given up loses nothing.
     pub async fn message(&mut self) -> std::result::Result<Option<ForwardReply>, Status> {
-        match self {
-            Steps::Grpc { replies, .. } => replies.message().await,
-            Steps::InProcess { waiting, seq, .. } => {
-                let Some(next) = waiting.front_mut() else {
-                    // Nothing asked: nothing will come.
-                    return futures::future::pending().await;
-                };
-                let out = match next {
-                    Ok(rx) => rx
-                        .await
-                        .map_err(|_| Status::internal("the engine thread has stopped")),
-                    Err(e) => Err(e.clone()),
-                };
-                waiting.pop_front();
-                let out = out?.map_err(crate::worker::status)?;
-                if out.hidden.is_some() {
-                    return Err(Status::failed_precondition(
-                        "the worker in this process holds part of the model only",
-                    ));
-                }
-                Ok(Some(ForwardReply {
-                    sequence_id: seq.clone().unwrap_or_default(),
-                    token: out.token,
-                    logprobs: out.logprobs,
-                    stage_micros: vec![out.micros],
-                }))
-            }
-        }
+        self.replies.next().await.transpose()
     }
 
-    /// Ends the stream. Over gRPC the worker releases the sequence when its
-    /// stream closes; in this process the release is queued here, behind
-    /// its steps and before any later sequence's.
+    /// Ends the stream: the worker then releases the sequence (on every
+    /// stage after it too).
     pub fn close(&mut self) {
-        match self {
-            Steps::Grpc { tx, .. } => *tx = mpsc::channel(1).0,
-            Steps::InProcess { svc, seq, waiting } => {
-                waiting.clear();
-                if let Some(seq) = seq.take() {
-                    svc.release_soon(seq);
-                }
-            }
-        }
+        self.tx = mpsc::channel(1).0;
     }
 }
 

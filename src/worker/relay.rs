@@ -62,9 +62,15 @@ impl Downstream {
             .map_err(|e| {
                 let plain = !addr.starts_with("https://") && transport.tls_ca.is_none();
                 // A plain connection made whose first call breaks in
-                // transport: the next stage speaks TLS.
-                let broke = std::error::Error::source(&e).is_some();
-                if plain && broke && e.code() == tonic::Code::Unknown {
+                // transport: the next stage speaks TLS (as `open_client`'s
+                // probe reads it). The peer's close shows as any of these,
+                // depending on when it comes.
+                let broke = std::error::Error::source(&e).is_some()
+                    || matches!(
+                        e.code(),
+                        tonic::Code::Unknown | tonic::Code::Unavailable | tonic::Code::Cancelled
+                    );
+                if plain && broke {
                     status_of(Error::Tls {
                         address: addr.to_string(),
                         detail: format!(
@@ -205,7 +211,25 @@ impl WorkerService {
         &self,
         request: Request<Streaming<ForwardMessage>>,
     ) -> std::result::Result<Response<BoxStream<ForwardReply>>, Status> {
-        let mut upstream = request.into_inner();
+        Ok(Response::new(Box::pin(
+            self.relay_stream(request.into_inner()),
+        )))
+    }
+
+    /// `relay` on any stream of messages: a gRPC call's, or those the
+    /// coordinator of this process hands the worker inside it (no protobuf
+    /// and no HTTP/2 in between, and the same ring, credits and release).
+    pub(crate) fn relay_stream<S>(
+        &self,
+        upstream: S,
+    ) -> ReceiverStream<std::result::Result<ForwardReply, Status>>
+    where
+        S: futures::Stream<Item = std::result::Result<ForwardMessage, Status>>
+            + Send
+            + Unpin
+            + 'static,
+    {
+        let mut upstream = upstream;
         let (tx, rx) = mpsc::channel(4);
         // Replies go back in request order. A step sent on to the next stage
         // does not wait for that stage's reply before this stage takes the
@@ -280,7 +304,7 @@ impl WorkerService {
                 let msg = tokio::select! {
                     // The client's end first: no ring step after it.
                     biased;
-                    m = upstream.message() => match m.map(|m| m.map(|m| m.message)) {
+                    m = futures::StreamExt::next(&mut upstream) => match m.transpose().map(|m| m.map(|m| m.message)) {
                         Ok(Some(Some(Message::Credit(m)))) => {
                             // The coordinator read a token: one more step.
                             let Some(c) = credit.get_mut(&m.sequence_id) else {
@@ -474,6 +498,6 @@ impl WorkerService {
                 svc.release(seq).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        ReceiverStream::new(rx)
     }
 }

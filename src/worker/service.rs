@@ -132,12 +132,6 @@ impl WorkerService {
         Ok(rx)
     }
 
-    /// Queues the release of `seq` behind the jobs queued now, without
-    /// waiting for it.
-    pub(crate) fn release_soon(&self, seq: String) {
-        let _ = self.send(Job::Release(seq, oneshot::channel().0));
-    }
-
     pub(crate) async fn release(&self, seq: String) -> u64 {
         let (tx, rx) = oneshot::channel();
         if self.send(Job::Release(seq, tx)).is_err() {

@@ -23,7 +23,12 @@ def _run(model, tok, prompt: list[int], chunk: int, decode: int) -> tuple[list[f
     prompt's first token)."""
     from mlx_dist.engine import Done, Engine, Failed, Job, Step
 
-    engine = Engine(model, tok, prefill_chunk=chunk)
+    try:
+        engine = Engine(model, tok, prefill_chunk=chunk)
+    except TypeError:
+        # An mlx-dist from before chunks were interleaved: it admits a
+        # prompt by running all of it (in the load's chunks, back to back).
+        engine = Engine(model, tok)
     try:
         times: list[float] = []
         first: list[float] = []
@@ -65,12 +70,15 @@ def main(args) -> int:
         path = model_path(args, Path(tmp))
         address = _core.start_local_worker()
         try:
+            # Chunks as long as the longest asked for: the engine's setting
+            # alone cuts the prompt (as `serve` loads it).
             model, tok = mlx_dist.load(
                 path,
                 workers=[address],
                 strategy="uniform",
                 recover=False,
                 kv_tokens=2 * args.prompt_tokens,
+                prefill_chunk=max(chunks),
             )
             vocab = model.config["vocab_size"]
 
