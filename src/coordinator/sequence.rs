@@ -268,20 +268,33 @@ impl RemoteTokens {
             return Ok(true);
         };
         let first = p.sampling.is_some();
-        let (max_length, ahead) = (p.max_length, p.ahead);
+        let max_length = p.max_length;
         if let Some(chunk) = p.chunks.pop_front() {
             let sampling = p.sampling.take();
+            let only = p.chunks.is_empty();
             self.send(&chunk, false, sampling, max_length, 0).await?;
+            // A prompt of one chunk goes on with its last step at once: the
+            // chunk is answered while that step is out (a short prompt pays
+            // no round trip more than it did before prompts were chunked).
+            if first && only {
+                return self.send_last().await;
+            }
             let bound = if first { 0 } else { in_flight.max(1) };
             while self.ledger.in_flight() > bound {
                 self.receive().await?;
             }
             return Ok(false);
         }
+        self.send_last().await
+    }
+
+    /// Sends the prompt's last step, which samples the first token (and
+    /// starts the ring); true.
+    async fn send_last(&mut self) -> Result<bool> {
         let p = self.prefill.take().unwrap();
-        self.send(&p.last, true, p.sampling, max_length, ahead)
+        self.send(&p.last, true, p.sampling, p.max_length, p.ahead)
             .await?;
-        self.ledger.started(ahead);
+        self.ledger.started(p.ahead);
         while self.ledger.in_flight() > 1 {
             self.receive().await?;
         }
