@@ -60,7 +60,7 @@ pub enum Error {
     /// One stage of the chain failed, could not be reached, lost its stream
     /// or gave no reply: `stage` is its name (its address where the name is
     /// not known), `address` where it listens (empty for the worker inside
-    /// this process, whose loopback port is a detail). A re-plan over the
+    /// this process, whose `in-process:N` name is a detail). A re-plan over the
     /// workers still answering mends it.
     #[error("worker {}: {cause}", who(stage, address))]
     StageFailed {

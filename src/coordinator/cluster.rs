@@ -81,7 +81,7 @@ pub struct StageHandle {
 
 impl StageHandle {
     /// How errors name this stage: (its name, its address), the address
-    /// empty for the worker inside this process (its loopback port is a
+    /// empty for the worker inside this process (its `in-process:N` name is a
     /// detail).
     pub fn named(&self) -> (String, String) {
         let shown = if self.local {
@@ -95,7 +95,7 @@ impl StageHandle {
 
 impl std::fmt::Display for StageHandle {
     /// How messages name the worker: `name (address)`, or only its name for
-    /// the worker inside this process (its loopback port is a detail).
+    /// the worker inside this process (its `in-process:N` name is a detail).
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         if self.local {
             write!(f, "{}", self.name)
