@@ -51,12 +51,16 @@ fn find_mlx() -> PathBuf {
 fn compile_proto() {
     println!("cargo:rerun-if-changed=proto");
     let fds =
-        protox::compile(["mlx_dist/v2/worker.proto"], ["proto"]).expect("proto/ does not compile");
+        protox::compile(["mlx_dist/v3/worker.proto"], ["proto"]).expect("proto/ does not compile");
     tonic_prost_build::configure()
         .bytes(".")
         // What a worker reports reaches Python and status pages as is.
-        .type_attribute(".mlx_dist.v2.DeviceInfo", "#[derive(serde::Serialize)]")
-        .type_attribute(".mlx_dist.v2.ShardInfo", "#[derive(serde::Serialize)]")
+        .type_attribute(".mlx_dist.v3.DeviceInfo", "#[derive(serde::Serialize)]")
+        .type_attribute(".mlx_dist.v3.Capabilities", "#[derive(serde::Serialize)]")
+        .type_attribute(".mlx_dist.v3.EngineStats", "#[derive(serde::Serialize)]")
+        .type_attribute(".mlx_dist.v3.MlxMemory", "#[derive(serde::Serialize)]")
+        .type_attribute(".mlx_dist.v3.Traffic", "#[derive(serde::Serialize)]")
+        .type_attribute(".mlx_dist.v3.ShardInfo", "#[derive(serde::Serialize)]")
         .compile_fds(fds)
         .expect("gRPC code generation failed");
 }

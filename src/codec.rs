@@ -14,7 +14,7 @@ use bytes::Bytes;
 
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array, Dtype};
-use crate::proto::{self, Compression};
+use crate::proto::Compression;
 
 /// The most axes a tensor on the wire may have.
 const MAX_AXES: usize = 8;
@@ -45,40 +45,145 @@ pub fn decode_counts() -> DecodeCounts {
     }
 }
 
-/// The wire dtype of an MLX dtype; the ones the wire lacks are refused.
-pub fn dtype_to_proto(d: Dtype) -> Result<proto::DType> {
-    Ok(match d {
-        Dtype::Float32 => proto::DType::DtypeFloat32,
-        Dtype::Float16 => proto::DType::DtypeFloat16,
-        Dtype::Bfloat16 => proto::DType::DtypeBfloat16,
-        Dtype::Int32 => proto::DType::DtypeInt32,
-        Dtype::Uint32 => proto::DType::DtypeUint32,
-        Dtype::Int8 => proto::DType::DtypeInt8,
-        other => {
-            return Err(Error::InvalidArgument(format!(
-                "{} tensors cannot be sent: the wire carries float32, float16, \
-                 bfloat16, int32, uint32 and int8",
-                other.name()
-            )))
-        }
-    })
+/// A tensor as it travels: shape, dtype and little-endian row-major bytes,
+/// exact or int8 with one float32 scale per row of the last axis. Made
+/// checked (`new`): its bytes fit its shape, so decoding cannot misread
+/// them.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    shape: Vec<i32>,
+    dtype: Dtype,
+    data: Bytes,
+    /// Int8 mode: the per-row scales (`data` holds int8 values).
+    scales: Option<Bytes>,
 }
 
-/// The MLX dtype of a wire dtype, as it arrives (`Tensor.dtype`, an `i32`):
-/// unspecified and unknown values are refused.
-pub fn dtype_from_proto(d: i32) -> Result<Dtype> {
-    Ok(match proto::DType::try_from(d) {
-        Ok(proto::DType::DtypeFloat32) => Dtype::Float32,
-        Ok(proto::DType::DtypeFloat16) => Dtype::Float16,
-        Ok(proto::DType::DtypeBfloat16) => Dtype::Bfloat16,
-        Ok(proto::DType::DtypeInt32) => Dtype::Int32,
-        Ok(proto::DType::DtypeUint32) => Dtype::Uint32,
-        Ok(proto::DType::DtypeInt8) => Dtype::Int8,
-        Ok(proto::DType::DtypeUnspecified) => {
-            return Err(Error::InvalidArgument("tensor dtype is unspecified".into()))
+impl Encoded {
+    /// A received tensor of `shape` and `dtype` (the decoded dtype), int8
+    /// when `scales` are given, refused with `Error::InvalidArgument`
+    /// naming what is wrong unless its bytes fit.
+    pub fn new(shape: &[i64], dtype: Dtype, data: Bytes, scales: Option<Bytes>) -> Result<Encoded> {
+        let checked = checked_shape(shape)?;
+        let too_large = || {
+            Error::InvalidArgument(format!(
+                "tensor shape {shape:?} of {} is too large",
+                dtype.name()
+            ))
+        };
+        let n = count(&checked).ok_or_else(too_large)?;
+        match &scales {
+            None => {
+                let need = n.checked_mul(dtype.size() as u64).ok_or_else(too_large)?;
+                if data.len() as u64 != need {
+                    return Err(Error::InvalidArgument(format!(
+                        "tensor data has {} bytes, shape {shape:?} of {} needs {need}",
+                        data.len(),
+                        dtype.name()
+                    )));
+                }
+            }
+            Some(s) => {
+                if !dtype.is_float() {
+                    return Err(Error::InvalidArgument(format!(
+                        "an int8-compressed tensor must decode to a float dtype, not {}",
+                        dtype.name()
+                    )));
+                }
+                let Some((_, rows_shape)) = checked.split_last() else {
+                    return Err(Error::InvalidArgument(
+                        "an int8-compressed tensor needs at least one axis".into(),
+                    ));
+                };
+                if data.len() as u64 != n {
+                    return Err(Error::InvalidArgument(format!(
+                        "int8 tensor data has {} bytes, shape {shape:?} needs {n}",
+                        data.len(),
+                    )));
+                }
+                let rows = count(rows_shape).ok_or_else(too_large)?;
+                let need = rows.checked_mul(4).ok_or_else(too_large)?;
+                if s.len() as u64 != need {
+                    return Err(Error::InvalidArgument(format!(
+                        "int8 tensor has {} bytes of scales, the {rows} rows of shape {shape:?} need {need}",
+                        s.len(),
+                    )));
+                }
+            }
         }
-        Err(_) => return Err(Error::InvalidArgument(format!("unknown tensor dtype {d}"))),
-    })
+        Ok(Encoded {
+            shape: checked,
+            dtype,
+            data,
+            scales,
+        })
+    }
+
+    pub fn shape(&self) -> &[i32] {
+        &self.shape
+    }
+
+    /// The dtype it decodes to.
+    pub fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+
+    /// The bytes: the elements, or with `scales` their int8 values.
+    pub fn data(&self) -> &Bytes {
+        &self.data
+    }
+
+    /// The per-row float32 scales of an int8 tensor; `None`: exact.
+    pub fn scales(&self) -> Option<&Bytes> {
+        self.scales.as_ref()
+    }
+
+    /// The tensor in MLX. Exact data goes to MLX without a copy of ours:
+    /// MLX adopts it where it can and copies it once otherwise; bytes
+    /// misaligned for the dtype are copied.
+    pub fn decode(&self) -> Result<Array> {
+        if self.shape.contains(&0) {
+            return Array::zeros(&self.shape, self.dtype);
+        }
+        match &self.scales {
+            None => import(&self.data, &self.shape, self.dtype),
+            Some(s) => {
+                let q = import(&self.data, &self.shape, Dtype::Int8)?;
+                let mut scales_shape = self.shape.clone();
+                *scales_shape.last_mut().unwrap() = 1;
+                let scales = import(s, &scales_shape, Dtype::Float32)?;
+                dequantize(&q, &scales, self.dtype)
+            }
+        }
+    }
+
+    /// Exact rows of one dtype joined along the first axis, as bytes (no
+    /// MLX work); `None` when any is compressed, or dtypes or row shapes
+    /// differ.
+    pub fn join(parts: &[&Encoded]) -> Option<Encoded> {
+        let first = parts.first()?;
+        let fits = |e: &&Encoded| {
+            e.scales.is_none()
+                && e.dtype == first.dtype
+                && e.shape.len() == first.shape.len()
+                && e.shape[1..] == first.shape[1..]
+        };
+        if first.shape.is_empty() || !parts.iter().all(fits) {
+            return None;
+        }
+        let mut data = Vec::with_capacity(first.data.len() * parts.len());
+        let mut shape = first.shape.clone();
+        shape[0] = 0;
+        for p in parts {
+            data.extend_from_slice(&p.data);
+            shape[0] += p.shape[0];
+        }
+        Some(Encoded {
+            shape,
+            dtype: first.dtype,
+            data: data.into(),
+            scales: None,
+        })
+    }
 }
 
 /// Activations on their way to the wire, built with the step that makes
@@ -88,13 +193,26 @@ pub enum Outgoing {
     /// Sent as they are.
     Exact(Array),
     /// Int8 values and their per-row float32 scales (`[..., 1]`), for a
-    /// tensor of `shape` and proto `dtype`.
+    /// tensor of `shape` and `dtype`.
     Int8 {
-        shape: Vec<i64>,
-        dtype: i32,
+        shape: Vec<i32>,
+        dtype: Dtype,
         q: Array,
         scales: Array,
     },
+}
+
+/// Refuses a dtype the wire does not carry.
+fn sendable(d: Dtype) -> Result<()> {
+    use Dtype::*;
+    match d {
+        Float32 | Float16 | Bfloat16 | Int32 | Uint32 | Int8 => Ok(()),
+        other => Err(Error::InvalidArgument(format!(
+            "{} tensors cannot be sent: the wire carries float32, float16, \
+             bfloat16, int32, uint32 and int8",
+            other.name()
+        ))),
+    }
 }
 
 impl Outgoing {
@@ -102,6 +220,7 @@ impl Outgoing {
     /// at least one axis; an empty one is sent exact, there being nothing
     /// to compress. Non-finite values do not survive int8.
     pub fn new(a: &Array, compression: Compression) -> Result<Outgoing> {
+        sendable(a.dtype())?;
         if compression == Compression::None || a.size() == 0 {
             return Ok(Outgoing::Exact(a.clone()));
         }
@@ -118,8 +237,8 @@ impl Outgoing {
         }
         let (q, scales) = quantize(a)?;
         Ok(Outgoing::Int8 {
-            shape: a.shape().iter().map(|&d| d as i64).collect(),
-            dtype: dtype_to_proto(a.dtype())? as i32,
+            shape: a.shape().to_vec(),
+            dtype: a.dtype(),
             q,
             scales,
         })
@@ -155,35 +274,33 @@ impl Outgoing {
         })
     }
 
-    /// The wire tensor. Exact mode shares MLX's evaluated buffer (a
+    /// The evaluated tensor to send. Exact mode shares MLX's buffer (a
     /// non-contiguous view is made contiguous first).
-    pub fn encode(&self) -> Result<proto::Tensor> {
+    pub fn encode(&self) -> Result<Encoded> {
         Ok(match self {
-            Outgoing::Exact(a) => proto::Tensor {
-                shape: a.shape().iter().map(|&d| d as i64).collect(),
-                dtype: dtype_to_proto(a.dtype())? as i32,
+            Outgoing::Exact(a) => Encoded {
+                shape: a.shape().to_vec(),
+                dtype: a.dtype(),
                 data: a.host_bytes()?,
-                compression: Compression::None as i32,
-                scales: Bytes::new(),
+                scales: None,
             },
             Outgoing::Int8 {
                 shape,
                 dtype,
                 q,
                 scales,
-            } => proto::Tensor {
+            } => Encoded {
                 shape: shape.clone(),
                 dtype: *dtype,
                 data: q.host_bytes()?,
-                compression: Compression::Int8 as i32,
-                scales: scales.host_bytes()?,
+                scales: Some(scales.host_bytes()?),
             },
         })
     }
 }
 
-/// Encodes `a` for the wire (see `Outgoing`).
-pub fn encode(a: &Array, compression: Compression) -> Result<proto::Tensor> {
+/// Encodes `a` to send (see `Outgoing`).
+pub fn encode(a: &Array, compression: Compression) -> Result<Encoded> {
     let out = Outgoing::new(a, compression)?;
     mlx::eval(&out.arrays())?;
     out.encode()
@@ -205,86 +322,6 @@ fn quantize(a: &Array) -> Result<(Array, Array)> {
         .maximum(&f32_scalar(-127.0)?)?
         .astype(Dtype::Int8)?;
     Ok((q, scales))
-}
-
-/// Decodes a tensor from the wire, refusing (never panicking on) a
-/// malformed one with `Error::InvalidArgument` naming what is wrong. Exact
-/// data goes to MLX without a copy of ours: MLX adopts it where it can and
-/// copies it once otherwise; bytes misaligned for the dtype are copied.
-pub fn decode(t: &proto::Tensor) -> Result<Array> {
-    let dtype = dtype_from_proto(t.dtype)?;
-    let compression = Compression::try_from(t.compression).map_err(|_| {
-        Error::InvalidArgument(format!("unknown tensor compression {}", t.compression))
-    })?;
-    let shape = checked_shape(&t.shape)?;
-    let too_large = || {
-        Error::InvalidArgument(format!(
-            "tensor shape {:?} of {} is too large",
-            t.shape,
-            dtype.name()
-        ))
-    };
-    let n = count(&shape).ok_or_else(too_large)?;
-    match compression {
-        Compression::None => {
-            let need = n.checked_mul(dtype.size() as u64).ok_or_else(too_large)?;
-            if t.data.len() as u64 != need {
-                return Err(Error::InvalidArgument(format!(
-                    "tensor data has {} bytes, shape {:?} of {} needs {need}",
-                    t.data.len(),
-                    t.shape,
-                    dtype.name()
-                )));
-            }
-            if !t.scales.is_empty() {
-                return Err(Error::InvalidArgument(format!(
-                    "an uncompressed tensor carries no scales, got {} bytes",
-                    t.scales.len()
-                )));
-            }
-            if n == 0 {
-                return Array::zeros(&shape, dtype);
-            }
-            import(&t.data, &shape, dtype)
-        }
-        Compression::Int8 => {
-            if !dtype.is_float() {
-                return Err(Error::InvalidArgument(format!(
-                    "an int8-compressed tensor must decode to a float dtype, not {}",
-                    dtype.name()
-                )));
-            }
-            let Some((_, rows_shape)) = shape.split_last() else {
-                return Err(Error::InvalidArgument(
-                    "an int8-compressed tensor needs at least one axis".into(),
-                ));
-            };
-            if t.data.len() as u64 != n {
-                return Err(Error::InvalidArgument(format!(
-                    "int8 tensor data has {} bytes, shape {:?} needs {n}",
-                    t.data.len(),
-                    t.shape
-                )));
-            }
-            let rows = count(rows_shape).ok_or_else(too_large)?;
-            let need = rows.checked_mul(4).ok_or_else(too_large)?;
-            if t.scales.len() as u64 != need {
-                return Err(Error::InvalidArgument(format!(
-                    "int8 tensor has {} bytes of scales, the {rows} rows of shape {:?} need {need}",
-                    t.scales.len(),
-                    t.shape
-                )));
-            }
-            if n == 0 {
-                return Array::zeros(&shape, dtype);
-            }
-            let q = import(&t.data, &shape, Dtype::Int8)?;
-            let mut scales_shape = shape.clone();
-            *scales_shape.last_mut().unwrap() = 1;
-            let scales = import(&t.scales, &scales_shape, Dtype::Float32)?;
-            dequantize(&q, &scales, dtype)
-        }
-    }
 }
 
 /// Int8 values `q` times their per-row `scales` (float32), as `dtype`.
@@ -335,6 +372,13 @@ fn import(bytes: &Bytes, shape: &[i32], dtype: Dtype) -> Result<Array> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto;
+    use crate::wire::{decode, dtype_from_proto, dtype_to_proto};
+
+    /// `a` encoded as the wire carries it.
+    fn encode(a: &Array, compression: Compression) -> Result<proto::Tensor> {
+        super::encode(a, compression).map(proto::Tensor::from)
+    }
 
     const WIRE_DTYPES: [Dtype; 6] = [
         Dtype::Float32,

@@ -35,6 +35,9 @@ pub mod transport;
 pub mod util;
 /// Finding models and reading their weights.
 pub mod weights;
+/// Wire types and domain types: proto messages checked and converted, both
+/// ways, in one place.
+pub mod wire;
 /// The worker: a gRPC server holding one pipeline stage.
 pub mod worker;
 
@@ -61,7 +64,7 @@ mod _core {
     #[pymodule_export]
     use crate::py::tokenizer::PyTokenizer;
     #[pymodule_export]
-    use crate::py::{device_info, memory};
+    use crate::py::{device_info, memory, PyMemory};
     #[pymodule_export]
     use crate::py::{
         CapacityError, KvBudgetExceeded, KvBudgetFull, NotReadyError, TlsError, WorkerError,

@@ -1,3 +1,3 @@
-//! The generated gRPC types of `proto/mlx_dist/v2/worker.proto`.
+//! The generated gRPC types of `proto/mlx_dist/v3/worker.proto`.
 #![allow(clippy::all, missing_docs)]
-tonic::include_proto!("mlx_dist.v2");
+tonic::include_proto!("mlx_dist.v3");

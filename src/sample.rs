@@ -97,6 +97,21 @@ impl ProcessorConfig {
     }
 }
 
+/// How a sequence samples: the sampler and the logits processors before it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Sampling {
+    pub sampler: SamplerConfig,
+    pub processors: ProcessorConfig,
+}
+
+impl Sampling {
+    /// The sampler, its settings checked against a vocabulary of `vocab`.
+    pub fn sampler(&self, vocab: usize) -> Result<Sampler> {
+        self.processors.validate(vocab)?;
+        Sampler::new(self.sampler.clone(), self.processors.clone())
+    }
+}
+
 fn last(tokens: &[u32], n: usize) -> &[u32] {
     &tokens[tokens.len().saturating_sub(n)..]
 }

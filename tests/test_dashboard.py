@@ -23,16 +23,17 @@ from server_utils import ServerProcess
 
 def _status(busy, uptime, tokens, steps, reachable=True):
     info = {
-        "name": "w0",
-        "memory_total": 24_000_000_000,
-        "mlx_active_memory": 65_100_000,
-        "busy_micros": busy,
+        "device": {"name": "w0", "memory_total": 24_000_000_000},
+        "memory": {"active": 65_100_000},
+        "engine": {
+            "busy_micros": busy,
+            "tokens_processed": tokens,
+            "steps": steps,
+            "sequences": 2,
+            "batches": 4,
+            "batched_steps": 10,
+        },
         "uptime_micros": uptime,
-        "tokens_processed": tokens,
-        "steps": steps,
-        "sequences": 2,
-        "batches": 4,
-        "batched_steps": 10,
     }
     dev = {"stage": 0, "name": "w0", "address": "h:1", "layers": [0, 2], "reachable": reachable}
     if reachable:

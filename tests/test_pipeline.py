@@ -123,7 +123,7 @@ def test_ring_and_chain_give_the_same_output(n, six_layer, workers):
     first = workers[0].address
 
     def ring_tokens():
-        return json.loads(_core.worker_info(first))["ring_tokens"]
+        return _core.worker_info(first)["traffic"]["ring_tokens"]
 
     runs = {}
     for ring in (True, False):
@@ -159,7 +159,7 @@ def test_the_ring_waits_for_a_reader_that_stops(six_layer, workers):
 
     def ring_tokens():
         # Only the first stage receives them.
-        return sum(json.loads(_core.worker_info(a))["ring_tokens"] for a in addrs)
+        return sum(_core.worker_info(a)["traffic"]["ring_tokens"] for a in addrs)
 
     before = ring_tokens()
     stream = mlx_dist.stream_generate(model, tok, PROMPT, max_tokens=200)
@@ -174,7 +174,7 @@ def test_the_ring_waits_for_a_reader_that_stops(six_layer, workers):
     del stream
     time.sleep(0.5)
     assert ring_tokens() - before == came  # nothing more went round
-    assert all(json.loads(_core.worker_info(w.address))["sequences"] == 0 for w in workers[:3])
+    assert all(_core.worker_info(w.address)["engine"]["sequences"] == 0 for w in workers[:3])
 
 
 def test_concurrent_sequences_do_not_mix(six_layer, workers):
@@ -200,7 +200,7 @@ def test_workers_that_poll_for_results_give_the_same_tokens(
         want = [greedy(local, tok, tok.encode(p), 24) for p in prompts]
         assert greedy(model, dtok, dtok.encode(prompts[0]), 24) == want[0]
         assert greedy_together(model, dtok, prompts, 24) == want
-        batched = sum(json.loads(_core.worker_info(w.address))["batched_steps"] for w in procs)
+        batched = sum(_core.worker_info(w.address)["engine"]["batched_steps"] for w in procs)
         assert batched > 0, "the concurrent sequences never ran as one batch"
     finally:
         for p in procs:
@@ -221,7 +221,7 @@ def test_workers_that_warm_up_give_the_same_tokens(six_layer, tmp_path_factory, 
             str(path), workers=[w.address for w in procs], strategy="uniform"
         )
         for w in procs:
-            info = json.loads(_core.worker_info(w.address))
+            info = _core.worker_info(w.address)["engine"]
             assert info["shard"], info
             assert info["sequences"] == 0 and info["steps"] == 0, info
             assert info["cache_bytes"] == 0 and info["prefix_entries"] == 0, info
@@ -254,7 +254,7 @@ def test_steps_launched_ahead_give_the_same_output(
         want = greedy(local, tok, ids)
 
         def launched(addrs):
-            return [json.loads(_core.worker_info(a))["steps_launched_ahead"] for a in addrs]
+            return [_core.worker_info(a)["engine"]["steps_launched_ahead"] for a in addrs]
 
         def run(addrs, ring):
             model, dtok = mlx_dist.load(str(path), workers=addrs, strategy="uniform", ring=ring)
@@ -285,7 +285,7 @@ def test_steps_launched_ahead_give_the_same_output(
             return out
 
         def info(key):
-            return sum(json.loads(_core.worker_info(w.address))[key] for w in procs)
+            return sum(_core.worker_info(w.address)["engine"][key] for w in procs)
 
         for ring in (True, False):
             ahead = run([w.address for w in procs], ring)
@@ -300,7 +300,7 @@ def test_steps_launched_ahead_give_the_same_output(
         used = info("steps_launched_ahead")
         assert used > 0, "no step was launched ahead"
         assert all(
-            json.loads(_core.worker_info(w.address))["steps_launched_ahead"] > 0 for w in procs
+            _core.worker_info(w.address)["engine"]["steps_launched_ahead"] > 0 for w in procs
         )
         assert info("steps_launched_ahead_undone") > 0
 
@@ -310,7 +310,7 @@ def test_steps_launched_ahead_give_the_same_output(
         prompts = [PROMPT, "a completely different prompt about cats", "hello world " * 5]
         wants = [greedy(local, tok, tok.encode(p), 24) for p in prompts]
         assert greedy_together(model, dtok, prompts, 24) == wants
-        assert all(json.loads(_core.worker_info(w.address))["sequences"] == 0 for w in procs)
+        assert all(_core.worker_info(w.address)["engine"]["sequences"] == 0 for w in procs)
         for log in log_dir.glob("*.log"):
             assert "could not launch" not in log.read_text(), log
     finally:
@@ -323,8 +323,8 @@ def test_worker_holds_only_its_share_of_weights(tiny_model, workers):
     local, _ = mlx_dist.load(str(path))
     total = local.nbytes
     mlx_dist.load(str(path), workers=[w.address for w in workers[:3]], strategy="uniform")
-    infos = [json.loads(_core.worker_info(w.address)) for w in workers[:3]]
-    shards = [i["shard"] for i in infos]
+    infos = [_core.worker_info(w.address) for w in workers[:3]]
+    shards = [i["engine"]["shard"] for i in infos]
     assert [s["layer_end"] - s["layer_start"] for s in shards] == [4, 4, 4]
     assert sum(s["weight_bytes"] for s in shards) == total
     middle = shards[1]
@@ -332,7 +332,7 @@ def test_worker_holds_only_its_share_of_weights(tiny_model, workers):
     # A third of the layers and neither the embedding nor the head.
     assert 0.2 * total < middle["weight_bytes"] <= total / 3
     # MLX's own figure in that worker process: its weights, not the model.
-    active = infos[1]["mlx_active_memory"]
+    active = infos[1]["memory"]["active"]
     assert middle["weight_bytes"] <= active < 1.2 * middle["weight_bytes"] + 65536, (active, middle)
 
 

@@ -5,7 +5,6 @@ MLX_DIST_PREFIX_CACHE_MB."""
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -64,7 +63,9 @@ def worker(name: str, log_dir: Path, prefix_mb: int | None) -> WorkerProcess:
 
 
 def info(address: str) -> dict:
-    return json.loads(_core.worker_info(address))
+    """The engine's figures of the worker at `address`, and its MLX memory."""
+    i = _core.worker_info(address)
+    return {**i["engine"], "mlx_active_memory": i["memory"]["active"]}
 
 
 def generate(model, tok, text: str, n: int = 4) -> tuple[list[int], int]:

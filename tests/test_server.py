@@ -247,7 +247,7 @@ def test_eight_concurrent_streams_equal_their_one_at_a_time_outputs(server):
 
 def _batches(server) -> int:
     status = httpx.get(f"{server.url}/cluster/status").json()
-    return sum(d["info"].get("batches", 0) for d in status["devices"])
+    return sum(d["info"]["engine"].get("batches", 0) for d in status["devices"])
 
 
 MALFORMED = [
@@ -345,7 +345,7 @@ def test_unbatched_server_steps_sequences_in_this_process(model_path, library, t
         )
         assert got.choices[0].message.content == want
         status = httpx.get(f"{server.url}/cluster/status").json()
-        assert not status["distributed"] and "batches" not in status["devices"][0]["info"]
+        assert not status["distributed"] and "batches" not in status["devices"][0]["info"]["engine"]
     finally:
         server.stop()
 
@@ -364,7 +364,7 @@ def test_local_status_describes_this_device(local_server):
     status = httpx.get(f"{local_server.url}/cluster/status").json()
     [d] = status["devices"]
     assert d["address"] == "local" and d["reachable"] and d["layers"] == [0, 4]
-    assert d["info"]["memory_total"] > 0 and 0 <= d["busy_fraction"] <= 1
+    assert d["info"]["device"]["memory_total"] > 0 and 0 <= d["busy_fraction"] <= 1
 
 
 def test_metrics_parse_as_prometheus_text_and_move(local_server):
@@ -403,8 +403,8 @@ def test_cluster_health_status_and_stage_metrics(cluster_server):
     devices = status["devices"]
     assert [d["layers"] for d in devices] == [[0, 2], [2, 4]]
     for d in devices:
-        assert d["info"]["memory_total"] > 0
-        assert d["info"]["mlx_active_memory"] > 0
+        assert d["info"]["device"]["memory_total"] > 0
+        assert d["info"]["memory"]["active"] > 0
         assert d["last_step_ms"] is not None
     assert len(status["plan"]["stages"]) == 2
     m = _metrics(cluster_server)
@@ -444,13 +444,12 @@ def test_client_going_away_frees_caches_on_every_stage(cluster_server):
     for seen, _ in enumerate(stream):
         if seen == 4:
             break
-    infos = [json.loads(_core.worker_info(w.address)) for w in cluster_server.workers]
+    infos = [_core.worker_info(w.address)["engine"] for w in cluster_server.workers]
     assert all(i["sequences"] >= 1 for i in infos)
     stream.close()
     _wait(
         lambda: all(
-            json.loads(_core.worker_info(w.address))["sequences"] == 0
-            for w in cluster_server.workers
+            _core.worker_info(w.address)["engine"]["sequences"] == 0 for w in cluster_server.workers
         )
     )
     _wait(

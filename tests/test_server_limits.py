@@ -204,7 +204,7 @@ def test_health_gives_details_only_with_the_api_key(keyed):
     assert full.status_code == 200
     body = full.json()
     assert body["status"] == "ok" and body["model"] == "model"
-    assert body["workers"][0]["info"]["memory_total"] > 0
+    assert body["workers"][0]["info"]["device"]["memory_total"] > 0
 
 
 def test_idle_and_slow_connections_are_closed_by_the_header_timeout(local):

@@ -103,9 +103,9 @@ def test_split_over_tls_equals_local(tiny_model, tls_workers, certs):
     assert len(model.plan_dict["stages"]) == 2
     assert greedy(model, dtok, ids) == want
     # Other calls take the same setting; the certificate names localhost too.
-    assert "name" in _core.worker_info(addrs[0])
+    assert _core.worker_info(addrs[0])["device"]["name"]
     port = addrs[1].rsplit(":", 1)[1]
-    assert "name" in _core.worker_info(f"localhost:{port}")
+    assert _core.worker_info(f"localhost:{port}")["device"]["name"]
 
 
 @pytest.mark.parametrize("ca", ["none", "other"])

@@ -5,11 +5,19 @@ from typing import Any
 
 def mlx_version() -> str: ...
 def supported_model_types() -> list[str]: ...
-def memory() -> tuple[int, int, int]:
-    """MLX's (active, peak, cache) memory in bytes."""
 
-def device_info(name: str, benchmark: bool = False) -> str:
-    """This process's device capabilities as JSON."""
+class Memory:
+    """MLX's memory in this process, in bytes."""
+
+    active: int
+    peak: int
+    cache: int
+
+def memory() -> Memory:
+    """MLX's memory figures now."""
+
+def device_info(name: str, benchmark: bool = False) -> dict:
+    """This process's device capabilities as a dict."""
 
 def load(
     path_or_repo: str, materialize: bool = True, prefix_cache_mb: int | None = None
@@ -76,8 +84,10 @@ def run_worker(
 
 def worker_info(
     address: str, timeout: float = 5.0, token: str | None = None, tls_ca: str | None = None
-) -> str:
-    """The worker's DeviceInfo as JSON."""
+) -> dict:
+    """The worker's DeviceInfo as a dict, its parts nested: ``device`` (what
+    it can do), ``engine`` (its stage and figures), ``memory``, ``traffic``,
+    ``uptime_micros`` and ``busy_for_micros``."""
 
 def set_cluster_token(token: str | None = None) -> None:
     """The cluster token of this process's later calls given none (None or
@@ -130,7 +140,7 @@ class KvBudgetFull(MemoryError):
     running ending makes room."""
 
 class Model:
-    config_json: str
+    config: dict
     model_type: str
     num_layers: int
     vocab_size: int
@@ -144,7 +154,7 @@ class Model:
 
 class Cluster:
     plan_text: str
-    plan_json: str
+    plan: dict
     num_layers: int
     vocab_size: int
     context_length: int | None
@@ -155,7 +165,7 @@ class Cluster:
     epoch: int
     all_workers: list[str]
     excluded: list[str]
-    recoveries_json: str
+    recoveries: list[dict]
     prefix_index_entries: int
     def add_worker(self, address: str) -> bool: ...
     def excluded_back(self) -> bool: ...

@@ -37,7 +37,7 @@ class DistributedModel:
 
     @property
     def plan_dict(self) -> dict:
-        return json.loads(self._core.plan_json)
+        return self._core.plan
 
     @property
     def workers(self) -> list[str]:
@@ -65,7 +65,7 @@ class DistributedModel:
     @property
     def recoveries(self) -> list[dict]:
         """The latest re-plans: when, why, who was left out, how long."""
-        return json.loads(self._core.recoveries_json)
+        return self._core.recoveries
 
     def __call__(self, inputs):
         raise NotImplementedError("a distributed model generates tokens; it does not return logits")

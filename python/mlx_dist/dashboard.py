@@ -86,10 +86,12 @@ def render(
     lines.append(_row([name for name, _ in COLUMNS]))
     for d in status.get("devices", []):
         info = d.get("info") or {}
+        figures = info.get("engine") or {}
+        memory, device = info.get("memory") or {}, info.get("device") or {}
         key = str(d.get("address", d.get("name")))
         r = rates.get(key)
         layers = d.get("layers") or [None, None]
-        batches = info.get("batches") or 0
+        batches = figures.get("batches") or 0
         step_ms = d.get("last_step_ms")
         if r and r["ms_per_step"] is not None:
             step_ms = r["ms_per_step"]
@@ -102,17 +104,17 @@ def render(
             _row(
                 [
                     str(d.get("stage", "")),
-                    str(d.get("name", info.get("name", "?"))),
+                    str(d.get("name", device.get("name", "?"))),
                     str(d.get("address", "")),
                     f"{layers[0]}..{layers[1]}",
-                    f"{human(info.get('mlx_active_memory'))} / {human(info.get('memory_total'))}"
+                    f"{human(memory.get('active'))} / {human(device.get('memory_total'))}"
                     if info
                     else "-",
                     f"{100 * r['busy']:.0f}%" if r else "-",
                     f"{step_ms:.2f}" if step_ms is not None else "-",
                     f"{r['tokens_per_s']:.1f}" if r else "-",
-                    f"{info.get('batched_steps', 0) / batches:.1f}" if batches else "-",
-                    str(info.get("sequences", "-")),
+                    f"{figures.get('batched_steps', 0) / batches:.1f}" if batches else "-",
+                    str(figures.get("sequences", "-")),
                     health,
                 ]
             )

@@ -116,12 +116,14 @@ class Metrics:
             if r is not None:
                 self.stage_busy.labels(stage).set(r["busy"])
                 self.stage_tokens.labels(stage).set(r["tokens_per_s"])
-            if info.get("batches"):
-                self.stage_batch.labels(stage).set(info["batched_steps"] / info["batches"])
+            figures = info.get("engine") or {}
+            if figures.get("batches"):
+                self.stage_batch.labels(stage).set(figures["batched_steps"] / figures["batches"])
             self.stage_up.labels(stage).set(1 if d.get("reachable", True) else 0)
             if info:
-                self.stage_memory.labels(stage).set(info.get("mlx_active_memory", 0))
-                self.stage_memory_total.labels(stage).set(info.get("memory_total", 0))
+                memory, device = info.get("memory") or {}, info.get("device") or {}
+                self.stage_memory.labels(stage).set(memory.get("active", 0))
+                self.stage_memory_total.labels(stage).set(device.get("memory_total", 0))
 
     def request(self, endpoint: str, status: int) -> None:
         self.requests.labels(endpoint, str(status)).inc()

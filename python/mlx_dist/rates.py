@@ -32,12 +32,13 @@ class Rates:
             key = str(d.get("address", d.get("name")))
             if "uptime_micros" not in info:
                 continue
+            figures = info.get("engine") or {}
             c = Counters(
                 now,
-                int(info.get("busy_micros", 0)),
+                int(figures.get("busy_micros", 0)),
                 int(info.get("uptime_micros", 0)),
-                int(info.get("tokens_processed", 0)),
-                int(info.get("steps", 0)),
+                int(figures.get("tokens_processed", 0)),
+                int(figures.get("steps", 0)),
             )
             prev = self.last.get(key)
             self.last[key] = c

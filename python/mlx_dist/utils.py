@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import mlx.core as mx
@@ -37,7 +36,7 @@ class Model:
 
     def __init__(self, core: _core.Model):
         self._core = core
-        self.config: dict[str, Any] = json.loads(core.config_json)
+        self.config: dict[str, Any] = core.config
         # load(..., max_context=N): prompts and completions are held to N tokens.
         self.max_context: int | None = None
 

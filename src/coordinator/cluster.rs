@@ -247,23 +247,14 @@ impl Cluster {
                     let a = &spec.address;
                     crate::transport::error_of(s, |_| (a.clone(), a.clone()))
                 })?;
-            let mut c = Capabilities {
-                name: info.name.clone(),
-                device_type: info.device_type,
-                chip: info.chip,
-                gpu_cores: info.gpu_cores,
-                memory_total: info.memory_total,
-                memory_available: info.memory_available,
-                matmul_gflops: info.matmul_gflops,
-                bandwidth_gbs: info.bandwidth_gbs,
-            };
+            let mut c = Capabilities::from(info.device.clone().unwrap_or_default());
             if let Some(d) = &spec.declared {
                 c = declared_over(c, d);
             }
             handles.push(StageHandle {
                 local: crate::worker::is_local(&spec.address),
                 address: spec.address.clone(),
-                name: info.name,
+                name: c.name.clone(),
                 link,
             });
             caps.push(c);

@@ -401,13 +401,11 @@ impl TokenSource for RecoveringTokens {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sample::{ProcessorConfig, SamplerConfig};
 
     fn spec(prompt: &[u32], max_tokens: usize) -> SequenceSpec {
         SequenceSpec {
             prompt: prompt.to_vec(),
-            sampler: SamplerConfig::default(),
-            processors: ProcessorConfig::default(),
+            sampling: Default::default(),
             max_tokens,
             prefill_step: 16,
             logprobs: false,

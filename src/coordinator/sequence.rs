@@ -5,13 +5,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use crate::codec;
 use crate::error::{Error, Result};
 use crate::generate::{check_prompt, TokenSource};
 use crate::mlx::Array;
 use crate::prefix::PrefixIndex;
 use crate::proto::{ForwardReply, ForwardRequest, SamplingParams};
-use crate::sample::{ProcessorConfig, SamplerConfig};
+use crate::sample::Sampling;
 use crate::util::{lock, runtime};
 
 use super::cluster::{stage_error, worker_error, Cluster, StageHandle};
@@ -60,7 +59,7 @@ impl Cluster {
 
     /// The longest kept prefix `spec` may start from.
     pub fn prefix_for(&self, spec: &SequenceSpec) -> Option<(String, usize)> {
-        let procs = &spec.processors;
+        let procs = &spec.sampling.processors;
         // Penalties look back over the prompt, which a stage starting from a
         // kept prefix has not seen: such sequences compute it all.
         let penalties = procs.repetition_penalty.is_some()
@@ -79,8 +78,10 @@ impl Cluster {
     /// Checks a sequence's prompt and sampling against the model.
     pub fn check(&self, spec: &SequenceSpec) -> Result<()> {
         check_prompt(&spec.prompt, self.args.vocab_size)?;
-        spec.sampler.validate()?;
-        spec.processors.validate(self.args.vocab_size as usize)
+        spec.sampling.sampler.validate()?;
+        spec.sampling
+            .processors
+            .validate(self.args.vocab_size as usize)
     }
 }
 
@@ -115,8 +116,7 @@ struct Prefill {
 #[derive(Clone, Debug)]
 pub struct SequenceSpec {
     pub prompt: Vec<u32>,
-    pub sampler: SamplerConfig,
-    pub processors: ProcessorConfig,
+    pub sampling: Sampling,
     pub max_tokens: usize,
     pub prefill_step: usize,
     pub logprobs: bool,
@@ -181,22 +181,7 @@ impl RemoteTokens {
             .forward()
             .await
             .map_err(|s| worker_error(&first, s))?;
-        let (sampler, procs) = (&spec.sampler, &spec.processors);
-        let sampling = SamplingParams {
-            temp: sampler.temp,
-            top_p: sampler.top_p,
-            min_p: sampler.min_p,
-            min_tokens_to_keep: sampler.min_tokens_to_keep,
-            top_k: sampler.top_k,
-            seed: sampler.seed,
-            repetition_penalty: procs.repetition_penalty,
-            repetition_context_size: procs.repetition_context_size as u32,
-            presence_penalty: procs.presence_penalty,
-            presence_context_size: procs.presence_context_size as u32,
-            frequency_penalty: procs.frequency_penalty,
-            frequency_context_size: procs.frequency_context_size as u32,
-            logit_bias: procs.logit_bias.iter().copied().collect(),
-        };
+        let sampling = SamplingParams::from(&spec.sampling);
         let prompt = &spec.prompt;
         let cached = prefix.as_ref().map_or(0, |p| p.1);
         let (head, last) = prompt[cached..].split_at(prompt.len() - cached - 1);
@@ -418,7 +403,11 @@ impl RemoteTokens {
             let why = format!("it returned no token for sequence {}", self.seq);
             Error::stage_failed(name, address, why)
         })?;
-        let logprobs = reply.logprobs.as_ref().map(codec::decode).transpose()?;
+        let logprobs = reply
+            .logprobs
+            .as_ref()
+            .map(crate::wire::decode)
+            .transpose()?;
         match self.ledger.token_read(token, schedule_next) {
             Next::Credit => {
                 // A broken stream shows in the next reply.

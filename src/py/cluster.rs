@@ -204,10 +204,11 @@ impl PyCluster {
         self.inner.current().plan.to_string()
     }
 
-    /// The plan as JSON.
+    /// The plan, as a dict of its stages.
     #[getter]
-    fn plan_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.inner.current().plan).map_err(|e| Error::from(e).into())
+    fn plan(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let record = serde_json::to_value(&self.inner.current().plan).map_err(Error::from)?;
+        Ok(super::json_to_py(py, &record)?.unbind())
     }
 
     /// Layers of the model.
@@ -295,10 +296,11 @@ impl PyCluster {
         self.inner.excluded()
     }
 
-    /// The re-plans so far (the latest 32), as JSON.
+    /// The re-plans so far (the latest 32), a dict each.
     #[getter]
-    fn recoveries_json(&self) -> PyResult<String> {
-        serde_json::to_string(&self.inner.events()).map_err(|e| Error::from(e).into())
+    fn recoveries(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        let record = serde_json::to_value(self.inner.events()).map_err(Error::from)?;
+        Ok(super::json_to_py(py, &record)?.unbind())
     }
 
     /// Adds a worker that announced itself; true if it was not known.
@@ -482,8 +484,9 @@ pub fn stop_local_worker(address: &str) {
     crate::worker::stop_local(address);
 }
 
-/// What the worker at `address` reports about itself (DeviceInfo), as JSON;
-/// reached with `token` and `tls_ca` as for `load_cluster`.
+/// What the worker at `address` reports about itself (DeviceInfo), as a
+/// dict of its fields (its parts nested: `device`, `engine`, `memory`,
+/// `traffic`); reached with `token` and `tls_ca` as for `load_cluster`.
 #[pyfunction]
 #[pyo3(signature = (address, timeout = 5.0, token = None, tls_ca = None))]
 pub fn worker_info(
@@ -492,7 +495,7 @@ pub fn worker_info(
     timeout: f64,
     token: Option<String>,
     tls_ca: Option<String>,
-) -> PyResult<String> {
+) -> PyResult<Py<PyAny>> {
     let transport = transport(token, tls_ca, None, None)?;
     let info = py.detach(|| {
         runtime().block_on(async {
@@ -503,7 +506,8 @@ pub fn worker_info(
                 .map_err(|s| crate::transport::error_of(s, |_| (address.clone(), address.clone())))
         })
     })?;
-    Ok(serde_json::to_string(&info).map_err(Error::from)?)
+    let record = serde_json::to_value(&info).map_err(Error::from)?;
+    Ok(super::json_to_py(py, &record)?.unbind())
 }
 
 /// Sets the cluster token of this process's later calls that are given

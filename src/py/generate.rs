@@ -198,8 +198,10 @@ impl PyGeneration {
                 let n = prompt.len();
                 let spec = SequenceSpec {
                     prompt,
-                    sampler,
-                    processors,
+                    sampling: crate::sample::Sampling {
+                        sampler,
+                        processors,
+                    },
                     max_tokens,
                     prefill_step: opts.prefill_step,
                     logprobs,

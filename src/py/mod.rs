@@ -108,22 +108,37 @@ pub mod generate;
 pub mod model;
 pub mod tokenizer;
 
-/// Memory figures of MLX, in bytes: (active, peak, cache).
-#[pyo3::pyfunction]
-pub fn memory() -> (usize, usize, usize) {
-    (
-        crate::mlx::active_memory(),
-        crate::mlx::peak_memory(),
-        crate::mlx::cache_memory(),
-    )
+/// MLX's memory in this process, in bytes.
+#[pyo3::pyclass(name = "Memory", frozen, get_all, module = "mlx_dist._core")]
+pub struct PyMemory {
+    /// Held in live arrays (weights, caches).
+    active: usize,
+    /// The high-water mark of `active`.
+    peak: usize,
+    /// Freed, kept by MLX's allocator for reuse.
+    cache: usize,
 }
 
-/// This process's device (`Capabilities`) as JSON, without the benchmark
+/// MLX's memory figures now.
+#[pyo3::pyfunction]
+pub fn memory() -> PyMemory {
+    PyMemory {
+        active: crate::mlx::active_memory(),
+        peak: crate::mlx::peak_memory(),
+        cache: crate::mlx::cache_memory(),
+    }
+}
+
+/// This process's device (`Capabilities`) as a dict, without the benchmark
 /// unless asked: the benchmark runs MLX work, which a serving process keeps
 /// to its engine thread.
 #[pyo3::pyfunction]
 #[pyo3(signature = (name, benchmark = false))]
-pub fn device_info(py: pyo3::Python<'_>, name: &str, benchmark: bool) -> pyo3::PyResult<String> {
+pub fn device_info(
+    py: pyo3::Python<'_>,
+    name: &str,
+    benchmark: bool,
+) -> pyo3::PyResult<pyo3::Py<pyo3::PyAny>> {
     let caps = py.detach(|| {
         if benchmark {
             crate::device::capabilities(name)
@@ -131,5 +146,41 @@ pub fn device_info(py: pyo3::Python<'_>, name: &str, benchmark: bool) -> pyo3::P
             crate::device::probe(name)
         }
     })?;
-    serde_json::to_string(&caps).map_err(|e| Error::from(e).into())
+    let record = serde_json::to_value(&caps).map_err(Error::from)?;
+    Ok(json_to_py(py, &record)?.unbind())
+}
+
+/// A JSON value as the Python object `json.loads` would make of it: how
+/// records of the core (a worker's `DeviceInfo`) reach Python as dicts.
+pub(crate) fn json_to_py<'py>(
+    py: Python<'py>,
+    v: &serde_json::Value,
+) -> PyResult<pyo3::Bound<'py, pyo3::PyAny>> {
+    use pyo3::types::{PyDict, PyDictMethods, PyList, PyListMethods};
+    use pyo3::IntoPyObjectExt;
+    use serde_json::Value;
+    Ok(match v {
+        Value::Null => py.None().into_bound(py),
+        Value::Bool(b) => b.into_bound_py_any(py)?,
+        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => u.into_bound_py_any(py)?,
+            (None, Some(i)) => i.into_bound_py_any(py)?,
+            _ => n.as_f64().unwrap_or(f64::NAN).into_bound_py_any(py)?,
+        },
+        Value::String(s) => s.into_bound_py_any(py)?,
+        Value::Array(items) => {
+            let list = PyList::empty(py);
+            for x in items {
+                list.append(json_to_py(py, x)?)?;
+            }
+            list.into_any()
+        }
+        Value::Object(m) => {
+            let dict = PyDict::new(py);
+            for (k, x) in m {
+                dict.set_item(k, json_to_py(py, x)?)?;
+            }
+            dict.into_any()
+        }
+    })
 }

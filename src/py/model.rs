@@ -70,10 +70,10 @@ pub fn convert(py: Python<'_>, path_or_repo: String, out_dir: std::path::PathBuf
 
 #[pymethods]
 impl PyModel {
-    /// config.json (or its GGUF equivalent) as JSON text.
+    /// config.json (or its GGUF equivalent), as a dict.
     #[getter]
-    fn config_json(&self) -> String {
-        self.inner.config.to_string()
+    fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(super::json_to_py(py, &self.inner.config)?.unbind())
     }
 
     /// Bytes of KV cache kept from ended sequences for later prompts

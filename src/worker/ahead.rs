@@ -11,12 +11,11 @@
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
-use super::{draw, micros_since, Engine, Job, Pending, StepOut};
+use super::{draw, micros_since, Engine, Job, Pending, Step, StepOut};
 use crate::cache::Caches;
 use crate::codec;
 use crate::error::Result;
 use crate::mlx;
-use crate::proto::{Compression, ForwardRequest};
 use crate::sample::Sampler;
 use crate::util::lock;
 
@@ -44,10 +43,10 @@ pub(super) struct Guess {
 pub(super) enum Input {
     /// One token id (the first stage).
     Token,
-    /// `[1, 1, hidden]` activations of this proto dtype, uncompressed.
-    Hidden(i32),
+    /// `[1, 1, hidden]` activations of this dtype, uncompressed.
+    Hidden(mlx::Dtype),
     /// The same, int8-compressed: the int8 values and their scale.
-    Int8(i32),
+    Int8(mlx::Dtype),
 }
 
 /// Where the input of the step launched ahead is delivered: by the gRPC
@@ -65,7 +64,7 @@ pub(super) struct Posted {
     /// `[1, 1, hidden]`.
     input: Input,
     vocab: u32,
-    hidden: i64,
+    hidden: i32,
     /// On the last stage, only a step that samples fits.
     head: bool,
     /// The input's mailbox, and that of its scales (int8). Taken when
@@ -78,38 +77,37 @@ pub(super) struct Posted {
 impl Posted {
     /// Whether `req` is the step this mailbox waits for, with an input it
     /// takes as it is.
-    fn fits(&self, req: &ForwardRequest) -> bool {
+    fn fits(&self, req: &Step) -> bool {
         let Some(m) = &self.mailbox else {
             return false;
         };
-        if req.sequence_id != self.seq || req.offset != self.offset || (self.head && !req.sample) {
+        if req.sequence != self.seq || req.offset != self.offset || (self.head && !req.sample) {
             return false;
         }
-        let activations = |compression: Compression, dtype: i32, scales: usize| {
+        let activations = |dtype: mlx::Dtype, scales: Option<usize>| {
             req.hidden.as_ref().is_some_and(|t| {
-                t.compression == compression as i32
-                    && t.dtype == dtype
-                    && t.shape == [1, 1, self.hidden]
-                    && t.data.len() == m.nbytes()
-                    && t.scales.len() == scales
+                t.dtype() == dtype
+                    && t.shape() == [1, 1, self.hidden]
+                    && t.data().len() == m.nbytes()
+                    && t.scales().map(|s| s.len()) == scales
             })
         };
         match self.input {
             Input::Token => req.tokens.len() == 1 && req.tokens[0] < self.vocab,
-            Input::Hidden(dtype) => activations(Compression::None, dtype, 0),
-            Input::Int8(dtype) => activations(Compression::Int8, dtype, 4),
+            Input::Hidden(dtype) => activations(dtype, None),
+            Input::Int8(dtype) => activations(dtype, Some(4)),
         }
     }
 
     /// Delivers `req`'s input (which `fits`).
-    fn deliver(&mut self, req: &ForwardRequest) {
+    fn deliver(&mut self, req: &Step) {
         let m = self.mailbox.take().unwrap();
         match (self.input, &req.hidden) {
             (Input::Token, _) => m.deliver(&(req.tokens[0] as i32).to_le_bytes()),
             (_, Some(t)) => {
-                m.deliver(&t.data);
-                if let Some(s) = self.scales.take() {
-                    s.deliver(&t.scales);
+                m.deliver(t.data());
+                if let (Some(s), Some(bytes)) = (self.scales.take(), t.scales()) {
+                    s.deliver(bytes);
                 }
             }
             (_, None) => unreachable!("`fits` checked the activations"),
@@ -157,11 +155,11 @@ const PREPARED_WAIT: Duration = Duration::from_millis(100);
 
 impl Engine {
     /// Whether the prepared step got its input from `req`.
-    pub(super) fn delivered_for(&self, req: &ForwardRequest) -> bool {
+    pub(super) fn delivered_for(&self, req: &Step) -> bool {
         self.prepared.is_some()
             && lock(&self.post.0)
                 .as_ref()
-                .is_some_and(|p| p.delivered && p.seq == req.sequence_id && p.offset == req.offset)
+                .is_some_and(|p| p.delivered && p.seq == req.sequence && p.offset == req.offset)
     }
 
     /// The next job. While a prepared step waits for its input, it is
@@ -179,7 +177,7 @@ impl Engine {
 
     /// The step that follows decode step `req` of its sequence, to launch
     /// ahead: the same kind of input, one position on.
-    pub(super) fn guess_next(&self, req: &ForwardRequest) -> Option<Guess> {
+    pub(super) fn guess_next(&self, req: &Step) -> Option<Guess> {
         let stage = self.stage.as_ref()?;
         if !self.launch_ahead || (stage.info.head && !req.sample) {
             return None;
@@ -188,16 +186,16 @@ impl Engine {
             (req.tokens.len() == 1).then_some(Input::Token)?
         } else {
             let t = req.hidden.as_ref()?;
-            if t.shape.len() != 3 || t.shape[0] != 1 || t.shape[1] != 1 {
+            if t.shape() != [1, 1, self.stage.as_ref()?.model.args.hidden_size] {
                 return None;
             }
-            match Compression::try_from(t.compression).ok()? {
-                Compression::None => Input::Hidden(t.dtype),
-                Compression::Int8 => Input::Int8(t.dtype),
+            match t.scales() {
+                None => Input::Hidden(t.dtype()),
+                Some(_) => Input::Int8(t.dtype()),
             }
         };
         Some(Guess {
-            seq: req.sequence_id.clone(),
+            seq: req.sequence.clone(),
             input,
         })
     }
@@ -251,13 +249,11 @@ impl Engine {
                 let (m, ids) = mlx::Mailbox::new(stream, &[1, 1], mlx::Dtype::Int32)?;
                 (m, None, ids)
             }
-            Input::Hidden(d) => {
-                let dtype = codec::dtype_from_proto(d)?;
+            Input::Hidden(dtype) => {
                 let (m, h) = mlx::Mailbox::new(stream, &[1, 1, hidden], dtype)?;
                 (m, None, h)
             }
-            Input::Int8(d) => {
-                let dtype = codec::dtype_from_proto(d)?;
+            Input::Int8(dtype) => {
                 let (m, q) = mlx::Mailbox::new(stream, &[1, 1, hidden], mlx::Dtype::Int8)?;
                 let (s, scale) = mlx::Mailbox::new(stream, &[1, 1, 1], mlx::Dtype::Float32)?;
                 (m, Some(s), codec::dequantize(&q, &scale, dtype)?)
@@ -268,7 +264,7 @@ impl Engine {
             offset,
             input: guess.input,
             vocab: model.args.vocab_size as u32,
-            hidden: hidden as i64,
+            hidden,
             head,
             mailbox: Some(mailbox),
             scales,
@@ -317,7 +313,7 @@ impl Engine {
 
     /// Runs step `req` on the step prepared for it, whose input the post
     /// delivered: waits for the results.
-    pub(super) fn step_prepared(&mut self, req: ForwardRequest, p: Prepared) -> Result<StepOut> {
+    pub(super) fn step_prepared(&mut self, req: Step, p: Prepared) -> Result<StepOut> {
         let started = Instant::now();
         self.post.take();
         self.launched_ahead += 1;

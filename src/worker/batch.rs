@@ -5,17 +5,17 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
 
-use super::{micros_since, Engine, Job, StepOut};
-use crate::codec;
+use super::{micros_since, Engine, Job, Step, StepOut};
+use crate::codec::{self, Encoded};
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
-use crate::proto::{Compression, ForwardRequest, Tensor};
+use crate::proto::Compression;
 
 /// A batched decode row's input, checked (`Engine::row_input`).
 enum Row {
     /// The first stage's token ids.
     Ids(Vec<i32>),
-    /// Uncompressed activations whose bytes fit their shape, to be joined.
+    /// Uncompressed activations, to be joined.
     Raw,
     /// Activations decoded on their own (compressed ones).
     Decoded(Array),
@@ -55,12 +55,15 @@ impl Engine {
     /// Adds to `batch` the decode steps queued now, then waits a little for
     /// those of sequences due back soon: without this, sequences whose steps
     /// come back while a batch runs form a batch of their own, and the
-    /// stage runs two half batches, each costing nearly a full one. Returns
-    /// a job taken that is not a decode step, to run next.
+    /// stage runs two half batches, each costing nearly a full one. A
+    /// release met meanwhile (a stream that ended, or was refused) waits in
+    /// `later` until the batch has run, so that it does not split the
+    /// batch. Returns another job taken that is not a decode step, to run
+    /// next.
     pub(super) fn gather(
         &mut self,
         jobs: &std_mpsc::Receiver<Job>,
-        batch: &mut Vec<(ForwardRequest, oneshot::Sender<Result<StepOut>>)>,
+        batch: &mut Vec<(Step, oneshot::Sender<Result<StepOut>>)>,
     ) -> Option<Job> {
         let now = Instant::now();
         let horizon = (self.last_decode / 4).min(MAX_GATHER);
@@ -78,7 +81,7 @@ impl Engine {
         let mut due: std::collections::HashSet<String> =
             due.into_iter().map(String::from).collect();
         for (r, _) in batch.iter() {
-            due.remove(&r.sequence_id);
+            due.remove(&r.sequence);
         }
         let until = until.map_or(now, |u| u.min(now + horizon));
         while batch.len() < MAX_BATCH {
@@ -91,12 +94,13 @@ impl Engine {
             match job {
                 Some(Job::Step(r, tx, at))
                     if self.is_decode(&r)
-                        && batch.iter().all(|(b, _)| b.sequence_id != r.sequence_id) =>
+                        && batch.iter().all(|(b, _)| b.sequence != r.sequence) =>
                 {
-                    self.arrived(&r.sequence_id, at);
-                    due.remove(&r.sequence_id);
+                    self.arrived(&r.sequence, at);
+                    due.remove(&r.sequence);
                     batch.push((r, tx));
                 }
+                Some(release @ Job::Release(..)) => self.later.push_back(release),
                 Some(other) => return Some(other),
                 None => break,
             }
@@ -106,33 +110,24 @@ impl Engine {
 
     /// Whether `req` is a decode step (one position) of a sequence this
     /// stage already holds: those can run batched with others.
-    pub(super) fn is_decode(&self, req: &ForwardRequest) -> bool {
-        let positions = match &req.hidden {
-            Some(t) => t.shape.len() == 3 && t.shape[0] == 1 && t.shape[1] == 1,
-            None => req.tokens.len() == 1,
-        };
-        positions && self.stage.is_some() && self.seqs.contains_key(&req.sequence_id)
+    pub(super) fn is_decode(&self, req: &Step) -> bool {
+        req.positions() == 1 && self.stage.is_some() && self.seqs.contains_key(&req.sequence)
     }
 
-    /// Checks a row of a batched step's input once, and gives what
-    /// `batch_input` makes the batch's input from: the first stage's token
-    /// ids; a later stage's uncompressed activations whose bytes fit their
-    /// shape (joined as bytes); other activations decoded here. Bytes that
-    /// do not fit are refused here, so that they cannot shift their
-    /// neighbours' rows.
-    fn row_input(&self, req: &ForwardRequest) -> Result<Row> {
+    /// Checks a row of a batched step's input against this stage, and
+    /// gives what `batch_input` makes the batch's input from: the first
+    /// stage's token ids; a later stage's uncompressed activations (joined
+    /// as bytes: their byte counts were checked as they came in, so none
+    /// can shift its neighbours' rows); other activations decoded here.
+    fn row_input(&self, req: &Step) -> Result<Row> {
         if self.stage.as_ref().unwrap().info.embed {
             return self.token_ids(req).map(Row::Ids);
         }
         let t = self.hidden(req)?;
-        if t.compression == Compression::None as i32 {
-            let dtype = codec::dtype_from_proto(t.dtype)?;
-            let need = t.shape.iter().product::<i64>() as usize * dtype.size();
-            if t.data.len() == need {
-                return Ok(Row::Raw);
-            }
+        if t.scales().is_none() {
+            return Ok(Row::Raw);
         }
-        codec::decode(t).map(Row::Decoded)
+        t.decode().map(Row::Decoded)
     }
 
     /// The `[B, 1, hidden]` input of a batch of admitted decode steps (`rows`:
@@ -141,10 +136,10 @@ impl Engine {
     /// of one dtype before MLX sees them. Row by row, B embeddings and a
     /// B-way concatenation cost a few kernels per row, which a step bound by
     /// launching kernels (as on CUDA) feels.
-    fn batch_input(&self, reqs: &[&ForwardRequest], rows: Vec<Row>) -> Result<Array> {
+    fn batch_input(&self, reqs: &[&Step], rows: Vec<Row>) -> Result<Array> {
         let b = reqs.len() as i32;
         // Set on a later stage's rows: `row_input` checked it there.
-        fn tensor(req: &ForwardRequest) -> &Tensor {
+        fn tensor(req: &Step) -> &Encoded {
             req.hidden.as_ref().unwrap()
         }
         if self.stage.as_ref().unwrap().info.embed {
@@ -157,30 +152,18 @@ impl Engine {
             let model = &self.stage.as_ref().unwrap().model;
             return model.embed(&Array::from_slice(&ids, &[b, 1])?);
         }
-        let dtype = tensor(reqs[0]).dtype;
-        if rows.iter().all(|r| matches!(r, Row::Raw))
-            && reqs.iter().all(|r| tensor(r).dtype == dtype)
-        {
-            let first = tensor(reqs[0]);
-            let mut data = Vec::with_capacity(first.data.len() * reqs.len());
-            for req in reqs {
-                data.extend_from_slice(&tensor(req).data);
+        if rows.iter().all(|r| matches!(r, Row::Raw)) {
+            let parts: Vec<&Encoded> = reqs.iter().map(|r| tensor(r)).collect();
+            if let Some(joined) = Encoded::join(&parts) {
+                return joined.decode();
             }
-            let joined = Tensor {
-                shape: vec![b as i64, 1, first.shape[2]],
-                dtype,
-                data: data.into(),
-                compression: Compression::None as i32,
-                scales: Default::default(),
-            };
-            return codec::decode(&joined);
         }
         let arrays = rows
             .into_iter()
             .zip(reqs)
             .map(|(row, req)| match row {
                 Row::Decoded(a) => Ok(a),
-                _ => codec::decode(tensor(req)),
+                _ => tensor(req).decode(),
             })
             .collect::<Result<Vec<_>>>()?;
         mlx::ops::concatenate(&arrays.iter().collect::<Vec<_>>(), 0)
@@ -190,10 +173,7 @@ impl Engine {
     /// on `[B, 1, hidden]` (attention on the sequences' rows of the slot
     /// caches), the head once on all rows; then each sequence samples its
     /// row, all evaluated together.
-    pub(super) fn step_batch(
-        &mut self,
-        batch: Vec<(ForwardRequest, oneshot::Sender<Result<StepOut>>)>,
-    ) {
+    pub(super) fn step_batch(&mut self, batch: Vec<(Step, oneshot::Sender<Result<StepOut>>)>) {
         let started = Instant::now();
         let mut admitted = Vec::with_capacity(batch.len());
         for (req, reply) in batch {
@@ -201,7 +181,7 @@ impl Engine {
             match self.admit(&req).and_then(|()| self.row_input(&req)) {
                 Ok(row) => admitted.push((req, reply, row)),
                 Err(e) => {
-                    self.end(&req.sequence_id);
+                    self.end(&req.sequence);
                     let _ = reply.send(Err(e));
                 }
             }
@@ -211,7 +191,7 @@ impl Engine {
         }
         // In slot order: when the batch is every slot, or a run of them, the
         // layers attend on the cache buffer as it lies, with no gather.
-        admitted.sort_by_key(|(req, _, _)| self.seqs[&req.sequence_id].slot);
+        admitted.sort_by_key(|(req, _, _)| self.seqs[&req.sequence].slot);
         let (mut ready, mut rows) = (Vec::new(), Vec::new());
         for (req, reply, row) in admitted {
             ready.push((req, reply));
@@ -221,7 +201,7 @@ impl Engine {
         let head = self.stage.as_ref().unwrap().info.head;
         let slots: Vec<usize> = ready
             .iter()
-            .map(|(req, _)| self.seqs[&req.sequence_id].slot)
+            .map(|(req, _)| self.seqs[&req.sequence].slot)
             .collect();
         let compression = self.stage.as_ref().unwrap().compression;
         enum Out {
@@ -229,7 +209,7 @@ impl Engine {
             Hidden(codec::Outgoing),
         }
         let result = (|| -> Result<Out> {
-            let reqs: Vec<&ForwardRequest> = ready.iter().map(|(req, _)| req).collect();
+            let reqs: Vec<&Step> = ready.iter().map(|(req, _)| req).collect();
             let h = self.batch_input(&reqs, rows)?;
             let h = model.forward_layers_rows(h, &mut self.caches, &slots, 2)?;
             if head {
@@ -254,7 +234,7 @@ impl Engine {
             Err(e) => {
                 // The caches are in an unknown state: every sequence fails.
                 for (req, reply) in ready {
-                    self.end(&req.sequence_id);
+                    self.end(&req.sequence);
                     let _ = reply.send(Err(Error::Mlx(format!("batched step failed: {e}"))));
                 }
                 return;
@@ -274,7 +254,7 @@ impl Engine {
     /// together.
     fn sample_rows(
         &mut self,
-        ready: &[(ForwardRequest, oneshot::Sender<Result<StepOut>>)],
+        ready: &[(Step, oneshot::Sender<Result<StepOut>>)],
         logits: &Array,
     ) -> Result<Vec<StepOut>> {
         let next = self.stage.as_ref().unwrap().next.clone();
@@ -283,7 +263,7 @@ impl Engine {
         let plain: Vec<bool> = ready
             .iter()
             .map(|(req, _)| {
-                let sampler = self.seqs[&req.sequence_id].sampler.as_ref().unwrap();
+                let sampler = self.seqs[&req.sequence].sampler.as_ref().unwrap();
                 sampler.is_greedy() && !sampler.needs_history()
             })
             .collect();
@@ -295,7 +275,7 @@ impl Engine {
         let mut picks = Vec::with_capacity(ready.len());
         for ((req, _), &in_shared_argmax) in ready.iter().zip(&plain) {
             let b = picks.len() as i32;
-            let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
+            let seq = self.seqs.get_mut(&req.sequence).unwrap();
             let sampler = seq.sampler.as_mut().unwrap();
             let logprobs = if sampler.needs_history() {
                 seq.history.extend_from_slice(&req.tokens);

@@ -7,12 +7,12 @@ use std::time::Instant;
 use tokio::sync::oneshot;
 
 use super::ahead::Prepared;
-use super::{draw, micros_since, status, Engine, EngineInfo, Job, Pending, StepOut, MAX_POSITIONS};
+use super::{draw, micros_since, status, Engine, EngineStats, Job, Pending, Step, StepOut};
 use crate::cache::Caches;
-use crate::codec;
+use crate::codec::{self, Encoded};
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
-use crate::proto::{Compression, ForwardRequest, Tensor};
+use crate::proto::Compression;
 use crate::util::lock;
 
 impl Engine {
@@ -23,7 +23,7 @@ impl Engine {
         // A job taken while gathering a batch, to run next.
         let mut held: Option<Job> = None;
         loop {
-            let job = match held.take() {
+            let job = match held.take().or_else(|| self.later.pop_front()) {
                 Some(j) => j,
                 None => {
                     *lock(&self.last_info) = self.info();
@@ -63,13 +63,13 @@ impl Engine {
                         Job::Step(req, reply, at)
                     } else {
                         // The others' arrivals were noted as they joined.
-                        self.arrived(&batch[0].0.sequence_id, at);
+                        self.arrived(&batch[0].0.sequence, at);
                         self.batches += 1;
                         self.batched_steps += batch.len() as u64;
                         self.tokens += batch.len() as u64;
                         self.steps += batch.len() as u64;
                         let ids: Vec<String> =
-                            batch.iter().map(|(r, _)| r.sequence_id.clone()).collect();
+                            batch.iter().map(|(r, _)| r.sequence.clone()).collect();
                         self.step_batch(batch);
                         self.finished(&ids, started);
                         self.busy += started.elapsed();
@@ -114,18 +114,15 @@ impl Engine {
     /// replies.
     fn run_step(
         &mut self,
-        req: ForwardRequest,
+        req: Step,
         reply: oneshot::Sender<Result<StepOut>>,
         at: Instant,
         started: Instant,
         prepared: Option<Prepared>,
     ) {
-        self.arrived(&req.sequence_id, at);
-        let seq = req.sequence_id.clone();
-        let positions = match &req.hidden {
-            Some(t) if req.tokens.is_empty() => t.shape.get(1).copied().unwrap_or(0) as u64,
-            _ => req.tokens.len() as u64,
-        };
+        self.arrived(&req.sequence, at);
+        let seq = req.sequence.clone();
+        let positions = req.positions() as u64;
         let guess = self.guess_next(&req);
         let r = match prepared {
             Some(p) => self.step_prepared(req, p),
@@ -146,35 +143,36 @@ impl Engine {
         let _ = reply.send(r);
     }
 
-    fn info(&self) -> EngineInfo {
-        EngineInfo {
+    /// The engine's figures, as `DeviceInfo` reports them.
+    fn info(&self) -> EngineStats {
+        EngineStats {
             shard: self.stage.as_ref().map(|s| s.info.clone()),
             cache_bytes: self.caches.iter().map(|c| c.nbytes() as u64).sum(),
             sequences: self.seqs.len() as u32,
-            busy: self.busy,
-            tokens: self.tokens,
+            busy_micros: self.busy.as_micros() as u64,
+            tokens_processed: self.tokens,
             steps: self.steps,
             batches: self.batches,
             batched_steps: self.batched_steps,
             prefix_entries: self.prefixes.len() as u32,
             prefix_bytes: self.prefixes.bytes(),
-            prefix_budget: self.prefix_budget(),
-            launched_ahead: self.launched_ahead,
-            launched_ahead_undone: self.launched_ahead_undone,
+            prefix_budget_bytes: self.prefix_budget(),
+            steps_launched_ahead: self.launched_ahead,
+            steps_launched_ahead_undone: self.launched_ahead_undone,
         }
     }
 
     /// Validates a step and makes its input, `[1, L, hidden]`: embedded
     /// tokens on the first stage, decoded activations on the others. The
     /// sequence is created on its first step.
-    fn input(&mut self, req: &ForwardRequest) -> Result<Array> {
+    fn input(&mut self, req: &Step) -> Result<Array> {
         self.admit(req)?;
         self.activations(req)
     }
 
     /// An admitted step's `[1, L, hidden]` input: the first stage embeds its
     /// token ids, the others decode the previous stage's activations.
-    fn activations(&self, req: &ForwardRequest) -> Result<Array> {
+    fn activations(&self, req: &Step) -> Result<Array> {
         let stage = self.stage.as_ref().unwrap();
         if stage.info.embed {
             let ids = self.token_ids(req)?;
@@ -182,12 +180,12 @@ impl Engine {
                 .model
                 .embed(&Array::from_slice(&ids, &[1, ids.len() as i32])?)
         } else {
-            codec::decode(self.hidden(req)?)
+            self.hidden(req)?.decode()
         }
     }
 
     /// The first stage's token ids, each checked against the vocabulary.
-    pub(super) fn token_ids(&self, req: &ForwardRequest) -> Result<Vec<i32>> {
+    pub(super) fn token_ids(&self, req: &Step) -> Result<Vec<i32>> {
         let vocab = self.stage.as_ref().unwrap().model.args.vocab_size as u32;
         if req.tokens.is_empty() {
             return Err(Error::InvalidArgument(
@@ -203,39 +201,29 @@ impl Engine {
         Ok(req.tokens.iter().map(|&t| t as i32).collect())
     }
 
-    /// The activations a later stage gets, their shape and dtype checked
-    /// before MLX sees the data.
-    pub(super) fn hidden<'a>(&self, req: &'a ForwardRequest) -> Result<&'a Tensor> {
+    /// The activations a later stage gets, their width checked against
+    /// this model (the rest of their shape, their dtype and their bytes
+    /// were checked as the step came in, `wire`).
+    pub(super) fn hidden<'a>(&self, req: &'a Step) -> Result<&'a Encoded> {
         let t = req.hidden.as_ref().ok_or_else(|| {
             Error::InvalidArgument("this stage needs activations from the previous one".into())
         })?;
-        let s = &t.shape;
-        let hidden = self.stage.as_ref().unwrap().model.args.hidden_size as i64;
-        if s.len() != 3
-            || s[0] != 1
-            || !(1..=MAX_POSITIONS as i64).contains(&s[1])
-            || s[2] != hidden
-        {
+        let hidden = self.stage.as_ref().unwrap().model.args.hidden_size;
+        if t.shape().get(2) != Some(&hidden) {
             return Err(Error::InvalidArgument(format!(
-                "activations of shape {s:?} do not fit this model: [1, L, {hidden}] expected, L up to {MAX_POSITIONS}"
-            )));
-        }
-        let dtype = codec::dtype_from_proto(t.dtype)?;
-        if !dtype.is_float() {
-            return Err(Error::InvalidArgument(format!(
-                "activations must be float32, float16 or bfloat16, not {}",
-                dtype.name()
+                "activations of shape {:?} do not fit this model: [1, L, {hidden}] expected",
+                t.shape()
             )));
         }
         Ok(t)
     }
 
     /// One step of one sequence.
-    pub(super) fn step(&mut self, req: ForwardRequest) -> Result<StepOut> {
+    pub(super) fn step(&mut self, req: Step) -> Result<StepOut> {
         let started = Instant::now();
         let h = self.input(&req)?;
         let model = self.stage.as_ref().unwrap().model.clone();
-        let slot = self.seqs[&req.sequence_id].slot;
+        let slot = self.seqs[&req.sequence].slot;
         // Decode steps are latency-bound: overlap graph building with compute.
         let every = if req.tokens.len() <= 1 { 2 } else { 0 };
         let h = model.forward_layers_eager(h, Caches::Slot(&mut self.caches, slot), every)?;
@@ -253,18 +241,13 @@ impl Engine {
     /// What one sequence's step sends on: the last stage samples from its
     /// logits (`[1, L, vocab]`, computed here unless given), the others
     /// encode the activations `h` for the next stage.
-    fn output(
-        &mut self,
-        req: &ForwardRequest,
-        h: &Array,
-        logits: Option<Array>,
-    ) -> Result<StepOut> {
+    fn output(&mut self, req: &Step, h: &Array, logits: Option<Array>) -> Result<StepOut> {
         let stage = self.stage.as_ref().unwrap();
         if !stage.info.head {
             let h = codec::Outgoing::new(h, stage.compression)?;
             return self.send_on(req, h);
         }
-        let seq = self.seqs.get_mut(&req.sequence_id).unwrap();
+        let seq = self.seqs.get_mut(&req.sequence).unwrap();
         if seq.sampler.as_ref().is_some_and(|s| s.needs_history()) {
             seq.history.extend_from_slice(&req.tokens);
         }
@@ -285,7 +268,7 @@ impl Engine {
 
     /// What a stage without the head sends on: activations `h` for the
     /// next stage.
-    pub(super) fn send_on(&self, req: &ForwardRequest, h: codec::Outgoing) -> Result<StepOut> {
+    pub(super) fn send_on(&self, req: &Step, h: codec::Outgoing) -> Result<StepOut> {
         if self.stage.as_ref().unwrap().next.is_none() {
             return Err(Error::InvalidArgument(
                 "this stage has no next stage to send activations to".into(),
@@ -295,7 +278,7 @@ impl Engine {
     }
 
     /// Waits for a step's results and makes what the step sends on.
-    pub(super) fn finish(&self, req: &ForwardRequest, pending: Pending) -> Result<StepOut> {
+    pub(super) fn finish(&self, req: &Step, pending: Pending) -> Result<StepOut> {
         let stage = self.stage.as_ref().unwrap();
         let mut out = StepOut {
             hidden: None,

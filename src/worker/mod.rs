@@ -9,6 +9,7 @@
 //! Here: the worker's config and the types its parts share (the engine's
 //! state, its jobs and step results). The parts:
 //!
+//! - `step`: one step of one sequence, as the engine takes it;
 //! - `engine`: the engine thread's loop, one sequence's step and its output;
 //! - `sequences`: admitting a sequence (its slot, the KV budget, a kept
 //!   prefix) and ending it;
@@ -33,11 +34,11 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
 use crate::cache::SlotCache;
-use crate::codec;
+use crate::codec::{self, Encoded};
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
 use crate::prefix::PrefixStore;
-use crate::proto::{ForwardRequest, LoadProgress, LoadShardRequest, ShardInfo, Tensor};
+use crate::proto::{EngineStats, LoadProgress, LoadShardRequest};
 use crate::sample::Sampler;
 use crate::transport::{TlsIdentity, TransportConfig};
 
@@ -50,6 +51,7 @@ mod sequences;
 mod serve;
 mod service;
 mod stage;
+mod step;
 mod warmup;
 
 use ahead::{Guess, Post, Prepared};
@@ -58,6 +60,7 @@ pub(crate) use serve::in_process;
 pub use serve::{is_local, serve, start_local, stop_local};
 pub use service::WorkerService;
 use stage::Stage;
+pub use step::Step;
 
 /// Largest message a worker accepts unless configured: the activations of a
 /// 2048-token prompt chunk of a float32 model with hidden size 8192 are
@@ -189,9 +192,9 @@ struct Sequence {
 /// The result of one step on this stage.
 pub(crate) struct StepOut {
     /// Activations for the next stage (not on the last stage).
-    pub(crate) hidden: Option<Tensor>,
+    pub(crate) hidden: Option<Encoded>,
     pub(crate) token: Option<u32>,
-    pub(crate) logprobs: Option<Tensor>,
+    pub(crate) logprobs: Option<Encoded>,
     pub(crate) micros: u32,
     next: Option<String>,
     first: Option<String>,
@@ -210,30 +213,12 @@ enum Job {
         mpsc::Sender<std::result::Result<LoadProgress, Status>>,
     ),
     /// A step, with when it arrived.
-    Step(ForwardRequest, oneshot::Sender<Result<StepOut>>, Instant),
+    Step(Step, oneshot::Sender<Result<StepOut>>, Instant),
     Release(String, oneshot::Sender<u64>),
-    Info(oneshot::Sender<EngineInfo>),
+    Info(oneshot::Sender<EngineStats>),
     /// Keeps the engine busy until the sender hangs up.
     #[cfg(test)]
     Hold(std_mpsc::Receiver<()>),
-}
-
-/// What the engine thread reports about itself.
-#[derive(Clone, Default)]
-struct EngineInfo {
-    shard: Option<ShardInfo>,
-    cache_bytes: u64,
-    sequences: u32,
-    busy: Duration,
-    tokens: u64,
-    steps: u64,
-    batches: u64,
-    batched_steps: u64,
-    prefix_entries: u32,
-    prefix_bytes: u64,
-    prefix_budget: u64,
-    launched_ahead: u64,
-    launched_ahead_undone: u64,
 }
 
 struct Engine {
@@ -243,7 +228,7 @@ struct Engine {
     job_since: Arc<AtomicU64>,
     origin: Instant,
     /// What it reported when it last finished a job.
-    last_info: Arc<std::sync::Mutex<EngineInfo>>,
+    last_info: Arc<std::sync::Mutex<EngineStats>>,
     /// Sequences held at once at most.
     max_sequences: usize,
     stage: Option<Stage>,
@@ -252,6 +237,8 @@ struct Engine {
     caches: Vec<SlotCache>,
     /// Slots of ended sequences, to reuse.
     free: Vec<usize>,
+    /// Jobs put off while a batch gathered, to run after it (`gather`).
+    later: std::collections::VecDeque<Job>,
     /// Time spent on steps and loads.
     busy: Duration,
     /// Token positions run, and steps.
@@ -313,9 +300,6 @@ fn micros_since(t: Instant) -> u32 {
 
 type BoxStream<T> =
     std::pin::Pin<Box<dyn Stream<Item = std::result::Result<T, Status>> + Send + 'static>>;
-
-/// What this process keeps per peer address, shared by all its streams.
-type ByAddress<T> = std::sync::LazyLock<std::sync::Mutex<HashMap<String, T>>>;
 
 #[cfg(test)]
 mod tests;

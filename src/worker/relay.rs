@@ -8,11 +8,11 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::service::WorkerService;
-use super::{BoxStream, ByAddress};
+use super::service::{Peers, WorkerService};
+use super::{BoxStream, Step};
 use crate::error::Error;
 use crate::proto::forward_message::Message;
-use crate::proto::{ForwardMessage, ForwardReply, ForwardRequest, RingToken};
+use crate::proto::{ForwardMessage, ForwardReply, RingToken, Tensor};
 use crate::transport::{from_next_stage, open_client, status_of, Client, TransportConfig};
 use crate::util::lock;
 
@@ -23,30 +23,27 @@ struct Downstream {
     rx: Streaming<ForwardReply>,
 }
 
-/// One channel per next-stage address, shared by every sequence's stream:
-/// a sequence's first step pays no connection (or TLS handshake).
-static CHANNELS: ByAddress<Client> = ByAddress::new(Default::default);
-
 impl Downstream {
     async fn open(
+        peers: &Peers,
         addr: &str,
         timeout: Duration,
         transport: &TransportConfig,
     ) -> std::result::Result<Downstream, Status> {
-        let cached = lock(&CHANNELS).get(addr).cloned();
+        let cached = lock(&peers.channels).get(addr).cloned();
         if let Some(client) = cached {
             if let Ok(d) = Self::open_on(client, addr, transport).await {
                 return Ok(d);
             }
             // The stage behind it went away (or restarted): connect afresh.
-            lock(&CHANNELS).remove(addr);
+            lock(&peers.channels).remove(addr);
         }
         // No probe: the stream itself tells whether the stage answers.
         let client = open_client(addr, timeout, false, transport)
             .await
             .map_err(status_of)?;
         let d = Self::open_on(client.clone(), addr, transport).await?;
-        lock(&CHANNELS).insert(addr.to_string(), client);
+        lock(&peers.channels).insert(addr.to_string(), client);
         Ok(d)
     }
 
@@ -144,18 +141,15 @@ enum Slot {
 /// Requests of one Forward stream in flight below this stage at most.
 const MAX_IN_FLIGHT: usize = 8;
 
-/// The last stage's streams to first stages (Ring), by address, shared by
-/// every sequence.
-static RINGS: ByAddress<mpsc::Sender<RingToken>> = ByAddress::new(Default::default);
-
 /// Sends `token` round the ring to the first stage at `addr`, opening the
 /// stream on first use and again if it broke.
 async fn send_round(
+    peers: &Peers,
     addr: &str,
     token: RingToken,
     transport: &TransportConfig,
 ) -> std::result::Result<(), Status> {
-    let cached = lock(&RINGS).get(addr).cloned();
+    let cached = lock(&peers.rings).get(addr).cloned();
     let token = match cached {
         Some(tx) => match tx.send(token).await {
             Ok(()) => return Ok(()),
@@ -179,29 +173,8 @@ async fn send_round(
     tx.send(token)
         .await
         .map_err(|_| next_failed(addr, "the first stage closed the ring".into()))?;
-    lock(&RINGS).insert(addr.to_string(), tx);
+    lock(&peers.rings).insert(addr.to_string(), tx);
     Ok(())
-}
-
-/// The step the first stage runs on a token come round the ring.
-fn ring_step(t: RingToken) -> ForwardRequest {
-    ForwardRequest {
-        sequence_id: t.sequence_id,
-        offset: t.offset,
-        tokens: vec![t.token],
-        sample: true,
-        logprobs: t.logprobs.is_some(),
-        decode_ahead: t.decode_ahead.saturating_sub(1),
-        ..Default::default()
-    }
-}
-
-/// The positions a step runs: its activations' length, or its tokens.
-fn step_positions(req: &ForwardRequest) -> u32 {
-    match &req.hidden {
-        Some(t) => t.shape.get(1).copied().unwrap_or(0) as u32,
-        None => req.tokens.len() as u32,
-    }
 }
 
 impl WorkerService {
@@ -314,7 +287,7 @@ impl WorkerService {
                             match held.remove(&m.sequence_id) {
                                 Some(t) if *c > 0 => {
                                     *c -= 1;
-                                    ring_step(t)
+                                    Step::from(&t)
                                 }
                                 Some(t) => {
                                     held.insert(m.sequence_id, t);
@@ -323,7 +296,15 @@ impl WorkerService {
                                 None => continue,
                             }
                         }
-                        Ok(Some(Some(Message::Step(m)))) => m,
+                        // Checked once, here, as it becomes the engine's.
+                        Ok(Some(Some(Message::Step(m)))) => match Step::try_from(m) {
+                            Ok(step) => step,
+                            Err(e) => {
+                                tracing::warn!(worker = %svc.cfg.name, "step refused: {e}");
+                                let _ = slots.send(Slot::Ready(Err(status_of(e)))).await;
+                                break;
+                            }
+                        },
                         Ok(Some(None)) => {
                             let e = Status::invalid_argument("a Forward message with neither a step nor a ring credit");
                             let _ = slots.send(Slot::Ready(Err(e))).await;
@@ -365,7 +346,7 @@ impl WorkerService {
                         match credit.get_mut(&t.sequence_id) {
                             Some(c) if *c > 0 => {
                                 *c -= 1;
-                                ring_step(t)
+                                Step::from(&t)
                             }
                             _ => {
                                 held.insert(t.sequence_id.clone(), t);
@@ -374,7 +355,7 @@ impl WorkerService {
                         }
                     }
                 };
-                let sequence = msg.sequence_id.clone();
+                let sequence = msg.sequence.clone();
                 seen.insert(sequence.clone());
                 if msg.decode_ahead > 0 && msg.hidden.is_none() && !credit.contains_key(&sequence) {
                     // The first stage of a ring: its tokens come back here.
@@ -391,10 +372,10 @@ impl WorkerService {
                             let mut stage_micros = msg.stage_micros.clone();
                             stage_micros.push(out.micros);
                             let round = RingToken {
-                                sequence_id: msg.sequence_id.clone(),
-                                offset: msg.offset + step_positions(&msg),
+                                sequence_id: msg.sequence.clone(),
+                                offset: msg.offset + msg.positions(),
                                 token,
-                                logprobs: out.logprobs,
+                                logprobs: out.logprobs.map(Tensor::from),
                                 stage_micros,
                                 decode_ahead: msg.decode_ahead,
                             };
@@ -409,22 +390,23 @@ impl WorkerService {
                                 None => Slot::Ready(Err(Status::failed_precondition(
                                     "this stage was loaded without the first stage's address: it cannot run ring steps",
                                 ))),
-                                Some(first) => match send_round(&first, round, &svc.cfg.transport).await {
+                                Some(first) => match send_round(&svc.peers, &first, round, &svc.cfg.transport).await {
                                     Ok(()) => continue,
                                     Err(e) => Slot::Ready(Err(e)),
                                 },
                             }
                         }
                         (None, token) => Slot::Ready(Ok(ForwardReply {
-                            sequence_id: msg.sequence_id.clone(),
+                            sequence_id: msg.sequence.clone(),
                             token,
-                            logprobs: out.logprobs,
+                            logprobs: out.logprobs.map(Tensor::from),
                             stage_micros: vec![out.micros],
                         })),
                         (Some(hidden), _) => {
                             let next = out.next.unwrap_or_default();
                             if downstream.is_none() {
                                 match Downstream::open(
+                                    &svc.peers,
                                     &next,
                                     Duration::from_secs(10),
                                     &svc.cfg.transport,
@@ -448,7 +430,7 @@ impl WorkerService {
                                 }
                             }
                             let (addr, down) = downstream.as_ref().unwrap();
-                            let mut fwd = ForwardRequest {
+                            let mut fwd = Step {
                                 hidden: Some(hidden),
                                 ..msg
                             };
@@ -456,7 +438,7 @@ impl WorkerService {
                                 fwd.stage_micros.push(out.micros);
                             }
                             let fwd = ForwardMessage {
-                                message: Some(Message::Step(fwd)),
+                                message: Some(Message::Step(fwd.into())),
                             };
                             svc.sent.0.fetch_add(
                                 prost::Message::encoded_len(&fwd) as u64,

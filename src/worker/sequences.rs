@@ -1,10 +1,8 @@
 //! Sequences on a stage: admitting one (its slot, its share of the KV
 //! budget, a kept prefix), ending it, and keeping its cache as a prefix.
-use super::{Engine, Sequence};
+use super::{Engine, Sequence, Step};
 use crate::error::{Error, Result};
 use crate::mlx;
-use crate::proto::{ForwardRequest, SamplingParams};
-use crate::sample::{ProcessorConfig, Sampler, SamplerConfig};
 
 impl Engine {
     fn reserved(&self) -> u64 {
@@ -95,7 +93,7 @@ impl Engine {
     /// Checks a step against this stage and its sequence, starting the
     /// sequence (a slot, its KV budget, a kept prefix) on its first step.
     /// Its input is checked where it is read (`activations`, `row_input`).
-    pub(super) fn admit(&mut self, req: &ForwardRequest) -> Result<()> {
+    pub(super) fn admit(&mut self, req: &Step) -> Result<()> {
         self.forget_prefixes(&req.forget_prefixes);
         let stage = self.stage.as_ref().ok_or_else(|| {
             Error::NotReady(format!(
@@ -104,35 +102,26 @@ impl Engine {
             ))
         })?;
         let model = stage.model.clone();
-        if req.sequence_id.is_empty() || req.sequence_id.len() > 256 {
-            return Err(Error::InvalidArgument(
-                "a sequence id of 1 to 256 characters is required".into(),
-            ));
-        }
-        if !self.seqs.contains_key(&req.sequence_id) {
+        if !self.seqs.contains_key(&req.sequence) {
             if self.seqs.len() >= self.max_sequences {
                 return Err(Error::KvBudgetFull(format!(
                     "worker {}: it holds {} sequences, its most (--max-sequences); sequence {} cannot start",
                     self.name,
                     self.seqs.len(),
-                    req.sequence_id
+                    req.sequence
                 )));
             }
-            let prefix = if !req.prefix_id.is_empty() {
-                Some(
-                    self.prefixes
-                        .take(&req.prefix_id, req.offset as usize)
-                        .ok_or_else(|| {
-                            Error::PrefixMissing(format!(
-                                "worker {}: prefix {} ({} positions) is not kept here",
-                                self.name, req.prefix_id, req.offset
-                            ))
-                        })?,
-                )
+            let prefix = if let Some(id) = &req.prefix {
+                Some(self.prefixes.take(id, req.offset as usize).ok_or_else(|| {
+                    Error::PrefixMissing(format!(
+                        "worker {}: prefix {id} ({} positions) is not kept here",
+                        self.name, req.offset
+                    ))
+                })?)
             } else if req.offset != 0 {
                 return Err(Error::NotReady(format!(
                     "sequence {} is unknown here (its cache was released or never made) but the step starts at position {}",
-                    req.sequence_id, req.offset
+                    req.sequence, req.offset
                 )));
             } else {
                 None
@@ -158,7 +147,7 @@ impl Engine {
                     detail: format!(
                         "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens, more than this stage's whole budget of {:.1} MB",
                         self.name,
-                        req.sequence_id,
+                        req.sequence,
                         need as f64 / 1e6,
                         stage.cache_budget as f64 / 1e6
                     ),
@@ -168,7 +157,7 @@ impl Engine {
                 return Err(Error::KvBudgetFull(format!(
                     "worker {}: sequence {} needs {:.1} MB of KV cache for {length} tokens ({:.1} MB held in all with it, each of {rows} sequences with room for {room} tokens), but the budget is {:.1} MB",
                     self.name,
-                    req.sequence_id,
+                    req.sequence,
                     need as f64 / 1e6,
                     held as f64 / 1e6,
                     stage.cache_budget as f64 / 1e6
@@ -177,8 +166,8 @@ impl Engine {
             // Kept prefixes give way to live sequences.
             self.prefixes.shrink(stage.cache_budget - held);
             let sampler = if stage.info.head {
-                let p = req.sampling.clone().unwrap_or_default();
-                Some(sampler_from(&p, model.args.vocab_size as usize)?)
+                let sampling = req.sampling.clone().unwrap_or_default();
+                Some(sampling.sampler(model.args.vocab_size as usize)?)
             } else {
                 None
             };
@@ -198,57 +187,32 @@ impl Engine {
                 return Err(e);
             }
             tracing::info!(
-                sequence = %req.sequence_id,
+                sequence = %req.sequence,
                 "started: up to {length} tokens, {:.1} MB of KV reserved{}",
                 need as f64 / 1e6,
                 if req.offset > 0 { format!(", {} positions from a kept prefix", req.offset) } else { String::new() }
             );
             self.seqs.insert(
-                req.sequence_id.clone(),
+                req.sequence.clone(),
                 Sequence {
                     slot,
                     sampler,
                     history: Vec::new(),
                     reserved: need,
-                    keep_as: Some(req.keep_as.clone()).filter(|k| !k.is_empty()),
+                    keep_as: req.keep_as.clone(),
                     done: None,
                     back_after: None,
                 },
             );
         }
-        let seq = &self.seqs[&req.sequence_id];
+        let seq = &self.seqs[&req.sequence];
         let offset = self.caches.first().map_or(0, |c| c.length(seq.slot)) as u32;
         if offset != req.offset {
             return Err(Error::InvalidArgument(format!(
                 "sequence {}: step starts at position {} but this stage's cache holds {offset}",
-                req.sequence_id, req.offset
+                req.sequence, req.offset
             )));
         }
         Ok(())
     }
-}
-
-fn sampler_from(p: &SamplingParams, vocab: usize) -> Result<Sampler> {
-    let cfg = SamplerConfig {
-        temp: p.temp,
-        top_p: p.top_p,
-        min_p: p.min_p,
-        min_tokens_to_keep: p.min_tokens_to_keep.max(1),
-        top_k: p.top_k,
-        seed: p.seed,
-    };
-    let ctx = |n: u32| if n == 0 { 20 } else { n as usize };
-    let mut bias: Vec<(u32, f32)> = p.logit_bias.iter().map(|(k, v)| (*k, *v)).collect();
-    bias.sort_by_key(|(k, _)| *k);
-    let procs = ProcessorConfig {
-        logit_bias: bias,
-        repetition_penalty: p.repetition_penalty,
-        repetition_context_size: ctx(p.repetition_context_size),
-        presence_penalty: p.presence_penalty,
-        presence_context_size: ctx(p.presence_context_size),
-        frequency_penalty: p.frequency_penalty,
-        frequency_context_size: ctx(p.frequency_context_size),
-    };
-    procs.validate(vocab)?;
-    Sampler::new(cfg, procs)
 }

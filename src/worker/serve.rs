@@ -3,7 +3,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use super::service::WorkerService;
-use super::{ByAddress, WorkerConfig};
+use super::WorkerConfig;
 use crate::error::{Error, Result};
 use crate::proto::worker_server::WorkerServer;
 use crate::transport::{error_chain, TlsIdentity};
@@ -51,8 +51,13 @@ pub(crate) fn in_process(addr: &str) -> Option<WorkerService> {
     lock(&LOCAL).get(addr).cloned()
 }
 
-/// Local workers of this process, by name.
-static LOCAL: ByAddress<WorkerService> = ByAddress::new(Default::default);
+/// Local workers of this process, by name: the one table of process-wide
+/// workers, as the kernel's is of ports. A worker is named by its address
+/// everywhere (plans, re-plans, `/cluster/status`, Python's worker lists),
+/// and an in-process one has no port, so its name is looked up here.
+static LOCAL: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<String, WorkerService>>,
+> = std::sync::LazyLock::new(Default::default);
 
 /// Serves a worker on `listener` until `shutdown` completes.
 async fn serve_on(

@@ -10,21 +10,31 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::ahead::Post;
-use super::{
-    status, BoxStream, Engine, EngineInfo, Job, StepOut, StepOutcome, WorkerConfig, MAX_POSITIONS,
-};
+use super::{status, BoxStream, Engine, Job, Step, StepOut, StepOutcome, WorkerConfig};
 use crate::device;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mlx;
 use crate::prefix::PrefixStore;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
-    DeviceInfo, DeviceInfoRequest, FileChunk, ForwardMessage, ForwardReply, ForwardRequest,
-    LoadProgress, LoadShardRequest, PushFileReply, ReleaseReply, ReleaseRequest, RingReply,
-    RingToken,
+    DeviceInfo, DeviceInfoRequest, EngineStats, FileChunk, ForwardMessage, ForwardReply,
+    LoadProgress, LoadShardRequest, MlxMemory, PushFileReply, ReleaseReply, ReleaseRequest,
+    RingReply, RingToken, Traffic,
 };
 use crate::transport::CheckToken;
 use crate::util::lock;
+
+/// What a worker keeps per peer address, shared by all its streams.
+#[derive(Default)]
+pub(super) struct Peers {
+    /// One channel per next-stage address, shared by every sequence's
+    /// stream: a sequence's first step pays no connection (or TLS
+    /// handshake).
+    pub(super) channels: std::sync::Mutex<HashMap<String, crate::transport::Client>>,
+    /// The last stage's streams to first stages (Ring), shared by every
+    /// sequence.
+    pub(super) rings: std::sync::Mutex<HashMap<String, mpsc::Sender<RingToken>>>,
+}
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -45,9 +55,11 @@ pub struct WorkerService {
     /// The engine's `job_since` and `last_info`: what GetDeviceInfo reports
     /// while the engine is too busy to answer.
     job_since: Arc<AtomicU64>,
-    last_info: Arc<std::sync::Mutex<EngineInfo>>,
+    last_info: Arc<std::sync::Mutex<EngineStats>>,
     /// Where the input of the engine's step launched ahead is delivered.
     post: Arc<Post>,
+    /// Channels to the next stage, and rings to first stages.
+    pub(super) peers: Arc<Peers>,
 }
 
 /// How long GetDeviceInfo waits for the engine's own figures before giving
@@ -60,7 +72,7 @@ impl WorkerService {
         let (tx, rx) = std_mpsc::channel();
         let started = Instant::now();
         let job_since = Arc::new(AtomicU64::new(0));
-        let last_info: Arc<std::sync::Mutex<EngineInfo>> = Default::default();
+        let last_info: Arc<std::sync::Mutex<EngineStats>> = Default::default();
         let post = Arc::new(Post::default());
         let engine = Engine {
             name: cfg.name.clone(),
@@ -72,6 +84,7 @@ impl WorkerService {
             seqs: HashMap::new(),
             caches: Vec::new(),
             free: Vec::new(),
+            later: Default::default(),
             busy: Duration::ZERO,
             tokens: 0,
             steps: 0,
@@ -104,6 +117,7 @@ impl WorkerService {
             job_since,
             last_info,
             post,
+            peers: Default::default(),
         }
     }
 
@@ -114,7 +128,7 @@ impl WorkerService {
             .map_err(|_| Status::internal("the engine thread has stopped"))
     }
 
-    pub(super) async fn step(&self, req: ForwardRequest) -> StepOutcome {
+    pub(super) async fn step(&self, req: Step) -> StepOutcome {
         self.submit(req)?
             .await
             .map_err(|_| Status::internal("the engine thread has stopped"))?
@@ -124,9 +138,8 @@ impl WorkerService {
     /// Queues a step on the engine now; its result comes on the receiver.
     pub(crate) fn submit(
         &self,
-        req: ForwardRequest,
+        req: Step,
     ) -> std::result::Result<oneshot::Receiver<Result<StepOut>>, Status> {
-        check_forward(&req).map_err(status)?;
         let (tx, rx) = oneshot::channel();
         self.send(Job::Step(req, tx, Instant::now()))?;
         Ok(rx)
@@ -152,50 +165,6 @@ impl WorkerService {
             .max_encoding_message_size(limit);
         tonic::service::interceptor::InterceptedService::new(server, check)
     }
-}
-
-/// Prefix ids one step may ask a stage to forget at most (the coordinator
-/// queues 1024 at most).
-const MAX_FORGET: usize = 4096;
-
-/// The checks of a step that need no state, made before the step reaches
-/// the engine thread (and MLX): ids and sizes within bounds.
-fn check_forward(req: &ForwardRequest) -> Result<()> {
-    if req.sequence_id.is_empty() || req.sequence_id.len() > 256 {
-        return Err(Error::InvalidArgument(
-            "a sequence id of 1 to 256 characters is required".into(),
-        ));
-    }
-    if req.prefix_id.len() > 256
-        || req.keep_as.len() > 256
-        || req.forget_prefixes.iter().any(|p| p.len() > 256)
-    {
-        return Err(Error::InvalidArgument(
-            "prefix ids are at most 256 characters".into(),
-        ));
-    }
-    if req.forget_prefixes.len() > MAX_FORGET {
-        return Err(Error::InvalidArgument(format!(
-            "{} prefixes to forget in one step: at most {MAX_FORGET} are taken",
-            req.forget_prefixes.len()
-        )));
-    }
-    if req.tokens.len() > MAX_POSITIONS {
-        return Err(Error::InvalidArgument(format!(
-            "a step of {} token positions: at most {MAX_POSITIONS} are taken",
-            req.tokens.len()
-        )));
-    }
-    if let Some(t) = &req.hidden {
-        let positions = t.shape.get(1).copied().unwrap_or(0);
-        if t.shape.len() != 3 || !(1..=MAX_POSITIONS as i64).contains(&positions) {
-            return Err(Error::InvalidArgument(format!(
-                "activations of shape {:?} do not fit: [1, L, hidden] expected, L from 1 to {MAX_POSITIONS}",
-                t.shape
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[tonic::async_trait]
@@ -237,35 +206,20 @@ impl Worker for WorkerService {
             }
         };
         Ok(Response::new(DeviceInfo {
-            name: caps.name,
-            device_type: caps.device_type,
-            chip: caps.chip,
-            gpu_cores: caps.gpu_cores,
-            memory_total: caps.memory_total,
-            memory_available: caps.memory_available,
-            matmul_gflops: caps.matmul_gflops,
-            bandwidth_gbs: caps.bandwidth_gbs,
+            device: Some(caps.into()),
             version: env!("CARGO_PKG_VERSION").to_string(),
             mlx_version: mlx::version(),
-            shard: engine.shard,
-            cache_bytes: engine.cache_bytes,
-            sequences: engine.sequences,
-            busy_micros: engine.busy.as_micros() as u64,
-            tokens_processed: engine.tokens,
-            steps: engine.steps,
-            batches: engine.batches,
-            batched_steps: engine.batched_steps,
-            steps_launched_ahead: engine.launched_ahead,
-            steps_launched_ahead_undone: engine.launched_ahead_undone,
-            prefix_entries: engine.prefix_entries,
-            prefix_bytes: engine.prefix_bytes,
-            prefix_budget_bytes: engine.prefix_budget,
+            engine: Some(engine),
+            memory: Some(MlxMemory {
+                active: mlx::active_memory() as u64,
+                peak: mlx::peak_memory() as u64,
+            }),
+            traffic: Some(Traffic {
+                forward_bytes_sent: self.sent.0.load(Ordering::Relaxed),
+                forward_messages_sent: self.sent.1.load(Ordering::Relaxed),
+                ring_tokens: self.ring_tokens.load(Ordering::Relaxed),
+            }),
             uptime_micros: self.started.elapsed().as_micros() as u64,
-            mlx_active_memory: mlx::active_memory() as u64,
-            mlx_peak_memory: mlx::peak_memory() as u64,
-            forward_bytes_sent: self.sent.0.load(Ordering::Relaxed),
-            forward_messages_sent: self.sent.1.load(Ordering::Relaxed),
-            ring_tokens: self.ring_tokens.load(Ordering::Relaxed),
             busy_for_micros: busy_for,
         }))
     }

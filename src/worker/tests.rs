@@ -15,7 +15,7 @@ use crate::mlx::Array;
 use crate::models::Model;
 use crate::proto::worker_server::Worker;
 use crate::proto::{
-    Compression, DeviceInfo, DeviceInfoRequest, ForwardReply, ForwardRequest, LoadShardRequest,
+    Compression, DeviceInfoRequest, ForwardReply, ForwardRequest, LoadShardRequest,
     ModelSource as ProtoSource, ReleaseRequest, SamplingParams, ShardInfo, Tensor,
 };
 use crate::sharding::Footprint;
@@ -28,6 +28,11 @@ use crate::weights::{resolve, Weights};
 mod fuzz;
 mod relayed;
 use relayed::kind_of;
+
+/// `a` encoded as the wire carries it.
+fn encode(a: &Array, compression: Compression) -> crate::Result<Tensor> {
+    codec::encode(a, compression).map(Tensor::from)
+}
 
 async fn start(dir: &Path) -> (String, Client) {
     let mut cfg = WorkerConfig::new("test");
@@ -137,7 +142,7 @@ fn step(seq: &str, hidden: Tensor) -> ForwardRequest {
 /// One step of a new sequence of `positions` positions (this stage
 /// holds layers 1..3 and the head), kept as `keep_as` when it ends.
 fn first_step(seq: &str, positions: i32, keep_as: &str) -> ForwardRequest {
-    let hidden = codec::encode(
+    let hidden = encode(
         &Array::full(&[1, positions, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
         Compression::None,
     )
@@ -150,14 +155,16 @@ fn first_step(seq: &str, positions: i32, keep_as: &str) -> ForwardRequest {
     }
 }
 
-async fn prefix_entries(client: &mut Client, want: u32) -> DeviceInfo {
+async fn prefix_entries(client: &mut Client, want: u32) -> crate::proto::EngineStats {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let info = client
             .get_device_info(DeviceInfoRequest::default())
             .await
             .unwrap()
-            .into_inner();
+            .into_inner()
+            .engine
+            .unwrap();
         if info.prefix_entries == want || Instant::now() > deadline {
             return info;
         }
@@ -239,7 +246,7 @@ fn device_info_answers_while_the_engine_is_busy() {
     std::thread::sleep(Duration::from_millis(100));
     let info = ask(&svc);
     assert!(info.busy_for_micros >= 100_000, "{}", info.busy_for_micros);
-    assert_eq!(info.name, "busy");
+    assert_eq!(info.device.unwrap().name, "busy");
     drop(release);
     assert_eq!(ask(&svc).busy_for_micros, 0);
 }
@@ -306,7 +313,7 @@ fn the_kv_budget_counts_the_longest_rows_room_for_every_row() {
         )
         .await
         .unwrap();
-        let good = codec::encode(
+        let good = encode(
             &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
             Compression::None,
         )
@@ -354,7 +361,7 @@ fn bad_messages_are_refused_and_the_worker_keeps_serving() {
     crate::models::tests::write_llama(tmp.path(), 3);
     crate::util::runtime().block_on(async {
         let (addr, mut client) = start(tmp.path()).await;
-        let good = codec::encode(
+        let good = encode(
             &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
             Compression::None,
         )
@@ -420,7 +427,7 @@ fn a_bad_row_fails_alone_in_a_batched_step() {
         cfg.cache_dir = tmp.path().join("cache");
         let (addr, mut client, jobs) = start_with_jobs(tmp.path(), cfg).await;
         let row = |v: f64| {
-            codec::encode(
+            encode(
                 &Array::full(&[1, 1, 256], v, crate::mlx::Dtype::Float32).unwrap(),
                 Compression::None,
             )
@@ -450,6 +457,8 @@ fn a_bad_row_fails_alone_in_a_batched_step() {
                 .await
                 .unwrap()
                 .into_inner()
+                .engine
+                .unwrap()
                 .batches
         };
         let before = batches().await;
@@ -502,7 +511,7 @@ fn tls_workers_answer_only_clients_that_trust_them() {
         cfg.tls = Some(TlsIdentity::new(cert.clone(), key).unwrap());
         cfg.transport = trusting(Some(cert.clone()));
         let (addr, mut client) = start_with(tmp.path(), cfg).await;
-        let good = codec::encode(
+        let good = encode(
             &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
             Compression::None,
         )

@@ -14,11 +14,11 @@ use std::time::Instant;
 
 use tokio::sync::oneshot;
 
-use super::Engine;
+use super::{Engine, Step};
 use crate::codec;
 use crate::error::{Error, Result};
 use crate::mlx::{self, Array};
-use crate::proto::{Compression, ForwardRequest};
+use crate::proto::Compression;
 
 /// Row counts that pick different matmul kernels in MLX 0.32 (a vector
 /// kernel below 8 rows, then tiles of 16, 32 and 64 rows).
@@ -90,11 +90,11 @@ impl Engine {
 
     /// A step of `rows` positions from `offset` of warm-up sequence `seq`:
     /// token ids on the first stage, zero activations on the others.
-    fn warm_up_request(&self, seq: &str, offset: u32, rows: u32) -> Result<ForwardRequest> {
+    fn warm_up_request(&self, seq: &str, offset: u32, rows: u32) -> Result<Step> {
         let stage = self.stage.as_ref().expect("a stage is loaded");
         let model = &stage.model;
-        let mut req = ForwardRequest {
-            sequence_id: seq.to_string(),
+        let mut req = Step {
+            sequence: seq.to_string(),
             offset,
             sample: true,
             max_length: offset + rows + 1,

@@ -7,7 +7,6 @@ memory of the surviving workers before and after."""
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import statistics
 import tempfile
@@ -19,7 +18,7 @@ from mlx_dist.bench import processes
 def _memory(addresses: list[str]) -> dict[str, int]:
     from mlx_dist import _core
 
-    return {a: json.loads(_core.worker_info(a))["mlx_active_memory"] for a in addresses}
+    return {a: _core.worker_info(a)["memory"]["active"] for a in addresses}
 
 
 def main(args) -> int:

@@ -194,15 +194,15 @@ def _stage_batches(addrs) -> str:
     """Per stage since the last call, from the workers' counters: mean
     decode batch size, the time it was busy and its mean time per run
     (a batch or a step alone), as `batch busy% ms`."""
-    import json
 
     from mlx_dist import _core
 
     parts = []
     for a in addrs:
-        i = json.loads(_core.worker_info(a))
+        i = _core.worker_info(a)
+        e = i["engine"]
         prev = _stage_batches.seen.get(a, (0, 0, 0, 0, 0))
-        now = (i["steps"], i["batches"], i["batched_steps"], i["busy_micros"], i["uptime_micros"])
+        now = (e["steps"], e["batches"], e["batched_steps"], e["busy_micros"], i["uptime_micros"])
         steps, batches, batched, busy, up = (n - p for n, p in zip(now, prev, strict=True))
         _stage_batches.seen[a] = now
         # Steps run alone are batches of one.

@@ -5,7 +5,6 @@ question the HTTP layer asks of the core (routes never reach into
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import socket
 import sys
@@ -219,7 +218,7 @@ class ServerState:
     @staticmethod
     def probe_worker(address: str, timeout: float) -> dict:
         """The device info of the worker at ``address`` (raises when none answers)."""
-        return json.loads(_core.worker_info(address, timeout))
+        return _core.worker_info(address, timeout)
 
     def add_worker(self, address: str) -> bool:
         """Adds a worker the next plan may use; False when it was known."""
@@ -257,7 +256,7 @@ class ServerState:
                 return entry
             entry.update(reachable=True, latency_ms=round((time.perf_counter() - started) * 1e3, 2))
             entry["info"] = info
-            shard = info.get("shard")
+            shard = (info.get("engine") or {}).get("shard")
             held = [shard["layer_start"], shard["layer_end"]] if shard else None
             if held != entry.get("layers"):
                 # Answering, but not holding its part of the plan (it restarted).
@@ -280,32 +279,38 @@ class ServerState:
                 i = w["stage"]
                 w["last_step_ms"] = micros[i] / 1e3 if i < len(micros) else None
                 info = w.get("info") or {}
+                figures = info.get("engine") or {}
                 if info.get("uptime_micros"):
-                    w["busy_fraction"] = info["busy_micros"] / info["uptime_micros"]
-                if info.get("batches"):
-                    w["mean_batch"] = info["batched_steps"] / info["batches"]
+                    w["busy_fraction"] = figures.get("busy_micros", 0) / info["uptime_micros"]
+                if figures.get("batches"):
+                    w["mean_batch"] = figures["batched_steps"] / figures["batches"]
             return workers
-        active, peak, _ = _core.memory()
-        info = json.loads(await asyncio.to_thread(_core.device_info, socket.gethostname()))
+        memory = _core.memory()
+        active, peak = memory.active, memory.peak
+        device = await asyncio.to_thread(_core.device_info, socket.gethostname())
         uptime = int((time.perf_counter() - engine.started) * 1e6)
-        info.update(
-            mlx_active_memory=active,
-            mlx_peak_memory=peak,
-            busy_micros=int(engine.busy_seconds * 1e6),
-            tokens_processed=engine.tokens_processed,
-            steps=engine.steps,
-            uptime_micros=uptime,
-            sequences=engine.active,
-        )
+        busy = int(engine.busy_seconds * 1e6)
+        # Shaped as a worker's DeviceInfo, so that one reader reads both.
+        info = {
+            "device": device,
+            "memory": {"active": active, "peak": peak},
+            "engine": {
+                "busy_micros": busy,
+                "tokens_processed": engine.tokens_processed,
+                "steps": engine.steps,
+                "sequences": engine.active,
+            },
+            "uptime_micros": uptime,
+        }
         return [
             {
                 "stage": 0,
-                "name": info["name"],
+                "name": device["name"],
                 "address": "local",
                 "reachable": True,
                 "layers": [0, self.model._core.num_layers],
                 "last_step_ms": None,
-                "busy_fraction": info["busy_micros"] / uptime if uptime else 0.0,
+                "busy_fraction": busy / uptime if uptime else 0.0,
                 "info": info,
             }
         ]
@@ -313,7 +318,8 @@ class ServerState:
     async def cluster_status(self) -> dict:
         """``/cluster/status``: the model, the engine, memory, the plan, devices."""
         engine = self.engine
-        active, peak, cache = _core.memory()
+        memory = _core.memory()
+        active, peak, cache = memory.active, memory.peak, memory.cache
         body: dict[str, Any] = {
             "model": self.name,
             "model_type": self.model.model_type,
@@ -362,13 +368,13 @@ class ServerState:
             }
         stages = []
         for d in devices:
-            info = d.get("info") or {}
+            figures = (d.get("info") or {}).get("engine") or {}
             stages.append(
                 {
                     "stage": d["stage"],
-                    "entries": info.get("prefix_entries"),
-                    "bytes": info.get("prefix_bytes"),
-                    "budget_bytes": info.get("prefix_budget_bytes"),
+                    "entries": figures.get("prefix_entries"),
+                    "bytes": figures.get("prefix_bytes"),
+                    "budget_bytes": figures.get("prefix_budget_bytes"),
                 }
             )
         return {"index_entries": core.prefix_index_entries, "stages": stages}

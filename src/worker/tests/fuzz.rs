@@ -210,7 +210,7 @@ fn fuzzed_requests_get_errors_and_the_worker_keeps_serving() {
         cfg.max_message_bytes = limit;
         cfg.max_sequences = 2;
         let (addr, mut client) = start_with(tmp.path(), cfg).await;
-        let good = codec::encode(
+        let good = encode(
             &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
             Compression::None,
         )
@@ -354,7 +354,7 @@ fn fuzzed_requests_get_errors_and_the_worker_keeps_serving() {
         .await
         .unwrap()
         .into_inner();
-        assert_eq!(info.shard.unwrap().layer_end, 3);
+        assert_eq!(info.engine.unwrap().shard.unwrap().layer_end, 3);
         assert!(
             started.elapsed() < Duration::from_secs(60),
             "{:?}",

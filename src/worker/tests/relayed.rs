@@ -36,7 +36,7 @@ fn a_stage_names_the_next_stage_that_failed_by_kind() {
     let (cert, key) = make_certificate(&["127.0.0.1".into()]).unwrap();
     crate::util::runtime().block_on(async {
         let (addr, mut client) = start(tmp.path()).await;
-        let hidden = codec::encode(
+        let hidden = encode(
             &Array::full(&[1, 1, 256], 0.01, crate::mlx::Dtype::Float32).unwrap(),
             Compression::None,
         )
