@@ -289,6 +289,7 @@ def make_tiny_model(
     add_bos: bool = False,
     special_tokens_map: bool = True,
     num_layers: int | None = None,
+    config_overrides: dict | None = None,
 ) -> Path:
     """Write a tiny random `arch` model to `path` and return the path.
 
@@ -299,6 +300,7 @@ def make_tiny_model(
     rope_scaling: llama only, copied into config.json (e.g. a llama3 scaling dict).
     add_bos: the tokenizer prepends <|im_start|> (the bos_token) when encoding.
     num_layers: overrides the architecture's small default layer count.
+    config_overrides: other config.json sizes, e.g. a wider hidden_size.
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -306,6 +308,7 @@ def make_tiny_model(
     config = _config(
         arch, vocab_size=-(-n_tokens // 64) * 64, rope_scaling=rope_scaling, num_layers=num_layers
     )
+    config |= config_overrides or {}
     config["torch_dtype"] = dtype
 
     model_class, args_class = mlx_lm_utils._get_classes(config)

@@ -150,6 +150,7 @@ class Model:
     prefix_cache_bytes: int
     prefix_cache_entries: int
     prefix_cache_budget: int
+    weight_conversions: dict
     def logits(self, ids: list[int]) -> tuple[bytes, list[int]]: ...
 
 class Cluster:

@@ -52,6 +52,13 @@ class Model:
     def nbytes(self) -> int:
         return self._core.nbytes
 
+    @property
+    def weight_conversions(self) -> dict:
+        """For a GGUF model, how each GGML type became MLX affine weights: by type,
+        ``tensors``, ``bits``, ``group_size``, ``exact`` and the largest error
+        (``max_error``, ``max_relative_error``). Empty for safetensors."""
+        return self._core.weight_conversions
+
     def __call__(self, inputs) -> mx.array:
         ids = _token_list(inputs)
         data, shape = self._core.logits(ids)

@@ -14,12 +14,6 @@ pub type ArrayCb = unsafe extern "C" fn(ctx: *mut c_void, name: *const c_char, a
 pub type StringCb =
     unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, value: *const c_char);
 pub type SizeCb = unsafe extern "C" fn(ctx: *mut c_void, key: *const c_char, value: usize);
-pub type StringsCb = unsafe extern "C" fn(
-    ctx: *mut c_void,
-    key: *const c_char,
-    values: *const *const c_char,
-    n: usize,
-);
 
 extern "C" {
     pub fn mlxd_last_error() -> *const c_char;
@@ -187,14 +181,6 @@ extern "C" {
         names: *const *const c_char,
         arrays: *const Arr,
         n: usize,
-    ) -> c_int;
-    pub fn mlxd_load_gguf(
-        path: *const c_char,
-        ctx: *mut c_void,
-        on_array: ArrayCb,
-        on_meta_array: ArrayCb,
-        on_meta_string: StringCb,
-        on_meta_strings: StringsCb,
     ) -> c_int;
     pub fn mlxd_device_info(ctx: *mut c_void, on_string: StringCb, on_size: SizeCb) -> c_int;
 

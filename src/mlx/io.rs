@@ -1,5 +1,5 @@
-//! Reading and writing tensor files through MLX: safetensors (lazy: a tensor
-//! is read from disk only when evaluated) and GGUF.
+//! Reading and writing safetensors files through MLX (lazy: a tensor is
+//! read from disk only when evaluated).
 use std::collections::HashMap;
 use std::ffi::{c_void, CStr, CString};
 use std::os::raw::c_char;
@@ -9,19 +9,10 @@ use super::array::{check, Array};
 use super::ffi::{self, Arr};
 use crate::error::{Error, Result};
 
-/// A GGUF metadata value.
-#[derive(Debug, Clone)]
-pub enum GgufValue {
-    Array(Array),
-    String(String),
-    Strings(Vec<String>),
-}
-
 #[derive(Default)]
 struct Collected {
     arrays: HashMap<String, Array>,
     strings: HashMap<String, String>,
-    meta: HashMap<String, GgufValue>,
 }
 
 fn cstr(p: *const c_char) -> String {
@@ -36,26 +27,6 @@ unsafe extern "C" fn on_string(ctx: *mut c_void, key: *const c_char, value: *con
     let c = &mut *(ctx as *mut Collected);
     c.strings.insert(cstr(key), cstr(value));
 }
-unsafe extern "C" fn on_meta_array(ctx: *mut c_void, key: *const c_char, a: Arr) {
-    let c = &mut *(ctx as *mut Collected);
-    c.meta
-        .insert(cstr(key), GgufValue::Array(Array::from_raw(a)));
-}
-unsafe extern "C" fn on_meta_string(ctx: *mut c_void, key: *const c_char, value: *const c_char) {
-    let c = &mut *(ctx as *mut Collected);
-    c.meta.insert(cstr(key), GgufValue::String(cstr(value)));
-}
-unsafe extern "C" fn on_meta_strings(
-    ctx: *mut c_void,
-    key: *const c_char,
-    values: *const *const c_char,
-    n: usize,
-) {
-    let c = &mut *(ctx as *mut Collected);
-    let v = (0..n).map(|i| cstr(*values.add(i))).collect();
-    c.meta.insert(cstr(key), GgufValue::Strings(v));
-}
-
 fn c_path(path: &Path) -> Result<CString> {
     CString::new(path.to_string_lossy().as_bytes())
         .map_err(|_| Error::InvalidArgument(format!("path with a NUL byte: {}", path.display())))
@@ -87,23 +58,4 @@ pub fn save_safetensors(path: &Path, arrays: &[(&str, &Array)]) -> Result<()> {
     check(unsafe {
         ffi::mlxd_save_safetensors(p.as_ptr(), name_ptrs.as_ptr(), raws.as_ptr(), raws.len())
     })
-}
-
-/// Loads the tensors and metadata of a GGUF file. Q4_0, Q4_1 and Q8_0
-/// tensors come back as MLX affine-quantized triples (`.weight`, `.scales`,
-/// `.biases`).
-pub fn load_gguf(path: &Path) -> Result<(HashMap<String, Array>, HashMap<String, GgufValue>)> {
-    let p = c_path(path)?;
-    let mut c = Collected::default();
-    check(unsafe {
-        ffi::mlxd_load_gguf(
-            p.as_ptr(),
-            (&mut c as *mut Collected).cast(),
-            on_array,
-            on_meta_array,
-            on_meta_string,
-            on_meta_strings,
-        )
-    })?;
-    Ok((c.arrays, c.meta))
 }

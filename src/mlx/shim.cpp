@@ -81,7 +81,6 @@ extern "C" {
 
 typedef void (*array_cb)(void* ctx, const char* name, arr* a);
 typedef void (*string_cb)(void* ctx, const char* key, const char* value);
-typedef void (*strings_cb)(void* ctx, const char* key, const char** values, size_t n);
 
 const char* mlxd_last_error() { return last_error.c_str(); }
 const char* mlxd_version() {
@@ -375,27 +374,6 @@ int mlxd_save_safetensors(const char* path, const char* const* names, arr* const
     mx::save_safetensors(std::string(path), m);
   })
 }
-// GGUF metadata comes back through three callbacks: arrays (numbers), strings
-// and lists of strings.
-int mlxd_load_gguf(const char* path, void* ctx, array_cb on_array, array_cb on_meta_array,
-                   string_cb on_meta_string, strings_cb on_meta_strings) {
-  GUARD({
-    auto loaded = mx::load_gguf(std::string(path));
-    for (auto& [k, v] : loaded.first) on_array(ctx, k.c_str(), box(v));
-    for (auto& [k, v] : loaded.second) {
-      if (auto a = std::get_if<arr>(&v)) {
-        on_meta_array(ctx, k.c_str(), box(*a));
-      } else if (auto s = std::get_if<std::string>(&v)) {
-        on_meta_string(ctx, k.c_str(), s->c_str());
-      } else if (auto l = std::get_if<std::vector<std::string>>(&v)) {
-        std::vector<const char*> ptrs;
-        for (auto& s : *l) ptrs.push_back(s.c_str());
-        on_meta_strings(ctx, k.c_str(), ptrs.data(), ptrs.size());
-      }
-    }
-  })
-}
-
 // Device properties come back through two callbacks: string values and
 // numbers (sizes, counts).
 typedef void (*size_cb)(void* ctx, const char* key, size_t value);

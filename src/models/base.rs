@@ -27,7 +27,7 @@ impl Matrix {
     /// does not name it.
     pub fn load(w: &Weights, prefix: &str, in_dims: i32) -> Result<Matrix> {
         let weight = w.get(&format!("{prefix}.weight"))?;
-        let Some(scales) = w.try_get(&format!("{prefix}.scales")) else {
+        let Some(scales) = w.try_get(&format!("{prefix}.scales"))? else {
             return Ok(Matrix::Dense(weight));
         };
         if scales.dtype() == Dtype::Uint8 {
@@ -51,7 +51,7 @@ impl Matrix {
                 }
             }
         };
-        let biases = w.try_get(&format!("{prefix}.biases"));
+        let biases = w.try_get(&format!("{prefix}.biases"))?;
         Ok(Matrix::Quantized {
             weight,
             scales,

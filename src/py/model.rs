@@ -17,6 +17,8 @@ pub struct PyModel {
     /// Caches of ended sequences, for later prompts with the same start.
     pub prefixes: Arc<Mutex<PrefixCache>>,
     source: ModelSource,
+    /// How GGUF tensors became MLX weights, by GGML type.
+    conversions: serde_json::Value,
 }
 
 /// Loads the model and tokenizer at a path or cached repo id. The weights
@@ -43,11 +45,13 @@ pub fn load(
         if materialize {
             model.materialize()?;
         }
+        let conversions = crate::weights::conversion_summary(&weights.conversions());
         Ok((
             PyModel {
                 inner: Arc::new(model),
                 prefixes: Arc::new(Mutex::new(PrefixCache::new(prefix_bytes))),
                 source,
+                conversions,
             },
             PyTokenizer { inner: tokenizer },
         ))
@@ -94,6 +98,15 @@ impl PyModel {
     #[getter]
     fn prefix_cache_budget(&self) -> u64 {
         crate::util::lock(&self.prefixes).budget()
+    }
+
+    /// For a GGUF model, how its quantized tensors became MLX affine
+    /// weights, by GGML type: tensors, bits, group size, whether every
+    /// weight is exactly llama.cpp's, and the largest error (absolute, and
+    /// relative to the largest weight). Empty for safetensors.
+    #[getter]
+    fn weight_conversions(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(super::json_to_py(py, &self.conversions)?.unbind())
     }
 
     #[getter]

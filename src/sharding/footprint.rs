@@ -30,7 +30,7 @@ pub struct Footprint {
 
 impl Footprint {
     /// Weighs a model from its tensors' shapes and dtypes, without reading
-    /// them (lazy arrays know their size).
+    /// them (the tensor table knows their size).
     pub fn from_weights(w: &Weights, args: &ModelArgs, tied: bool) -> Footprint {
         let n = args.num_hidden_layers;
         let mut fp = Footprint {
@@ -39,8 +39,8 @@ impl Footprint {
             ..Footprint::default()
         };
         let mut lm_head = 0;
-        for (name, a) in w.tensors() {
-            let b = a.nbytes() as u64;
+        for (name, info) in w.infos() {
+            let b = info.nbytes();
             if let Some(rest) = name.strip_prefix("model.layers.") {
                 let i = rest.split('.').next().and_then(|i| i.parse::<usize>().ok());
                 if let Some(slot) = i.and_then(|i| fp.layer_bytes.get_mut(i)) {
@@ -58,10 +58,10 @@ impl Footprint {
         // Activations (and so the cache) take the dtype the embedding
         // produces: its scales' for a quantized embedding.
         let act = w
-            .try_get("model.embed_tokens.scales")
-            .or_else(|| w.try_get("model.embed_tokens.weight"))
-            .or_else(|| w.try_get("model.norm.weight"))
-            .map(|a| a.dtype())
+            .info("model.embed_tokens.scales")
+            .or_else(|| w.info("model.embed_tokens.weight"))
+            .or_else(|| w.info("model.norm.weight"))
+            .map(|a| a.dtype)
             .filter(|d| d.is_float())
             .unwrap_or(Dtype::Float16);
         let per_token = 2 * args.n_kv_heads().max(0) as u64 * args.head_dim().max(0) as u64;

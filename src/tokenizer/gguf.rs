@@ -5,7 +5,7 @@ use serde_json::{json, Map, Value};
 
 use super::{SpecialTokens, Tokenizer};
 use crate::error::{Error, Result};
-use crate::mlx::io::GgufValue;
+use crate::weights::GgufValue;
 
 impl Tokenizer {
     /// From GGUF metadata (`tokenizer.ggml.*` keys): model "gpt2" (byte-level BPE: tokens + merges,
@@ -533,7 +533,7 @@ mod tests {
             eprintln!("skipping: {} is absent", path.display());
             return;
         }
-        let (_, meta) = crate::mlx::io::load_gguf(path).unwrap();
+        let meta = crate::weights::GgufFile::open(path).unwrap().meta;
         let tok = Tokenizer::from_gguf(&meta).unwrap();
         // Ids from transformers on SmolLM2's tokenizer layout (Digits + ByteLevel BPE).
         let cases: [(&str, &[u32]); 6] = [

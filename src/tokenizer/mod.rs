@@ -75,7 +75,7 @@ impl Tokenizer {
     /// its directory with the EOS ids of generation_config.json (which, as
     /// in mlx-lm, replace those of config.json).
     pub fn for_model(weights: &crate::weights::Weights) -> Result<Tokenizer> {
-        if let Some(meta) = &weights.gguf_meta {
+        if let Some(meta) = weights.gguf_meta() {
             return Tokenizer::from_gguf(meta);
         }
         let dir = weights.source.path();

@@ -120,6 +120,16 @@ impl Engine {
             }
         }
         mlx::eval(&group)?;
+        if let Some((read, size)) = weights.gguf_bytes_read() {
+            tracing::info!(
+                "layers {}..{}: read {} of the GGUF file's {} bytes; {}",
+                layers.start,
+                layers.end,
+                read,
+                size,
+                crate::weights::conversion_summary(&weights.conversions())
+            );
+        }
         let fp = Footprint::from_weights(&weights, &model.args, model.tied());
         let kv_bytes_per_token: u64 = fp.kv_bytes_per_token[layers.clone()].iter().sum();
         let cache_budget = if req.cache_budget > 0 {
