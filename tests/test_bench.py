@@ -130,3 +130,19 @@ def test_bench_ops_prints_every_op_for_every_batch_size():
         assert len(figures) == 2 and all(f > 0 for f in figures), row
     # Taking the rows as one matrix changes no value.
     assert "give the same values: yes" in out
+
+
+def test_bench_gguf_reports_what_each_worker_reads_and_holds():
+    out = subprocess.run(
+        [sys.executable, "-m", "mlx_dist.cli", "bench-gguf", "--shape", "tiny"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("worker")]
+    assert len(lines) == 3, out.stdout
+    shares = [int(re.search(r"\((\d+)% of the file\)", ln).group(1)) for ln in lines]
+    # Two of six layers each (with the embedding or head at the ends), never the whole file.
+    assert all(15 <= s <= 60 for s in shares), out.stdout

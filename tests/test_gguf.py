@@ -220,6 +220,7 @@ def test_a_worker_reads_only_its_own_layers(layout, tmp_path):
         stages = model.plan_dict["stages"]
         assert [s["layers"]["end"] - s["layers"]["start"] for s in stages] == [3, 3, 3], stages
         read = [_rchar(p.proc.pid) - b for p, b in zip(procs, before)]
+        print(f"{layout}: file {size} bytes; workers read {read}; coordinator {planned}")
         # A third of the layers: at most 40% of the file, plus the embedding or head it holds.
         assert read[0] <= 0.4 * size + matrix, (read, size)
         assert read[1] <= 0.4 * size, (read, size)

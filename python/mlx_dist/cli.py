@@ -348,6 +348,12 @@ def _bench_admission(args: argparse.Namespace) -> int:
     return main(args)
 
 
+def _bench_gguf(args: argparse.Namespace) -> int:
+    from mlx_dist.bench.gguf_load import main
+
+    return main(args)
+
+
 def _bench_throughput(args: argparse.Namespace) -> int:
     from mlx_dist.bench.throughput import main as bench_main
 
@@ -673,6 +679,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bt.set_defaults(func=_bench_throughput)
 
+    bg = sub.add_parser(
+        "bench-gguf",
+        help="what each worker reads and holds loading a GGUF model (Q4_K_M mix) over workers",
+    )
+    from mlx_dist.bench.gguf_load import add_arguments as gguf_arguments
+
+    gguf_arguments(bg)
+    bg.set_defaults(func=_bench_gguf)
     ba = sub.add_parser(
         "bench-admission",
         help="gaps in a decoding stream while a long prompt is admitted, per prefill chunk",
