@@ -10,6 +10,9 @@ pub mod config;
 /// The coordinator: planning over workers, running sequences through the
 /// chain, re-planning around dead workers.
 pub mod coordinator;
+/// A model without its weights (config, footprint, tokenizer files), as a
+/// worker describes it to a coordinator that holds no copy.
+pub mod description;
 /// What a device can do: memory, chip, measured throughput.
 pub mod device;
 pub mod error;

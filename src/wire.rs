@@ -6,6 +6,7 @@
 //! before the engine sees it, so the engine checks only what depends on the
 //! stage it holds (the vocabulary, the hidden size, its caches).
 use crate::codec::Encoded;
+use crate::description::{ModelDescription, MAX_TOKENIZER_BYTES};
 use crate::device::Capabilities;
 use crate::error::{Error, Result};
 use crate::mlx::Dtype;
@@ -403,5 +404,44 @@ mod tests {
         let mut short = tensor(vec![1, 2, 8], f32s);
         short.data = short.data.slice(..60);
         assert!(refusal(with(short)).contains("bytes"));
+    }
+}
+
+impl TryFrom<&ModelDescription> for proto::ModelDescription {
+    type Error = Error;
+    fn try_from(d: &ModelDescription) -> Result<Self> {
+        Ok(proto::ModelDescription {
+            config_json: serde_json::to_string(&d.config)?,
+            footprint_json: serde_json::to_string(&d.footprint)?,
+            tokenizer_files: d
+                .tokenizer_files
+                .iter()
+                .map(|(k, v)| (k.clone(), bytes::Bytes::from(v.clone())))
+                .collect(),
+        })
+    }
+}
+
+impl TryFrom<proto::ModelDescription> for ModelDescription {
+    type Error = Error;
+    fn try_from(d: proto::ModelDescription) -> Result<Self> {
+        let bad = |what: &str, e: serde_json::Error| {
+            Error::InvalidArgument(format!("a worker's model description: {what}: {e}"))
+        };
+        let tokenizer_bytes: usize = d.tokenizer_files.values().map(|b| b.len()).sum();
+        if tokenizer_bytes > MAX_TOKENIZER_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "a worker's model description has {tokenizer_bytes} bytes of tokenizer files"
+            )));
+        }
+        Ok(ModelDescription {
+            config: serde_json::from_str(&d.config_json).map_err(|e| bad("config", e))?,
+            footprint: serde_json::from_str(&d.footprint_json).map_err(|e| bad("footprint", e))?,
+            tokenizer_files: d
+                .tokenizer_files
+                .into_iter()
+                .map(|(k, v)| (k, v.to_vec()))
+                .collect(),
+        })
     }
 }

@@ -154,6 +154,7 @@ class Model:
     def logits(self, ids: list[int]) -> tuple[bytes, list[int]]: ...
 
 class Cluster:
+    config: dict
     plan_text: str
     plan: dict
     num_layers: int

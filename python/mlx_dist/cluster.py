@@ -278,13 +278,4 @@ def load_distributed(
         failure_timeout=None if failure_timeout is None else float(failure_timeout),
         h2_window_mb=None if h2_window_mb is None else int(h2_window_mb),
     )
-    config = _model_config(path_or_repo)
-    return DistributedModel(core, config), TokenizerWrapper(tokenizer)
-
-
-def _model_config(path_or_repo: str) -> dict:
-    p = Path(path_or_repo)
-    cfg = p / "config.json"
-    if cfg.is_file():
-        return json.loads(cfg.read_text())
-    return {}
+    return DistributedModel(core, core.config), TokenizerWrapper(tokenizer)

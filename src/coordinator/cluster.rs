@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::description::ModelDescription;
 use crate::device::Capabilities;
 use crate::error::{Error, Result};
 use crate::models::ModelArgs;
@@ -107,6 +108,8 @@ impl std::fmt::Display for StageHandle {
 
 /// A model loaded over a chain of workers (one plan; `recovery` re-plans).
 pub struct Cluster {
+    /// config.json (or its GGUF equivalent).
+    pub config: serde_json::Value,
     pub args: ModelArgs,
     pub plan: Plan,
     pub stages: Vec<StageHandle>,
@@ -122,6 +125,56 @@ pub struct Cluster {
     pub step_timeout: Duration,
     /// How the stages are reached (asked whether they answer, for one).
     pub transport: Arc<TransportConfig>,
+    /// The model as a worker described it, when this process has no copy.
+    pub description: Option<ModelDescription>,
+}
+
+/// The model as the plan needs it.
+struct Known {
+    config: serde_json::Value,
+    args: ModelArgs,
+    footprint: Footprint,
+    /// This process's copy (its files and their id), to send a worker that
+    /// lacks the model.
+    copy: Option<(Vec<(std::path::PathBuf, String)>, String)>,
+    /// What the workers are asked to load: a path or repo id.
+    path: String,
+    description: Option<ModelDescription>,
+}
+
+/// The model `source` as the first worker that can read it describes it,
+/// for a coordinator without it (`here` says why it could not read it).
+async fn described(source: &str, handles: &mut [StageHandle], here: Error) -> Result<Known> {
+    let mut why = Vec::new();
+    for h in handles.iter_mut().filter(|h| !h.local) {
+        match h.link.describe_model(source).await {
+            Ok(d) => {
+                let d = ModelDescription::try_from(d)?;
+                let (args, _) = d.args()?;
+                tracing::info!(
+                    "{source} is not readable here ({here}); planned from {}'s copy",
+                    h.name
+                );
+                return Ok(Known {
+                    config: d.config.clone(),
+                    args,
+                    footprint: d.footprint.clone(),
+                    copy: None,
+                    path: source.to_string(),
+                    description: Some(d),
+                });
+            }
+            Err(s) => why.push(format!("{}: {}", h.name, s.message())),
+        }
+    }
+    Err(Error::NotFound(format!(
+        "{here}; no worker has it either ({})",
+        if why.is_empty() {
+            "no remote workers".to_string()
+        } else {
+            why.join("; ")
+        }
+    )))
 }
 
 /// Capabilities declared in a cluster config take the place of measured ones.
@@ -221,12 +274,14 @@ impl Cluster {
         if workers.is_empty() {
             return Err(Error::InvalidArgument("no workers given".into()));
         }
-        let model_source = resolve(source)?;
-        let weights = Weights::open(&model_source)?;
-        let args: ModelArgs = serde_json::from_value(weights.config.clone())
-            .map_err(|e| weights.invalid(format!("config.json: {e}")))?;
-        let tied = crate::models::is_tied(&weights.config, &args)?;
-        let footprint = Footprint::from_weights(&weights, &args, tied);
+        // The model as this process has it; a coordinator with no copy of
+        // the weights (or none at all) asks the workers below.
+        let local = resolve(source).and_then(|src| Ok((Weights::open(&src)?, src)));
+        let local = match local {
+            Ok(l) => Ok(l),
+            Err(e @ (Error::NotFound(_) | Error::InvalidModel { .. })) => Err(e),
+            Err(e) => return Err(e),
+        };
 
         // Reach every worker (concurrently) and learn what it can do.
         let mut handles = Vec::new();
@@ -259,12 +314,35 @@ impl Cluster {
             });
             caps.push(c);
         }
+        let model = match local {
+            Ok((weights, src)) => {
+                let (args, tied) = crate::description::args_of(&weights)?;
+                let footprint = Footprint::from_weights(&weights, &args, tied);
+                let files = model_files(&src)?;
+                let id = model_id(&files)?;
+                let path = std::fs::canonicalize(src.path())?
+                    .to_string_lossy()
+                    .into_owned();
+                Known {
+                    config: weights.config.clone(),
+                    args,
+                    footprint,
+                    copy: Some((files, id)),
+                    path,
+                    description: None,
+                }
+            }
+            Err(here) => described(source, &mut handles, here).await?,
+        };
+        let Known {
+            config,
+            args,
+            footprint,
+            copy,
+            path,
+            description,
+        } = model;
         let plan = plan(&footprint, &caps, &opts.strategy, opts.kv_tokens)?;
-        let files = model_files(&model_source)?;
-        let id = model_id(&files)?;
-        let path = std::fs::canonicalize(model_source.path())?
-            .to_string_lossy()
-            .into_owned();
         let mut stages = Vec::new();
         for (i, st) in plan.stages.iter().enumerate() {
             let handle = handles[st.device].clone();
@@ -294,7 +372,19 @@ impl Cluster {
             };
             let mut link = handle.link.clone();
             match load_stage(&mut link, req.clone(), i, progress).await {
+                Err(s) if s.code() == tonic::Code::NotFound && copy.is_none() => {
+                    return Err(Error::stage_failed(
+                        &handle.name,
+                        &handle.address,
+                        format!(
+                            "it cannot read the model {source:?} ({}), and this coordinator \
+                             has no copy to send it",
+                            s.message()
+                        ),
+                    ));
+                }
                 Err(s) if s.code() == tonic::Code::NotFound => {
+                    let (files, id) = copy.as_ref().expect("a local copy");
                     // The worker has no copy: try its cache of pushed models,
                     // and push the files if it has none either.
                     req.source = Some(ProtoSource {
@@ -307,7 +397,7 @@ impl Cluster {
                                 return Err(worker_error(&handle, s));
                             };
                             progress(i, 0, 0, &format!("sending the model to {}", handle.name));
-                            push_files(client, &id, &files, |d, t| progress(i, d, t, "sending"))
+                            push_files(client, id, files, |d, t| progress(i, d, t, "sending"))
                                 .await?;
                             load_stage(&mut link, req, i, progress)
                                 .await
@@ -321,9 +411,11 @@ impl Cluster {
             stages.push(handle);
         }
         Ok(Cluster {
+            config,
             args,
             plan,
             stages,
+            description,
             last_stage_micros: Arc::new(std::sync::Mutex::new(Vec::new())),
             prefill_chunk: opts.prefill_chunk,
             ring: opts.ring,

@@ -16,7 +16,8 @@ use crate::proto::forward_message::Message;
 use crate::proto::worker_server::Worker;
 use crate::proto::{
     DeviceInfo, DeviceInfoRequest, ForwardMessage, ForwardReply, ForwardRequest, LoadProgress,
-    LoadShardRequest, ReleaseRequest, RingCredit,
+    LoadShardRequest, ModelDescription as ProtoDescription, ModelSource, ReleaseRequest,
+    RingCredit,
 };
 use crate::transport::{connect, Client, TransportConfig};
 use crate::worker::WorkerService;
@@ -58,6 +59,22 @@ impl Link {
         match self {
             Link::Grpc(c) => Ok(c.get_device_info(req).await?.into_inner()),
             Link::InProcess(s) => Ok(s.get_device_info(Request::new(req)).await?.into_inner()),
+        }
+    }
+
+    /// What the worker knows of the model at `path` (its path or repo id),
+    /// read from its own files.
+    pub async fn describe_model(
+        &mut self,
+        path: &str,
+    ) -> std::result::Result<ProtoDescription, Status> {
+        let req = ModelSource {
+            path: path.to_string(),
+            model_id: String::new(),
+        };
+        match self {
+            Link::Grpc(c) => Ok(c.describe_model(req).await?.into_inner()),
+            Link::InProcess(s) => Ok(s.describe_model(Request::new(req)).await?.into_inner()),
         }
     }
 

@@ -15,7 +15,7 @@ use crate::sharding::Strategy;
 use crate::tokenizer::Tokenizer;
 use crate::transport::{TlsIdentity, TransportConfig};
 use crate::util::runtime;
-use crate::weights::{resolve, Weights};
+use crate::weights::{local_folder, resolve, Weights};
 use crate::worker::{serve, WorkerConfig};
 
 #[pyclass(name = "Cluster", module = "mlx_dist._core", frozen)]
@@ -177,8 +177,7 @@ pub fn load_cluster(
     // Recoveries are worth a line in the coordinator's log.
     init_logging();
     let (cluster, tokenizer) = py.detach(|| -> crate::Result<(ClusterHandle, Tokenizer)> {
-        let weights = Weights::open(&resolve(&path_or_repo)?)?;
-        let tokenizer = Tokenizer::for_model(&weights)?;
+        let local = local_tokenizer(&path_or_repo)?;
         let cluster = runtime().block_on(ClusterHandle::load(
             &path_or_repo,
             &specs,
@@ -186,6 +185,15 @@ pub fn load_cluster(
             recovery,
             &report,
         ))?;
+        let tokenizer = match (local, &cluster.current().description) {
+            (Some(t), _) => t,
+            (None, Some(d)) => d.tokenizer()?,
+            (None, None) => {
+                return Err(Error::NotFound(format!(
+                    "no tokenizer for {path_or_repo} here, and no worker sent one"
+                )))
+            }
+        };
         Ok((cluster, tokenizer))
     })?;
     Ok((
@@ -194,6 +202,29 @@ pub fn load_cluster(
         },
         PyTokenizer { inner: tokenizer },
     ))
+}
+
+/// The tokenizer of `path_or_repo` as this process has it: the model's, or
+/// the tokenizer files alone (a coordinator holding no weights); `None`
+/// when it has neither, for the workers to send.
+fn local_tokenizer(path_or_repo: &str) -> crate::Result<Option<Tokenizer>> {
+    match resolve(path_or_repo).and_then(|src| Weights::open(&src)) {
+        Ok(weights) => Ok(Some(Tokenizer::for_model(&weights)?)),
+        Err(Error::NotFound(_) | Error::InvalidModel { .. }) => {
+            let Some(dir) =
+                local_folder(path_or_repo).filter(|d| d.join("tokenizer.json").is_file())
+            else {
+                return Ok(None);
+            };
+            let config: Option<serde_json::Value> =
+                std::fs::read_to_string(dir.join("config.json"))
+                    .ok()
+                    .and_then(|t| serde_json::from_str(&t).ok());
+            let eos = config.as_ref().and_then(|c| c.get("eos_token_id"));
+            Ok(Some(Tokenizer::from_dir(&dir, eos)?))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[pymethods]
@@ -209,6 +240,13 @@ impl PyCluster {
     fn plan(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
         let record = serde_json::to_value(&self.inner.current().plan).map_err(Error::from)?;
         Ok(super::json_to_py(py, &record)?.unbind())
+    }
+
+    /// config.json (or its GGUF equivalent), as a dict: this process's
+    /// copy's, or the one a worker described.
+    #[getter]
+    fn config(&self, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        Ok(super::json_to_py(py, &self.inner.current().config)?.unbind())
     }
 
     /// Layers of the model.

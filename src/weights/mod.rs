@@ -22,7 +22,7 @@ mod safetensors;
 mod source;
 
 pub use gguf::{GgufFile, GgufValue};
-pub use source::{hf_cache_dir, resolve, resolve_hf_cache, ModelSource};
+pub use source::{hf_cache_dir, local_folder, resolve, resolve_hf_cache, ModelSource};
 
 /// Affine quantization parameters of one layer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

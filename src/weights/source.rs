@@ -101,15 +101,37 @@ pub fn resolve_hf_cache(repo: &str, cache: &Path) -> Result<ModelSource> {
             folder.display()
         ))
     };
+    let snapshot = hf_snapshot(&folder).ok_or_else(missing)?;
+    dir_source(&snapshot).map_err(|_| missing())
+}
+
+/// A local folder for `path_or_repo` whatever it holds: the path itself, or
+/// a repo id's snapshot in the hub cache (which may hold only some files,
+/// e.g. a tokenizer's).
+pub fn local_folder(path_or_repo: &str) -> Option<PathBuf> {
+    let p = Path::new(path_or_repo);
+    if p.is_dir() {
+        return Some(p.to_path_buf());
+    }
+    if !looks_like_repo_id(path_or_repo) {
+        return None;
+    }
+    let folder = hf_cache_dir().join(format!("models--{}", path_or_repo.replace('/', "--")));
+    hf_snapshot(&folder)
+}
+
+/// The snapshot of a repo's cache `folder` that `refs/main` names, else
+/// the newest.
+fn hf_snapshot(folder: &Path) -> Option<PathBuf> {
     let snapshots = folder.join("snapshots");
     let rev = fs::read_to_string(folder.join("refs/main"))
         .ok()
         .map(|s| s.trim().to_string());
-    let snapshot = match rev {
-        Some(r) if snapshots.join(&r).is_dir() => snapshots.join(r),
+    match rev {
+        Some(r) if snapshots.join(&r).is_dir() => Some(snapshots.join(r)),
         _ => {
             let mut all: Vec<(std::time::SystemTime, PathBuf)> = fs::read_dir(&snapshots)
-                .map_err(|_| missing())?
+                .ok()?
                 .filter_map(|e| e.ok())
                 .filter(|e| e.path().is_dir())
                 .map(|e| {
@@ -122,10 +144,9 @@ pub fn resolve_hf_cache(repo: &str, cache: &Path) -> Result<ModelSource> {
                 })
                 .collect();
             all.sort();
-            all.pop().ok_or_else(missing)?.1
+            all.pop().map(|(_, p)| p)
         }
-    };
-    dir_source(&snapshot).map_err(|_| missing())
+    }
 }
 
 #[cfg(test)]

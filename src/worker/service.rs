@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::ahead::Post;
 use super::{status, BoxStream, Engine, Job, Step, StepOut, StepOutcome, WorkerConfig};
+use crate::description::ModelDescription;
 use crate::device;
 use crate::error::Result;
 use crate::mlx;
@@ -18,8 +19,8 @@ use crate::prefix::PrefixStore;
 use crate::proto::worker_server::{Worker, WorkerServer};
 use crate::proto::{
     DeviceInfo, DeviceInfoRequest, EngineStats, FileChunk, ForwardMessage, ForwardReply,
-    LoadProgress, LoadShardRequest, MlxMemory, PushFileReply, ReleaseReply, ReleaseRequest,
-    RingReply, RingToken, Traffic,
+    LoadProgress, LoadShardRequest, MlxMemory, ModelDescription as ProtoDescription, ModelSource,
+    PushFileReply, ReleaseReply, ReleaseRequest, RingReply, RingToken, Traffic,
 };
 use crate::transport::CheckToken;
 use crate::util::lock;
@@ -222,6 +223,29 @@ impl Worker for WorkerService {
             uptime_micros: self.started.elapsed().as_micros() as u64,
             busy_for_micros: busy_for,
         }))
+    }
+
+    async fn describe_model(
+        &self,
+        request: Request<ModelSource>,
+    ) -> std::result::Result<Response<ProtoDescription>, Status> {
+        let path = request.into_inner().path;
+        if path.is_empty() {
+            return Err(Status::invalid_argument("DescribeModel needs a path"));
+        }
+        if !self.cfg.allow_local_paths {
+            return Err(status(crate::Error::NotFound(format!(
+                "worker {} reads no local model files",
+                self.cfg.name
+            ))));
+        }
+        let d = tokio::task::spawn_blocking(move || ModelDescription::of(&path))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(status)?;
+        Ok(Response::new(
+            ProtoDescription::try_from(&d).map_err(status)?,
+        ))
     }
 
     async fn push_file(
