@@ -15,7 +15,9 @@ only on the :class:`~mlx_dist.engine.Engine`'s thread.
 
 The modules: :mod:`.settings`, :mod:`.schemas` (request bodies),
 :mod:`.errors` (statuses), :mod:`.state` (the model and what routes ask of
-it), :mod:`.validation`, :mod:`.run` (a job on the engine), :mod:`.sse`,
+it), :mod:`.validation`, :mod:`.run` (a job on the engine), :mod:`.chat`
+(a chat answer: its prompt, tools and reasoning, read as it arrives),
+:mod:`.tools` (tool calls), :mod:`.reasoning`, :mod:`.sse`,
 :mod:`.middleware`, :mod:`.monitor` and :mod:`.routes`; this one puts them
 together."""
 

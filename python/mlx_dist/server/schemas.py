@@ -49,6 +49,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatRequest(Sampling):
@@ -57,7 +58,12 @@ class ChatRequest(Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # llama-server's: "auto", "deepseek" (reasoning apart) or "none" (left in the text).
+    reasoning_format: str | None = None
 
 
 class CompletionRequest(Sampling):
