@@ -48,6 +48,15 @@ class APIError(Exception):
             }
         }
 
+    def renamed(self, names: dict[str, str]) -> APIError:
+        """This error, naming its parameter as another API does (``names``:
+        the chat API's name to that API's)."""
+        if self.param in names:
+            self.message = self.message.replace(self.param, names[self.param])
+            self.param = names[self.param]
+            self.args = (self.message,)
+        return self
+
     def response(self) -> Response:
         # ASCII JSON: a message quoting a client's broken text still encodes.
         return Response(

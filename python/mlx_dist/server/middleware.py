@@ -32,6 +32,7 @@ _ENDPOINTS = {
     "/metrics",
     "/tokenize",
     "/detokenize",
+    "/v1/responses",
 }
 
 

@@ -66,6 +66,26 @@ class ChatRequest(Sampling):
     reasoning_format: str | None = None
 
 
+class ResponsesRequest(_Body):
+    """OpenAI's Responses API (``POST /v1/responses``); its items are
+    checked where they become chat messages (:mod:`.routes.responses`)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: str | None = None
+
+
 class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
