@@ -37,7 +37,7 @@ from fastapi import FastAPI
 from mlx_dist.server.errors import APIError, engine_error, install_handlers
 from mlx_dist.server.middleware import Guard, guarded_protocol
 from mlx_dist.server.monitor import monitor
-from mlx_dist.server.routes import cluster, openai, responses, tokens
+from mlx_dist.server.routes import cluster, messages, openai, responses, tokens
 from mlx_dist.server.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -100,7 +100,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
     app.state.server_state = get_state
     app.add_middleware(Guard, state_of=get_state)
     install_handlers(app, lambda e: get_state().metrics.error(type(e).__name__))
-    for routes in (openai, responses, tokens, cluster):
+    for routes in (openai, responses, messages, tokens, cluster):
         app.include_router(routes.router)
     return app
 

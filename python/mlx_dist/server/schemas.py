@@ -86,6 +86,28 @@ class ResponsesRequest(_Body):
     reasoning_format: str | None = None
 
 
+class MessagesRequest(_Body):
+    """Anthropic's Messages API (``POST /v1/messages``); content blocks are
+    checked where they become chat messages (:mod:`.routes.messages`)."""
+
+    model: str | None = None
+    max_tokens: int
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    # {"type": "enabled" | "disabled"}: the template's enable_thinking.
+    thinking: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: str | None = None
+
+
 class CompletionRequest(Sampling):
     prompt: str | list[int] | list[str] | list[list[int]]
     logprobs: int | None = None
