@@ -14,7 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_dist import _core
 from mlx_dist.engine import CapacityExceeded, EngineStopped, QueueFull
-from mlx_dist.server.schemas import ErrorResponse
+from mlx_dist.server.schemas import AnthropicErrorResponse, ErrorResponse
 
 
 class APIError(Exception):
@@ -221,12 +221,11 @@ _ERROR_TEXT = {
 GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503)
 
 
-def responses(*codes: int, stream: bool = False) -> dict:
-    """OpenAPI ``responses`` for these error statuses (and, with
-    ``stream``, the event stream a 200 may be)."""
-    out: dict[int | str, dict] = {
-        c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes
-    }
+def responses(*codes: int, stream: bool = False, shape: str = "openai") -> dict:
+    """OpenAPI ``responses`` for these error statuses, in the API's error
+    ``shape`` (and, with ``stream``, the event stream a 200 may be)."""
+    model = AnthropicErrorResponse if shape == "anthropic" else ErrorResponse
+    out: dict[int | str, dict] = {c: {"model": model, "description": _ERROR_TEXT[c]} for c in codes}
     if stream:
         out[200] = {
             "description": "the answer, or with stream: true server-sent events",

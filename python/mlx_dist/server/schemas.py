@@ -143,3 +143,15 @@ class ErrorResponse(BaseModel):
     """Every error answer, as OpenAI's."""
 
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Every error answer of ``/v1/messages``, as Anthropic's."""
+
+    type: str = "error"
+    error: AnthropicErrorDetail

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_dist.server.chat import Answer, ChatPlan, answer_stream, collect, plan_chat
+from mlx_dist.server.chat import Answer, ChatPlan, answer_stream, chat_request, collect, plan_chat
 from mlx_dist.server.errors import GENERATE_ERRORS, APIError, bad, responses
 from mlx_dist.server.routes.deps import Ready
 from mlx_dist.server.run import Run
@@ -95,7 +95,7 @@ def _message(m: dict, i: int) -> list[dict]:
     return out
 
 
-def chat_request(req: MessagesRequest) -> ChatRequest:
+def as_chat(req: MessagesRequest) -> ChatRequest:
     """The chat completion request ``req`` asks for (400 naming the block
     that cannot be one)."""
     messages: list[dict] = []
@@ -129,7 +129,7 @@ def chat_request(req: MessagesRequest) -> ChatRequest:
     kwargs = dict(req.chat_template_kwargs or {})
     if req.thinking is not None:
         kwargs.setdefault("enable_thinking", req.thinking.get("type") == "enabled")
-    return ChatRequest(
+    return chat_request(
         model=req.model,
         messages=messages,
         max_tokens=req.max_tokens,
@@ -301,13 +301,13 @@ async def _stream(
         yield named_sse("error", e.body("anthropic"))
 
 
-@router.post("/v1/messages", responses=responses(*GENERATE_ERRORS, stream=True))
+@router.post("/v1/messages", responses=responses(*GENERATE_ERRORS, stream=True, shape="anthropic"))
 async def create_message(req: MessagesRequest, request: Request, st: Ready):
     """A message (Anthropic's Messages API) over the chat machinery."""
     check_text(req.model_dump(), "")
     st.check_model(req.model)
     try:
-        plan = await asyncio.to_thread(plan_chat, st, chat_request(req))
+        plan = await asyncio.to_thread(plan_chat, st, as_chat(req))
     except APIError as e:
         raise e.renamed(_NAMES) from None
     run = Run(st, plan.prompt, plan.opts, None)

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_dist.server.chat import Answer, ChatPlan, answer_stream, collect, plan_chat
+from mlx_dist.server.chat import Answer, ChatPlan, answer_stream, chat_request, collect, plan_chat
 from mlx_dist.server.errors import GENERATE_ERRORS, APIError, bad, responses
 from mlx_dist.server.routes.deps import Ready
 from mlx_dist.server.run import Run
@@ -49,7 +49,7 @@ def _text(content, where: str) -> str:
     return "".join(texts)
 
 
-def chat_request(req: ResponsesRequest) -> ChatRequest:
+def as_chat(req: ResponsesRequest) -> ChatRequest:
     """The chat completion request ``req`` asks for (400 naming the item
     that cannot be one)."""
     if req.previous_response_id is not None:
@@ -104,7 +104,7 @@ def chat_request(req: ResponsesRequest) -> ChatRequest:
     choice = req.tool_choice
     if isinstance(choice, dict) and choice.get("type") == "function" and "function" not in choice:
         choice = {"type": "function", "function": {"name": choice.get("name")}}
-    return ChatRequest(
+    return chat_request(
         model=req.model,
         messages=messages,
         max_tokens=req.max_output_tokens,
@@ -328,7 +328,7 @@ async def create_response(req: ResponsesRequest, request: Request, st: Ready):
     check_text(req.model_dump(), "")
     st.check_model(req.model)
     try:
-        plan = await asyncio.to_thread(plan_chat, st, chat_request(req))
+        plan = await asyncio.to_thread(plan_chat, st, as_chat(req))
     except APIError as e:
         raise e.renamed(_NAMES) from None
     run = Run(st, plan.prompt, plan.opts, None)
