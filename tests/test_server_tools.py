@@ -164,6 +164,8 @@ def test_a_named_function_is_steered_into_and_its_arguments_checked(served):
     [job] = state.engine.jobs
     opening = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "'
     assert job.prompt[-len(opening) :] == state.tokenizer.encode(opening)
+    # One call is asked for: the answer ends at its end marker.
+    assert job.options["stop"] == ["</tool_call>"]
     [call] = got["message"]["tool_calls"]
     assert json.loads(call["function"]["arguments"]) == {"city": "Paris"}
     assert got["finish_reason"] == "tool_calls" and "tool_call_errors" not in got

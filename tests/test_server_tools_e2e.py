@@ -66,6 +66,8 @@ def test_a_named_call_parses_and_fits_its_schema(named):
     assert call.function.name == "get_weather"
     fits(call.function.arguments)
     assert getattr(choice, "tool_call_errors", None) is None
+    # It ended at the call's end: no text after it.
+    assert choice.message.content is None
 
 
 def test_the_named_call_streamed_is_the_same(client, named):

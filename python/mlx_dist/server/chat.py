@@ -96,13 +96,18 @@ def plan_chat(state: ServerState, req: ChatRequest) -> ChatPlan:
     family = family_of(state)
     shown = use.tools if use is not None and use.choice != "none" and use.tools else None
     text = chat_text(state, template_messages(messages, family, shown), add, shown, extra)
-    fmt = reasoning_format(state, req)
-    reasoning = fmt == "deepseek" or (fmt == "auto" and (family.thinks or family.name == "gpt-oss"))
+    apart = reasoning_format(state, req)
+    reasoning = apart == "deepseek" or (
+        apart == "auto" and (family.thinks or family.name == "gpt-oss")
+    )
     thinking = reasoning and family.name != "gpt-oss" and inside_think(text)
-    prefill = ""
+    prefill, stop = "", None
     if use is not None and use.choice in ("required", "function"):
         name = use.forced
-        prefill = family.format(use.tools).steer(name, use.schema(name))
+        fmt = family.format(use.tools)
+        prefill = fmt.steer(name, use.schema(name))
+        # One call is what a named function asks for: end at its end.
+        stop = fmt.end if use.choice == "function" else None
         if thinking:
             # A call cannot start inside the think block: close it first.
             prefill = "</think>\n\n" + prefill
@@ -112,6 +117,8 @@ def plan_chat(state: ServerState, req: ChatRequest) -> ChatPlan:
         req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     )
     opts = options(state, req, prompt, max_tokens)
+    if stop is not None:
+        opts["stop"] = [*opts["stop"], stop]
     top = None
     if req.logprobs:
         top = req.top_logprobs or 0

@@ -22,6 +22,7 @@ class DeepSeek(CallFormat):
     name = "deepseek"
     # R1 at times leaves out the list's marker.
     starts = (CALLS_BEGIN, CALL_BEGIN)
+    end = CALL_END
 
     def __init__(self, typed: bool):
         self.typed = typed

@@ -30,6 +30,7 @@ _PAIR = re.compile(
 class Glm(CallFormat):
     name = "glm"
     starts = (START,)
+    end = END
 
     def __init__(self, tools: list[dict]):
         # Each tool's argument types, to read its values.

@@ -32,6 +32,8 @@ class Harmony:
     request asked for none)."""
 
     name = "gpt-oss"
+    # <|call|> ends a call, and is a stop token already.
+    end = None
 
     def __init__(
         self,

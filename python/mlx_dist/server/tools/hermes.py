@@ -15,6 +15,7 @@ START, END = "<tool_call>", "</tool_call>"
 class Hermes(CallFormat):
     name = "hermes"
     starts = (START,)
+    end = END
 
     def scan(self, region: str, final: bool) -> Region:
         found, end, text = object_region(region, len(START), END)

@@ -107,6 +107,8 @@ class CallFormat:
 
     name = "base"
     starts: tuple[str, ...] = ()
+    # The marker that ends one call, where the format has one.
+    end: str | None = None
 
     def find_start(self, text: str, at_start: bool) -> Start:
         """The first region's start in ``text`` (``at_start``: nothing but
