@@ -51,6 +51,7 @@ def sample(action: argparse.Action, files: dict[str, str]) -> tuple[list[str], o
         "proportions": "0.25,0.75",
         "strategy": "custom",
         "compression": "int8",
+        "reasoning_format": "none",
     }.get(action.dest)
     if text is not None:
         return [flag, text], text

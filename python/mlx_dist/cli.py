@@ -415,6 +415,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--temp", type=float, help="temperature when a request gives none (default 0)")
     s.add_argument("--top-p", type=float, help="top_p when a request gives none (default 1)")
     s.add_argument(
+        "--reasoning-format",
+        choices=("auto", "deepseek", "none"),
+        help="reasoning_format when a request gives none: auto (reasoning apart where the "
+        "template has <think> or is gpt-oss's), deepseek (always apart), none (left in the "
+        "text) (default auto)",
+    )
+    s.add_argument(
         "--kv-tokens",
         type=int,
         help="tokens of KV cache the layer plan leaves room for on each stage (default: the "

@@ -15,7 +15,9 @@ only on the :class:`~mlx_dist.engine.Engine`'s thread.
 
 The modules: :mod:`.settings`, :mod:`.schemas` (request bodies),
 :mod:`.errors` (statuses), :mod:`.state` (the model and what routes ask of
-it), :mod:`.validation`, :mod:`.run` (a job on the engine), :mod:`.sse`,
+it), :mod:`.validation`, :mod:`.run` (a job on the engine), :mod:`.chat`
+(a chat answer: its prompt, tools and reasoning, read as it arrives),
+:mod:`.tools` (tool calls), :mod:`.reasoning`, :mod:`.sse`,
 :mod:`.middleware`, :mod:`.monitor` and :mod:`.routes`; this one puts them
 together."""
 
@@ -35,7 +37,7 @@ from fastapi import FastAPI
 from mlx_dist.server.errors import APIError, engine_error, install_handlers
 from mlx_dist.server.middleware import Guard, guarded_protocol
 from mlx_dist.server.monitor import monitor
-from mlx_dist.server.routes import cluster, openai, tokens
+from mlx_dist.server.routes import cluster, messages, openai, responses, tokens
 from mlx_dist.server.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -98,7 +100,7 @@ def create_app(settings: ServerSettings | None = None, state: ServerState | None
     app.state.server_state = get_state
     app.add_middleware(Guard, state_of=get_state)
     install_handlers(app, lambda e: get_state().metrics.error(type(e).__name__))
-    for routes in (openai, tokens, cluster):
+    for routes in (openai, responses, messages, tokens, cluster):
         app.include_router(routes.router)
     return app
 

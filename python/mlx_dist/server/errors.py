@@ -14,11 +14,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mlx_dist import _core
 from mlx_dist.engine import CapacityExceeded, EngineStopped, QueueFull
-from mlx_dist.server.schemas import ErrorResponse
+from mlx_dist.server.schemas import AnthropicErrorResponse, ErrorResponse
 
 
 class APIError(Exception):
-    """An error answered as ``{"error": {"message", "type", "param", "code"}}``."""
+    """An error answered as ``{"error": {"message", "type", "param", "code"}}``
+    (OpenAI's shape), or, on Anthropic's Messages API, as
+    ``{"type": "error", "error": {"type", "message"}}``."""
 
     def __init__(
         self,
@@ -38,7 +40,13 @@ class APIError(Exception):
         self.type = type or _error_type(status)
         self.headers = headers
 
-    def body(self) -> dict:
+    def body(self, shape: str = "openai") -> dict:
+        if shape == "anthropic":
+            kind = _ANTHROPIC_TYPES.get(self.status, "api_error" if self.status >= 500 else None)
+            return {
+                "type": "error",
+                "error": {"type": kind or "invalid_request_error", "message": self.message},
+            }
         return {
             "error": {
                 "message": self.message,
@@ -48,10 +56,19 @@ class APIError(Exception):
             }
         }
 
-    def response(self) -> Response:
+    def renamed(self, names: dict[str, str]) -> APIError:
+        """This error, naming its parameter as another API does (``names``:
+        the chat API's name to that API's)."""
+        if self.param in names:
+            self.message = self.message.replace(self.param, names[self.param])
+            self.param = names[self.param]
+            self.args = (self.message,)
+        return self
+
+    def response(self, shape: str = "openai") -> Response:
         # ASCII JSON: a message quoting a client's broken text still encodes.
         return Response(
-            json.dumps(self.body()),
+            json.dumps(self.body(shape)),
             status_code=self.status,
             headers=self.headers,
             media_type="application/json",
@@ -66,6 +83,23 @@ def _error_type(status: int) -> str:
         429: "rate_limit_error",
         503: "service_unavailable",
     }.get(status, "invalid_request_error" if status < 500 else "server_error")
+
+
+# Anthropic's error types by status (others: invalid_request_error, or
+# api_error from 500 on).
+_ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def shape_for(path: str) -> str:
+    """The error shape of the API at ``path``."""
+    return "anthropic" if path == "/v1/messages" or path.startswith("/v1/messages/") else "openai"
 
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
@@ -138,34 +172,38 @@ def install_handlers(app: FastAPI, on_crash: Callable[[Exception], None]) -> Non
     status, anything unexpected 500 after ``on_crash`` counts it."""
 
     @app.exception_handler(APIError)
-    async def _api_error(_request: Request, e: APIError):
-        return e.response()
+    async def _api_error(request: Request, e: APIError):
+        return e.response(shape_for(request.url.path))
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, e: RequestValidationError):
+    async def _invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
         first = errors[0] if errors else {}
         where = [str(p) for p in first.get("loc", ()) if p != "body"]
         param = ".".join(where) or None
+        shape = shape_for(request.url.path)
         if first.get("type") == "json_invalid":
-            return bad(f"the body is not valid JSON: {first.get('msg', '')}").response()
+            return bad(f"the body is not valid JSON: {first.get('msg', '')}").response(shape)
         message = "; ".join(
             f"{'.'.join(str(p) for p in err.get('loc', ()) if p != 'body') or 'body'}: {err.get('msg')}"
             for err in errors[:5]
         )
-        return APIError(422, message or "invalid request", param=param).response()
+        return APIError(422, message or "invalid request", param=param).response(shape)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
         message = e.detail if isinstance(e.detail, str) else json.dumps(e.detail)
         if e.status_code == 404:
             message = f"no such endpoint: {request.method} {request.url.path}"
-        return APIError(e.status_code, message, headers=e.headers).response()
+        return APIError(e.status_code, message, headers=e.headers).response(
+            shape_for(request.url.path)
+        )
 
     @app.exception_handler(Exception)
-    async def _crash(_request: Request, e: Exception):
+    async def _crash(request: Request, e: Exception):
         on_crash(e)
-        return APIError(500, f"internal error: {type(e).__name__}: {e}").response()
+        error = APIError(500, f"internal error: {type(e).__name__}: {e}")
+        return error.response(shape_for(request.url.path))
 
 
 _ERROR_TEXT = {
@@ -183,12 +221,11 @@ _ERROR_TEXT = {
 GENERATE_ERRORS = (400, 401, 404, 408, 413, 422, 429, 502, 503)
 
 
-def responses(*codes: int, stream: bool = False) -> dict:
-    """OpenAPI ``responses`` for these error statuses (and, with
-    ``stream``, the event stream a 200 may be)."""
-    out: dict[int | str, dict] = {
-        c: {"model": ErrorResponse, "description": _ERROR_TEXT[c]} for c in codes
-    }
+def responses(*codes: int, stream: bool = False, shape: str = "openai") -> dict:
+    """OpenAPI ``responses`` for these error statuses, in the API's error
+    ``shape`` (and, with ``stream``, the event stream a 200 may be)."""
+    model = AnthropicErrorResponse if shape == "anthropic" else ErrorResponse
+    out: dict[int | str, dict] = {c: {"model": model, "description": _ERROR_TEXT[c]} for c in codes}
     if stream:
         out[200] = {
             "description": "the answer, or with stream: true server-sent events",

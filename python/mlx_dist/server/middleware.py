@@ -13,7 +13,7 @@ from typing import Any
 
 from fastapi import HTTPException
 
-from mlx_dist.server.errors import APIError, bad
+from mlx_dist.server.errors import APIError, bad, shape_for
 from mlx_dist.server.state import ServerState
 
 # A body over the limit is still read, up to this much or for this long,
@@ -32,16 +32,22 @@ _ENDPOINTS = {
     "/metrics",
     "/tokenize",
     "/detokenize",
+    "/v1/responses",
+    "/v1/messages",
 }
 
 
 def has_key(headers: dict[bytes, bytes], key: str) -> bool:
-    """Whether ``Authorization: Bearer <key>`` was sent. The header's raw
-    bytes are compared with the key's UTF-8 bytes, so a key in any script
-    matches when sent as UTF-8."""
+    """Whether ``Authorization: Bearer <key>`` was sent (or ``x-api-key:
+    <key>``, as Anthropic's clients send it). The header's raw bytes are
+    compared with the key's UTF-8 bytes, so a key in any script matches
+    when sent as UTF-8."""
     scheme, _, given = headers.get(b"authorization", b"").partition(b" ")
     want = key.encode("utf-8", "surrogateescape")  # argv bytes that were not UTF-8
-    return scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(b" \t"), want)
+    if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(b" \t"), want):
+        return True
+    other = headers.get(b"x-api-key")
+    return other is not None and hmac.compare_digest(other.strip(b" \t"), want)
 
 
 async def _drain(receive) -> bool:
@@ -97,7 +103,7 @@ class Guard:
             if error is not None:
                 if scope["method"] not in ("GET", "HEAD") and not await _drain(receive):
                     error.headers = {**(error.headers or {}), "Connection": "close"}
-                await error.response()(scope, receive, counted_send)
+                await error.response(shape_for(path))(scope, receive, counted_send)
                 return
             if scope["method"] == "POST":
                 # Bodies are JSON whatever the client says (curl -d sends a form type).

@@ -49,6 +49,7 @@ class ChatMessage(_Body):
     name: str | None = None
     tool_calls: list[dict] | None = None
     tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatRequest(Sampling):
@@ -57,7 +58,54 @@ class ChatRequest(Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict] | None = None
+    # "none", "auto", "required" or {"type": "function", "function": {"name": ...}}.
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    # llama-server's: "auto", "deepseek" (reasoning apart) or "none" (left in the text).
+    reasoning_format: str | None = None
+
+
+class ResponsesRequest(_Body):
+    """OpenAI's Responses API (``POST /v1/responses``); its items are
+    checked where they become chat messages (:mod:`.routes.responses`)."""
+
+    model: str | None = None
+    input: str | list[dict[str, Any]]
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    max_output_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    stream: bool = False
+    previous_response_id: str | None = None
+    parallel_tool_calls: bool | None = None
+    metadata: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: str | None = None
+
+
+class MessagesRequest(_Body):
+    """Anthropic's Messages API (``POST /v1/messages``); content blocks are
+    checked where they become chat messages (:mod:`.routes.messages`)."""
+
+    model: str | None = None
+    max_tokens: int
+    messages: list[dict[str, Any]]
+    system: str | list[dict[str, Any]] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: dict[str, Any] | None = None
+    stop_sequences: list[str] | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    stream: bool = False
+    metadata: dict[str, Any] | None = None
+    # {"type": "enabled" | "disabled"}: the template's enable_thinking.
+    thinking: dict[str, Any] | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_format: str | None = None
 
 
 class CompletionRequest(Sampling):
@@ -95,3 +143,15 @@ class ErrorResponse(BaseModel):
     """Every error answer, as OpenAI's."""
 
     error: ErrorDetail
+
+
+class AnthropicErrorDetail(BaseModel):
+    type: str
+    message: str
+
+
+class AnthropicErrorResponse(BaseModel):
+    """Every error answer of ``/v1/messages``, as Anthropic's."""
+
+    type: str = "error"
+    error: AnthropicErrorDetail

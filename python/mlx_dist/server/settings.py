@@ -36,6 +36,10 @@ class ServerSettings:
     max_tokens: int = 512
     temperature: float = 0.0
     top_p: float = 1.0
+    # reasoning_format when a request gives none: "auto" puts a <think>
+    # block (or gpt-oss's analysis) in reasoning_content where the template
+    # has one, "deepseek" always, "none" leaves it in the text.
+    reasoning_format: str = "auto"
     max_body_bytes: int = 8 << 20
     recovery_wait: float = 30.0
     health_interval: float = 2.0
@@ -119,6 +123,8 @@ class ServerSettings:
             raise ValueError("max_queue must be 0 or more")
         if self.max_tokens < 1:
             raise ValueError("max_tokens must be at least 1")
+        if self.reasoning_format not in ("auto", "deepseek", "none"):
+            raise ValueError("reasoning_format must be auto, deepseek or none")
         if self.max_body_bytes < 1024:
             raise ValueError("max_body_bytes must be at least 1024")
         if self.max_context is not None and self.max_context < 2:

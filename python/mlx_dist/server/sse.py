@@ -1,6 +1,7 @@
-"""Answers' pieces: server-sent event framing, the chunks of a streamed
-chat or text completion, and what streamed and whole answers share
-(usage, logprobs, echo)."""
+"""Answers' pieces: server-sent event framing (``data:`` lines, and
+``event:`` lines for the Responses and Messages APIs), the chunks of a
+streamed chat or text completion, and what streamed and whole answers
+share (usage, logprobs, echo)."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ from collections.abc import AsyncIterator, Callable
 from fastapi.responses import StreamingResponse
 
 from mlx_dist.engine import Done, Step
+from mlx_dist.server.chat import Answer
 from mlx_dist.server.errors import APIError
 from mlx_dist.server.run import Run
 from mlx_dist.server.state import ServerState
+from mlx_dist.server.tools.parser import Delta
 
 
 def usage(done: Done) -> dict:
@@ -37,6 +40,11 @@ def chat_logprob(state: ServerState, step: Step) -> dict:
 def sse(data: dict | str) -> str:
     """One event: ``data: <JSON or text>`` and a blank line."""
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+def named_sse(event: str, data: dict) -> str:
+    """One event with its type: ``event: <type>``, ``data: <JSON>``."""
+    return f"event: {event}\ndata: {json.dumps(data)}\n\n"
 
 
 def stream(chunks: AsyncIterator[str]) -> StreamingResponse:
@@ -78,9 +86,43 @@ async def events(
     yield sse("[DONE]")
 
 
-def chat_chunks(
-    st: ServerState, run: Run, ident: str, created: int, include_usage: bool
+def delta_body(d: Delta) -> dict:
+    """A chat chunk's ``delta`` for what ``d`` adds: a call's first piece
+    carries its id, type and name, later ones its index and more arguments."""
+    body: dict = {}
+    if d.content:
+        body["content"] = d.content
+    if d.reasoning:
+        body["reasoning_content"] = d.reasoning
+    calls: dict[int, dict] = {}
+    for c in d.calls:
+        if c.index in calls:
+            calls[c.index]["function"]["arguments"] += c.arguments
+        elif c.id is not None:
+            calls[c.index] = {
+                "index": c.index,
+                "id": c.id,
+                "type": "function",
+                "function": {"name": c.name, "arguments": c.arguments},
+            }
+        else:
+            calls[c.index] = {"index": c.index, "function": {"arguments": c.arguments}}
+    if calls:
+        body["tool_calls"] = list(calls.values())
+    return body
+
+
+async def chat_chunks(
+    st: ServerState,
+    answer: AsyncIterator,
+    ident: str,
+    created: int,
+    include_usage: bool,
+    logprobs: bool,
 ) -> AsyncIterator[str]:
+    """A chat answer (:func:`mlx_dist.server.chat.answer_stream`) as chat
+    completion chunks; an error event if it fails; then ``[DONE]``."""
+
     def chunk(delta: dict, finish=None, logprobs=None) -> dict:
         return {
             "id": ident,
@@ -93,16 +135,30 @@ def chat_chunks(
             "usage": None,
         }
 
-    def on_step(event: Step) -> dict | None:
-        logprobs = None
-        if run.job.logprobs:
-            logprobs = {"content": [chat_logprob(st, event)]}
-        if event.text or logprobs:
-            return chunk({"content": event.text}, logprobs=logprobs)
-        return None
-
-    opening = [chunk({"role": "assistant", "content": ""})]
-    return events(run, opening, on_step, lambda f: chunk({}, finish=f), include_usage)
+    try:
+        yield sse(chunk({"role": "assistant", "content": ""}))
+        async for item in answer:
+            if isinstance(item, Answer):
+                last = chunk({}, finish=item.finish_reason)
+                if item.problems:
+                    last["choices"][0]["tool_call_errors"] = item.problems
+                yield sse(last)
+                if include_usage:
+                    last = chunk({})
+                    last["choices"] = []
+                    last["usage"] = usage(item.done)
+                    yield sse(last)
+                continue
+            step, d = item
+            lp = None
+            if logprobs and step is not None:
+                lp = {"content": [chat_logprob(st, step)]}
+            body = delta_body(d)
+            if body or lp:
+                yield sse(chunk(body or {"content": ""}, logprobs=lp))
+    except APIError as e:
+        yield sse(e.body())
+    yield sse("[DONE]")
 
 
 class LegacyLogprobs:

@@ -41,7 +41,7 @@ def messages_of(messages: list[ChatMessage]) -> list[dict]:
             "role": "system" if m.role == "developer" else m.role,
             "content": content or "",
         }
-        for key in ("name", "tool_calls", "tool_call_id"):
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
             value = getattr(m, key)
             if value is not None:
                 msg[key] = value
@@ -77,15 +77,9 @@ def _dumps(value: Any, param: str) -> str:
         raise bad(f"{param} cannot be given to the chat template: {e}", param) from None
 
 
-def chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[int]:
-    """The request's messages through the chat template, as token ids
-    (seconds for a megabyte: call it in a thread)."""
-    messages = messages_of(req.messages or [])
-    tok = state.tokenizer
-    if not tok.has_chat_template:
-        text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
-        return tok.encode(text)
-    # Template variables; add_generation_prompt and tools may come here too.
+def template_args(req: ChatRequest | TokenizeRequest) -> tuple[list | None, bool, dict]:
+    """The request's tools, ``add_generation_prompt`` and other template
+    variables (``chat_template_kwargs``, which may give the first two)."""
     extra = dict(getattr(req, "chat_template_kwargs", None) or {})
     tools = getattr(req, "tools", None)
     if "tools" in extra:
@@ -104,8 +98,18 @@ def chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[
         raise bad(
             "chat_template_kwargs cannot replace the messages", "chat_template_kwargs.messages"
         )
+    return tools, add, extra
+
+
+def chat_text(
+    state: ServerState, messages: list[dict], add: bool, tools: list | None, extra: dict
+) -> str:
+    """The chat template over ``messages`` (as :func:`messages_of` gives
+    them), as text; without a template, ``role: content`` lines."""
+    if not state.tokenizer.has_chat_template:
+        return "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant: "
     try:
-        text = state.render_chat(
+        return state.render_chat(
             _dumps(messages, "messages"),
             add,
             _dumps(tools, "tools") if tools is not None else None,
@@ -113,7 +117,15 @@ def chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[
         )
     except ValueError as e:
         raise bad(f"the chat template failed on these messages: {e}", "messages") from None
-    return tok.encode(text, add_special_tokens=False)
+
+
+def chat_prompt(state: ServerState, req: ChatRequest | TokenizeRequest) -> list[int]:
+    """The request's messages through the chat template, as token ids
+    (seconds for a megabyte: call it in a thread)."""
+    messages = messages_of(req.messages or [])
+    tools, add, extra = template_args(req)
+    text = chat_text(state, messages, add, tools, extra)
+    return state.tokenizer.encode(text, add_special_tokens=not state.tokenizer.has_chat_template)
 
 
 def check_ids(state: ServerState, ids: list[int], param: str) -> list[int]:

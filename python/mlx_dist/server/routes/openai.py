@@ -9,6 +9,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from mlx_dist.server.chat import Answer, answer_stream, collect, plan_chat
 from mlx_dist.server.errors import GENERATE_ERRORS, bad, responses
 from mlx_dist.server.routes.deps import Ready
 from mlx_dist.server.run import Run
@@ -22,13 +23,7 @@ from mlx_dist.server.sse import (
     stream,
     usage,
 )
-from mlx_dist.server.validation import (
-    chat_prompt,
-    check_range,
-    check_text,
-    completion_prompt,
-    options,
-)
+from mlx_dist.server.validation import check_range, check_text, completion_prompt, options
 
 router = APIRouter()
 
@@ -49,42 +44,44 @@ async def model_card(model_id: str, st: Ready):
 async def chat_completions(req: ChatRequest, request: Request, st: Ready):
     check_text(req.model_dump(), "")
     st.check_model(req.model)
-    prompt = await asyncio.to_thread(chat_prompt, st, req)
-    max_tokens = (
-        req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-    )
-    opts = options(st, req, prompt, max_tokens)
-    top = None
-    if req.logprobs:
-        top = req.top_logprobs or 0
-        check_range(top, "top_logprobs", 0, 20)
-    elif req.top_logprobs:
-        raise bad("top_logprobs needs logprobs: true", "top_logprobs")
-    run = Run(st, prompt, opts, top)
+    plan = await asyncio.to_thread(plan_chat, st, req)
+    run = Run(st, plan.prompt, plan.opts, plan.top)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
-        return stream(chat_chunks(st, run, ident, created, include_usage))
-    steps, done = await run.collect(request)
-    text = "".join(e.text for e in steps)
-    entries = [chat_logprob(st, e) for e in steps] if top is not None else []
-    if done is None:
+        chunks = chat_chunks(
+            st, answer_stream(run, plan), ident, created, include_usage, plan.top is not None
+        )
+        return stream(chunks)
+    answer = await collect(run, plan, request)
+    if answer is None:
         return Response(status_code=499)
+    return chat_completion(st, answer, ident, created, plan.top is not None)
+
+
+def chat_completion(st, answer: Answer, ident: str, created: int, logprobs: bool) -> dict:
+    message: dict = {"role": "assistant", "content": answer.content}
+    if answer.reasoning is not None:
+        message["reasoning_content"] = answer.reasoning
+    if answer.calls:
+        message["tool_calls"] = [c.openai() for c in answer.calls]
+    choice = {
+        "index": 0,
+        "message": message,
+        "logprobs": {"content": [chat_logprob(st, e) for e in answer.steps]} if logprobs else None,
+        "finish_reason": answer.finish_reason,
+    }
+    if answer.problems:
+        # Not OpenAI's: what is wrong with the calls, where there is something.
+        choice["tool_call_errors"] = answer.problems
     return {
         "id": ident,
         "object": "chat.completion",
         "created": created,
         "model": st.name,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": {"content": entries} if top is not None else None,
-                "finish_reason": done.finish_reason,
-            }
-        ],
-        "usage": usage(done),
+        "choices": [choice],
+        "usage": usage(answer.done),
     }
 
 
