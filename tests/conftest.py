@@ -106,3 +106,19 @@ def cycle_model(tiny_model, tmp_path_factory):
         return made[text]
 
     return make
+
+
+@pytest.fixture
+def served():
+    """`served(template, tail="", **settings) -> (client, state)`: the HTTP app in
+    this process over a stand-in model whose chat template is `template`
+    (`test_server_tools.TemplateState`), for the tool-call and API-shape tests."""
+    from fastapi.testclient import TestClient
+    from mlx_dist.server import create_app
+    from test_server_tools import HERMES_TEMPLATE, TemplateState
+
+    def make(template: str = HERMES_TEMPLATE, tail: str = "", **settings):
+        state = TemplateState(template, tail, **settings)
+        return TestClient(create_app(state.settings, state), raise_server_exceptions=False), state
+
+    return make

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from mlx_dist.engine import Done, Failed, Step
-from mlx_dist.server import create_app
-from test_server_tools import CALL, HERMES_TEMPLATE, TemplateState, pieces_of, says
+from test_server_tools import (
+    CALL,
+    HERMES_TEMPLATE,
+    pieces_of,
+    says,
+)
 
 WEATHER = {
     "name": "get_weather",
@@ -23,15 +26,6 @@ WEATHER = {
     },
 }
 ASK = {"max_tokens": 32, "messages": [{"role": "user", "content": "weather in Paris?"}]}
-
-
-@pytest.fixture
-def served():
-    def make(template: str = HERMES_TEMPLATE, **settings):
-        state = TemplateState(template, **settings)
-        return TestClient(create_app(state.settings, state), raise_server_exceptions=False), state
-
-    return make
 
 
 def anthropic_error(r, status: int) -> dict:

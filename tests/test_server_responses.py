@@ -7,11 +7,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from mlx_dist.engine import Failed
-from mlx_dist.server import create_app
 from test_server_http import error_of
-from test_server_tools import CALL, HERMES_TEMPLATE, TemplateState, pieces_of, says
+from test_server_tools import (
+    CALL,
+    HERMES_TEMPLATE,
+    pieces_of,
+    says,
+)
 
 WEATHER = {
     "type": "function",
@@ -23,15 +26,6 @@ WEATHER = {
         "required": ["city"],
     },
 }
-
-
-@pytest.fixture
-def served():
-    def make(template: str = HERMES_TEMPLATE, **settings):
-        state = TemplateState(template, **settings)
-        return TestClient(create_app(state.settings, state), raise_server_exceptions=False), state
-
-    return make
 
 
 def typed_events(r) -> list[tuple[str, dict]]:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import json
 
 import pytest
-from fastapi.testclient import TestClient
 from mlx_dist.engine import Done, Step
-from mlx_dist.server import ServerSettings, create_app
+from mlx_dist.server import ServerSettings
 from test_server_http import FakeState, FakeTokenizer, error_of, events
 
 HERMES_TEMPLATE = "{{ tools }} <tool_call> {{ tool_calls }}"
@@ -61,15 +60,6 @@ class TemplateState(FakeState):
         }
         self.rendered.append(seen)
         return json.dumps(seen["messages"]) + self.tail
-
-
-@pytest.fixture
-def served():
-    def make(template: str = HERMES_TEMPLATE, tail: str = "", **settings):
-        state = TemplateState(template, tail, **settings)
-        return TestClient(create_app(state.settings, state), raise_server_exceptions=False), state
-
-    return make
 
 
 def says(state, *pieces: str, finish: str = "stop") -> None:

@@ -6,6 +6,7 @@ or once it has ended (:func:`collect`). Each API only shapes these."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -14,7 +15,7 @@ from fastapi import Request
 from pydantic import ValidationError
 
 from mlx_dist.engine import Done, Step
-from mlx_dist.server.errors import bad
+from mlx_dist.server.errors import APIError, bad
 from mlx_dist.server.reasoning import REASONING_FORMATS, inside_think
 from mlx_dist.server.run import Run
 from mlx_dist.server.schemas import ChatRequest
@@ -126,6 +127,18 @@ def plan_chat(state: ServerState, req: ChatRequest) -> ChatPlan:
     elif req.top_logprobs:
         raise bad("top_logprobs needs logprobs: true", "top_logprobs")
     return ChatPlan(prompt, opts, top, family, use, reasoning, thinking, prefill)
+
+
+async def start_chat(
+    state: ServerState, req: ChatRequest, names: dict[str, str] | None = None
+) -> tuple[ChatPlan, Run]:
+    """Plans `req` off the event loop and makes its run. An error names its
+    parameter as the calling API does (``names``: chat's name to that API's)."""
+    try:
+        plan = await asyncio.to_thread(plan_chat, state, req)
+    except APIError as e:
+        raise e.renamed(names or {}) from None
+    return plan, Run(state, plan.prompt, plan.opts, plan.top)
 
 
 @dataclass

@@ -7,7 +7,7 @@ channel is read by its own parser (:mod:`.tools.gpt_oss`)."""
 
 from __future__ import annotations
 
-from mlx_dist.server.tools.parser import Delta, OutputParser
+from mlx_dist.server.tools.parser import BufferedMachine, Delta, OutputParser
 from mlx_dist.server.tools.scan import held
 
 OPEN, CLOSE = "<think>", "</think>"
@@ -23,7 +23,7 @@ def inside_think(prompt: str) -> bool:
     return prompt.rfind(OPEN) > prompt.rfind(CLOSE)
 
 
-class ThinkSplitter:
+class ThinkSplitter(BufferedMachine):
     """An output parser: the think block to reasoning (its spaces at
     either end left out), what follows to ``inner``."""
 
@@ -34,16 +34,8 @@ class ThinkSplitter:
         self.leading = True  # no reasoning text given yet
         self.space = ""  # spaces at the reasoning's end so far, held
 
-    def feed(self, text: str) -> Delta:
-        out = Delta()
-        self.buf += text
-        self._run(False, out)
-        return out
-
     def finish(self) -> Delta:
-        out = Delta()
-        self._run(True, out)
-        return out.add(self.inner.finish())
+        return super().finish().add(self.inner.finish())
 
     def _run(self, final: bool, out: Delta) -> None:
         while True:

@@ -9,7 +9,7 @@ import uuid
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_dist.server.chat import Answer, answer_stream, collect, plan_chat
+from mlx_dist.server.chat import Answer, answer_stream, collect, start_chat
 from mlx_dist.server.errors import GENERATE_ERRORS, bad, responses
 from mlx_dist.server.routes.deps import Ready
 from mlx_dist.server.run import Run
@@ -44,8 +44,7 @@ async def model_card(model_id: str, st: Ready):
 async def chat_completions(req: ChatRequest, request: Request, st: Ready):
     check_text(req.model_dump(), "")
     st.check_model(req.model)
-    plan = await asyncio.to_thread(plan_chat, st, req)
-    run = Run(st, plan.prompt, plan.opts, plan.top)
+    plan, run = await start_chat(st, req)
     ident = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     if req.stream:

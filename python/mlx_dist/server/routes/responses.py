@@ -8,7 +8,6 @@ in ``input``."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +15,7 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from mlx_dist.server.chat import Answer, ChatPlan, answer_stream, chat_request, collect, plan_chat
+from mlx_dist.server.chat import Answer, ChatPlan, answer_stream, chat_request, collect, start_chat
 from mlx_dist.server.errors import GENERATE_ERRORS, APIError, bad, responses
 from mlx_dist.server.routes.deps import Ready
 from mlx_dist.server.run import Run
@@ -327,11 +326,7 @@ async def create_response(req: ResponsesRequest, request: Request, st: Ready):
     """A model response (OpenAI's Responses API) over the chat machinery."""
     check_text(req.model_dump(), "")
     st.check_model(req.model)
-    try:
-        plan = await asyncio.to_thread(plan_chat, st, as_chat(req))
-    except APIError as e:
-        raise e.renamed(_NAMES) from None
-    run = Run(st, plan.prompt, plan.opts, None)
+    plan, run = await start_chat(st, as_chat(req), _NAMES)
     base = _base(st, req, f"resp_{uuid.uuid4().hex}", int(time.time()))
     if req.stream:
         return stream(_stream(run, plan, base))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from mlx_dist.server.tools.parser import CallDelta, Delta, new_call_id
+from mlx_dist.server.tools.parser import BufferedMachine, CallDelta, Delta, new_call_id
 from mlx_dist.server.tools.scan import find_first, held, json_opening
 
 START, CHANNEL, MESSAGE, CONSTRAIN = "<|start|>", "<|channel|>", "<|message|>", "<|constrain|>"
@@ -24,7 +24,7 @@ _CHANNEL = re.compile(re.escape(CHANNEL) + r"\s*(\w+)")
 _MAX_HEADER = 1024
 
 
-class Harmony:
+class Harmony(BufferedMachine):
     """An :class:`~mlx_dist.server.tools.parser.OutputParser` for the
     whole harmony output: analysis to reasoning (to text when
     ``reasoning`` is off), final and commentary to text, calls to calls
@@ -51,17 +51,6 @@ class Harmony:
         self.args = ""
         self.given = 0
         self.calls = 0
-
-    def feed(self, text: str) -> Delta:
-        out = Delta()
-        self.buf += text
-        self._run(False, out)
-        return out
-
-    def finish(self) -> Delta:
-        out = Delta()
-        self._run(True, out)
-        return out
 
     def _run(self, final: bool, out: Delta) -> None:
         while True:

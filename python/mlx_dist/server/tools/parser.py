@@ -59,6 +59,28 @@ class OutputParser(Protocol):
     def finish(self) -> Delta: ...
 
 
+class BufferedMachine:
+    """An output parser run as a state machine over the text held in
+    ``buf``: ``feed`` adds text and runs what can be decided so far,
+    ``finish`` the rest. A subclass sets ``buf`` and writes ``_run``."""
+
+    buf: str
+
+    def feed(self, text: str) -> Delta:
+        out = Delta()
+        self.buf += text
+        self._run(False, out)
+        return out
+
+    def finish(self) -> Delta:
+        out = Delta()
+        self._run(True, out)
+        return out
+
+    def _run(self, final: bool, out: Delta) -> None:
+        raise NotImplementedError
+
+
 class PlainText:
     """Output as it comes: all text."""
 
