@@ -49,11 +49,9 @@ impl ModelDescription {
 
     /// The model's arguments and whether its head is its embedding.
     pub fn args(&self) -> Result<(ModelArgs, bool)> {
-        let args: ModelArgs = serde_json::from_value(self.config.clone()).map_err(|e| {
-            Error::InvalidArgument(format!("a worker's model description: config.json: {e}"))
-        })?;
-        let tied = crate::models::is_tied(&self.config, &args)?;
-        Ok((args, tied))
+        args_and_tying(&self.config, |m| {
+            Error::InvalidArgument(format!("a worker's model description: {m}"))
+        })
     }
 
     /// The tokenizer its files make.
@@ -74,8 +72,14 @@ impl ModelDescription {
 
 /// The arguments and tying of an opened model.
 pub fn args_of(weights: &Weights) -> Result<(ModelArgs, bool)> {
-    let args: ModelArgs = serde_json::from_value(weights.config.clone())
-        .map_err(|e| weights.invalid(format!("config.json: {e}")))?;
-    let tied = crate::models::is_tied(&weights.config, &args)?;
+    args_and_tying(&weights.config, |m| weights.invalid(m))
+}
+
+/// `config`'s arguments and whether its head is its embedding; `bad`
+/// makes the error for a config that does not parse.
+fn args_and_tying(config: &Value, bad: impl FnOnce(String) -> Error) -> Result<(ModelArgs, bool)> {
+    let args: ModelArgs =
+        serde_json::from_value(config.clone()).map_err(|e| bad(format!("config.json: {e}")))?;
+    let tied = crate::models::is_tied(config, &args)?;
     Ok((args, tied))
 }

@@ -276,11 +276,11 @@ impl Cluster {
         }
         // The model as this process has it; a coordinator with no copy of
         // the weights (or none at all) asks the workers below.
-        let local = resolve(source).and_then(|src| Ok((Weights::open(&src)?, src)));
-        let local = match local {
-            Ok(l) => Ok(l),
-            Err(e @ (Error::NotFound(_) | Error::InvalidModel { .. })) => Err(e),
-            Err(e) => return Err(e),
+        let local = match resolve(source).and_then(|src| Ok((Weights::open(&src)?, src))) {
+            Err(e) if !matches!(e, Error::NotFound(_) | Error::InvalidModel { .. }) => {
+                return Err(e)
+            }
+            local => local,
         };
 
         // Reach every worker (concurrently) and learn what it can do.

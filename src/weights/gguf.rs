@@ -519,14 +519,9 @@ impl GgufTensors {
         let order = self
             .permuted
             .get(&i)
-            .map(|&heads| llama_row_order(rows, heads));
-        if let Some(Err(msg)) = &order {
-            return Err(Error::invalid_model(
-                &self.file.path,
-                format!("{}: {msg}", e.name),
-            ));
-        }
-        let order = order.map(|o| o.expect("checked"));
+            .map(|&heads| llama_row_order(rows, heads))
+            .transpose()
+            .map_err(|msg| Error::invalid_model(&self.file.path, format!("{}: {msg}", e.name)))?;
         match e.ty.kind {
             Kind::Float(dtype) => {
                 let raw = self.file.read(e)?;

@@ -137,6 +137,18 @@ pub fn pushed_models_dir(cache: &std::path::Path) -> PathBuf {
 }
 
 impl WorkerConfig {
+    /// Refuses a model path of the worker's own files when it reads none
+    /// (`allow_local_paths`): the coordinator then sends the files.
+    pub(crate) fn check_local_paths(&self) -> Result<()> {
+        if self.allow_local_paths {
+            return Ok(());
+        }
+        Err(Error::NotFound(format!(
+            "worker {} reads no local model files",
+            self.name
+        )))
+    }
+
     /// The defaults: pushed models in `~/.cache/mlx-dist/models`, plain
     /// gRPC, no cluster token, and what suits this device.
     pub fn new(name: &str) -> WorkerConfig {

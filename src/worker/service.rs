@@ -233,12 +233,7 @@ impl Worker for WorkerService {
         if path.is_empty() {
             return Err(Status::invalid_argument("DescribeModel needs a path"));
         }
-        if !self.cfg.allow_local_paths {
-            return Err(status(crate::Error::NotFound(format!(
-                "worker {} reads no local model files",
-                self.cfg.name
-            ))));
-        }
+        self.cfg.check_local_paths().map_err(status)?;
         let d = tokio::task::spawn_blocking(move || ModelDescription::of(&path))
             .await
             .map_err(|e| Status::internal(e.to_string()))?

@@ -9,7 +9,7 @@ use super::warmup;
 use super::{Engine, WorkerConfig};
 use crate::cache::SlotCache;
 use crate::device;
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::mlx::{self, Array};
 use crate::models::{Model, Shard};
 use crate::proto::{Compression, LoadProgress, LoadShardRequest, ShardInfo};
@@ -80,12 +80,7 @@ impl Engine {
         self.stage = None;
         mlx::clear_cache();
         let source = if !src.path.is_empty() {
-            if !cfg.allow_local_paths {
-                return Err(Error::NotFound(format!(
-                    "worker {} reads no local model files",
-                    self.name
-                )));
-            }
+            cfg.check_local_paths()?;
             resolve(&src.path)?
         } else {
             let dir = pushed_model_dir(&cfg.cache_dir, &src.model_id)?;
